@@ -1,0 +1,402 @@
+//! Graph data structures.
+
+use crate::tensor::Const;
+use std::collections::HashMap;
+
+/// Index of a value (tensor) in a [`Graph`].
+pub type ValueId = usize;
+
+/// One dimension of a declared input shape.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dim {
+    /// A fixed size.
+    Fixed(usize),
+    /// A symbolic or unknown size (e.g. a dynamic batch).
+    Free(String),
+}
+
+/// Element family of a graph input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ElemKind {
+    /// float32, float64 or float16.
+    Float,
+    /// Any integer or boolean type.
+    Int,
+}
+
+/// A declared graph input.
+#[derive(Clone, Debug)]
+pub struct Input {
+    /// Value id.
+    pub id: ValueId,
+    /// Declared shape, if any.
+    pub dims: Option<Vec<Dim>>,
+    /// Declared element family.
+    pub kind: ElemKind,
+}
+
+/// How `auto_pad` asks for padding to be computed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoPad {
+    /// Explicit `pads`.
+    NotSet,
+    /// Output = ceil(input / stride), extra padding at the end.
+    SameUpper,
+    /// Output = ceil(input / stride), extra padding at the start.
+    SameLower,
+    /// No padding.
+    Valid,
+}
+
+/// Window attributes shared by Conv and the pooling ops (1-d or 2-d).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Window {
+    /// Kernel shape (None for Conv: taken from the weight).
+    pub kernel: Option<Vec<usize>>,
+    /// Strides (empty = all 1).
+    pub strides: Vec<usize>,
+    /// Dilations (empty = all 1).
+    pub dilations: Vec<usize>,
+    /// Pads, ONNX order: all begins then all ends (empty = zeros).
+    pub pads: Vec<usize>,
+    /// Auto padding.
+    pub auto_pad: AutoPad,
+}
+
+/// Pad mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PadMode {
+    /// Fill with a constant.
+    Constant,
+    /// Mirror without repeating the edge.
+    Reflect,
+    /// Repeat the edge.
+    Edge,
+}
+
+/// LSTM direction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Forward in time.
+    Forward,
+    /// Backward in time.
+    Reverse,
+    /// Both, outputs stacked on the direction axis.
+    Bidirectional,
+}
+
+/// The operators of the IR with their attributes parsed and defaulted.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Convolution (1-d or 2-d).
+    Conv {
+        /// Window.
+        win: Window,
+        /// Groups.
+        group: usize,
+    },
+    /// `alpha·A'·B' + beta·C`.
+    Gemm {
+        /// Scale of the product.
+        alpha: f64,
+        /// Scale of C.
+        beta: f64,
+        /// Transpose A.
+        trans_a: bool,
+        /// Transpose B.
+        trans_b: bool,
+    },
+    /// numpy-style matrix product.
+    MatMul,
+    /// Inference-mode batch normalisation over axis 1.
+    BatchNorm {
+        /// Variance stabiliser.
+        epsilon: f64,
+    },
+    /// max(x, 0).
+    Relu,
+    /// Clamp to [min, max]; opset ≥ 11 gives the bounds as inputs 1 and 2.
+    Clip {
+        /// Lower bound from the attribute (opset < 11).
+        min: Option<f64>,
+        /// Upper bound from the attribute (opset < 11).
+        max: Option<f64>,
+    },
+    /// x for x ≥ 0, alpha·x otherwise.
+    LeakyRelu {
+        /// Negative slope.
+        alpha: f64,
+    },
+    /// Logistic function.
+    Sigmoid,
+    /// Hyperbolic tangent.
+    Tanh,
+    /// clamp(alpha·x + beta, 0, 1).
+    HardSigmoid {
+        /// Slope.
+        alpha: f64,
+        /// Offset.
+        beta: f64,
+    },
+    /// x · clamp(x/6 + 1/2, 0, 1).
+    HardSwish,
+    /// Softmax; `legacy` (opset < 13) flattens from `axis` on.
+    Softmax {
+        /// Axis.
+        axis: i64,
+        /// Opset < 13 semantics.
+        legacy: bool,
+    },
+    /// Element-wise sum (broadcasting).
+    Add,
+    /// Element-wise difference.
+    Sub,
+    /// Element-wise product.
+    Mul,
+    /// Element-wise quotient.
+    Div,
+    /// Element-wise power.
+    Pow,
+    /// Element-wise square root.
+    Sqrt,
+    /// Max pooling.
+    MaxPool {
+        /// Window.
+        win: Window,
+        /// Round output size up.
+        ceil_mode: bool,
+    },
+    /// Average pooling.
+    AveragePool {
+        /// Window.
+        win: Window,
+        /// Round output size up.
+        ceil_mode: bool,
+        /// Count padding in the divisor.
+        count_include_pad: bool,
+    },
+    /// Mean over all spatial axes, keeping them as size 1.
+    GlobalAveragePool,
+    /// Reshape to 2-d at `axis`.
+    Flatten {
+        /// Split axis.
+        axis: i64,
+    },
+    /// Reshape to the shape in input 1.
+    Reshape {
+        /// A 0 in the shape means 0, not "copy".
+        allowzero: bool,
+    },
+    /// Axis permutation (None: reverse).
+    Transpose {
+        /// Permutation.
+        perm: Option<Vec<usize>>,
+    },
+    /// Remove size-1 axes (attribute before opset 13, input 1 after).
+    Squeeze {
+        /// Axes from the attribute.
+        axes: Option<Vec<i64>>,
+    },
+    /// Insert size-1 axes.
+    Unsqueeze {
+        /// Axes from the attribute.
+        axes: Option<Vec<i64>>,
+    },
+    /// Join along an axis.
+    Concat {
+        /// Axis.
+        axis: i64,
+    },
+    /// Strided slice (attributes before opset 10, inputs after).
+    Slice {
+        /// Starts attribute.
+        starts: Option<Vec<i64>>,
+        /// Ends attribute.
+        ends: Option<Vec<i64>>,
+        /// Axes attribute.
+        axes: Option<Vec<i64>>,
+    },
+    /// Split along an axis into the node's outputs.
+    Split {
+        /// Axis.
+        axis: i64,
+        /// Sizes from the attribute (opset < 13).
+        split: Option<Vec<i64>>,
+    },
+    /// Padding (attributes before opset 11, inputs after).
+    Pad {
+        /// Mode.
+        mode: PadMode,
+        /// Pads attribute.
+        pads: Option<Vec<i64>>,
+        /// Fill value attribute.
+        value: f64,
+    },
+    /// Index along an axis.
+    Gather {
+        /// Axis.
+        axis: i64,
+    },
+    /// ONNX LSTM.
+    Lstm {
+        /// Hidden size.
+        hidden: usize,
+        /// Direction.
+        direction: Direction,
+        /// Batch-major layout (layout = 1).
+        batch_first: bool,
+    },
+    /// Copy.
+    Identity,
+    /// Inference-mode dropout (identity).
+    Dropout,
+    /// Shape of the input as int64.
+    Shape {
+        /// First axis.
+        start: i64,
+        /// End axis (exclusive).
+        end: Option<i64>,
+    },
+    /// Element type change.
+    Cast {
+        /// Convert to floats (else integers).
+        to_float: bool,
+    },
+    /// A tensor of a given shape filled with one value.
+    ConstantOfShape {
+        /// Fill value.
+        value: Const,
+    },
+    /// Arithmetic progression.
+    Range,
+    /// Broadcast to a shape.
+    Expand,
+}
+
+impl Op {
+    /// The ONNX operator type names relprop supports.
+    pub const SUPPORTED: &'static [&'static str] = &[
+        "Add",
+        "AveragePool",
+        "BatchNormalization",
+        "Cast",
+        "Clip",
+        "Concat",
+        "Constant",
+        "ConstantOfShape",
+        "Conv",
+        "Div",
+        "Dropout",
+        "Expand",
+        "Flatten",
+        "Gather",
+        "Gemm",
+        "GlobalAveragePool",
+        "HardSigmoid",
+        "HardSwish",
+        "Identity",
+        "LSTM",
+        "LeakyRelu",
+        "MatMul",
+        "MaxPool",
+        "Mul",
+        "Pad",
+        "Pow",
+        "Range",
+        "Relu",
+        "Reshape",
+        "Shape",
+        "Sigmoid",
+        "Slice",
+        "Softmax",
+        "Split",
+        "Sqrt",
+        "Squeeze",
+        "Sub",
+        "Tanh",
+        "Transpose",
+        "Unsqueeze",
+    ];
+}
+
+/// One node of the graph.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Node name (unique; generated when the model has none).
+    pub name: String,
+    /// The operator.
+    pub op: Op,
+    /// The ONNX op type it came from (for messages).
+    pub op_type: String,
+    /// Inputs; `None` for an omitted optional input.
+    pub inputs: Vec<Option<ValueId>>,
+    /// Outputs; `None` for an unused optional output.
+    pub outputs: Vec<Option<ValueId>>,
+}
+
+impl Node {
+    /// The i-th input, if present.
+    pub fn input(&self, i: usize) -> Option<ValueId> {
+        self.inputs.get(i).copied().flatten()
+    }
+}
+
+/// A computation graph with constants, in topological order.
+#[derive(Clone, Debug, Default)]
+pub struct Graph {
+    /// Value names, indexed by id.
+    pub names: Vec<String>,
+    /// Graph inputs (excluding constants).
+    pub inputs: Vec<Input>,
+    /// Graph outputs.
+    pub outputs: Vec<ValueId>,
+    /// Constant values (initializers and folded results).
+    pub consts: HashMap<ValueId, Const>,
+    /// Nodes in topological order.
+    pub nodes: Vec<Node>,
+    /// Opset of the default domain.
+    pub opset: i64,
+}
+
+impl Graph {
+    /// Adds a new value and returns its id.
+    pub fn add_value(&mut self, name: impl Into<String>) -> ValueId {
+        self.names.push(name.into());
+        self.names.len() - 1
+    }
+
+    /// Looks a value up by name.
+    pub fn value_id(&self, name: &str) -> Option<ValueId> {
+        self.names.iter().position(|n| n == name)
+    }
+
+    /// Number of parameters (elements of float constants).
+    pub fn parameter_count(&self) -> usize {
+        self.consts.values().filter(|c| matches!(c, Const::F(_))).map(|c| c.len()).sum()
+    }
+
+    /// Op-type histogram, sorted by count then name.
+    pub fn op_histogram(&self) -> Vec<(String, usize)> {
+        let mut h: HashMap<&str, usize> = HashMap::new();
+        for n in &self.nodes {
+            *h.entry(n.op_type.as_str()).or_default() += 1;
+        }
+        let mut v: Vec<(String, usize)> = h.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        v
+    }
+
+    /// For each value, the index of the last node that reads it (or `usize::MAX` for outputs).
+    pub fn last_use(&self) -> Vec<usize> {
+        let mut last = vec![0usize; self.names.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for v in n.inputs.iter().flatten() {
+                last[*v] = i;
+            }
+        }
+        for &o in &self.outputs {
+            last[o] = usize::MAX;
+        }
+        last
+    }
+}

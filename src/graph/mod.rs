@@ -1,0 +1,7 @@
+//! The typed graph IR: nodes with an [`Op`], values by id, topological order.
+
+pub mod eval;
+pub mod ir;
+
+pub use eval::{Env, check_inputs, eval_node, prepare_consts, run, run_keep};
+pub use ir::*;

@@ -1,0 +1,15 @@
+//! relprop: Layer-wise Relevance Propagation for ONNX models.
+//!
+//! The pipeline (see `DESIGN.md`): [`onnx`] imports a file into a [`graph::Graph`], which
+//! [`graph::run`] evaluates with the kernels in [`ops`].
+
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod graph;
+pub mod io;
+pub mod onnx;
+pub mod ops;
+pub mod tensor;
+
+pub use error::{Error, Result};

@@ -1,0 +1,46 @@
+//! Constant folding: nodes whose inputs are all constants are evaluated once at import, so that
+//! shape subgraphs (Shape → Gather → Concat → Reshape ...) on constants disappear.
+
+use crate::error::Result;
+use crate::graph::{Graph, eval_node};
+use crate::tensor::{Const, Value};
+use std::collections::HashSet;
+
+/// Folds constant nodes (evaluated in f64) and removes nodes whose outputs nobody reads.
+pub fn fold_constants(g: &mut Graph) -> Result<()> {
+    let nodes = std::mem::take(&mut g.nodes);
+    let mut kept = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        let all_const = node.inputs.iter().flatten().all(|v| g.consts.contains_key(v)) && node.inputs.iter().flatten().next().is_some();
+        if !all_const {
+            kept.push(node);
+            continue;
+        }
+        let vals: Vec<Option<Value<f64>>> = node.inputs.iter().map(|i| i.map(|id| g.consts[&id].to_value())).collect();
+        let refs: Vec<Option<&Value<f64>>> = vals.iter().map(Option::as_ref).collect();
+        let outs = eval_node(&node, &refs)?;
+        for (o, v) in node.outputs.iter().zip(outs) {
+            if let Some(o) = o {
+                g.consts.insert(*o, Const::from_value(&v));
+            }
+        }
+    }
+    g.nodes = kept;
+    prune(g);
+    Ok(())
+}
+
+/// Removes nodes that contribute to no graph output, and constants nobody reads.
+pub fn prune(g: &mut Graph) {
+    let mut live: HashSet<usize> = g.outputs.iter().copied().collect();
+    let mut keep = vec![false; g.nodes.len()];
+    for (i, n) in g.nodes.iter().enumerate().rev() {
+        if n.outputs.iter().flatten().any(|o| live.contains(o)) {
+            keep[i] = true;
+            live.extend(n.inputs.iter().flatten().copied());
+        }
+    }
+    let mut k = keep.into_iter();
+    g.nodes.retain(|_| k.next().unwrap_or(false));
+    g.consts.retain(|id, _| live.contains(id));
+}

@@ -1,0 +1,255 @@
+//! Max and average pooling over the last two axes (1-d pooling uses height 1), and their VJPs.
+
+use crate::tensor::Float;
+use rayon::prelude::*;
+
+/// Geometry of a 2-d pooling window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolGeom {
+    /// Number of planes (batch × channels).
+    pub planes: usize,
+    /// Input height.
+    pub h: usize,
+    /// Input width.
+    pub w: usize,
+    /// Kernel (height, width).
+    pub kernel: [usize; 2],
+    /// Strides.
+    pub stride: [usize; 2],
+    /// Dilations.
+    pub dilation: [usize; 2],
+    /// Pads: top, left, bottom, right.
+    pub pads: [usize; 4],
+    /// Round the output size up (PyTorch/ONNX `ceil_mode`).
+    pub ceil_mode: bool,
+    /// Average pooling: count padded positions in the divisor.
+    pub count_include_pad: bool,
+}
+
+fn out_len(len: usize, k: usize, s: usize, d: usize, pb: usize, pe: usize, ceil: bool) -> Option<usize> {
+    let eff = d * (k - 1) + 1;
+    let total = len + pb + pe;
+    if total < eff || s == 0 {
+        return None;
+    }
+    let span = total - eff;
+    let mut o = if ceil { span.div_ceil(s) + 1 } else { span / s + 1 };
+    // A window that would start inside the trailing padding is dropped (PyTorch and onnxruntime).
+    if ceil && (o - 1) * s >= len + pb {
+        o -= 1;
+    }
+    Some(o)
+}
+
+impl PoolGeom {
+    /// Output height and width, or None if the window does not fit.
+    pub fn out_hw(&self) -> Option<(usize, usize)> {
+        Some((
+            out_len(self.h, self.kernel[0], self.stride[0], self.dilation[0], self.pads[0], self.pads[2], self.ceil_mode)?,
+            out_len(self.w, self.kernel[1], self.stride[1], self.dilation[1], self.pads[1], self.pads[3], self.ceil_mode)?,
+        ))
+    }
+}
+
+/// Max pooling; returns the output and, per output element, the flat index of the winning input
+/// element within its plane (first maximal element on ties, as PyTorch). Windows that lie wholly
+/// in padding yield -inf and index `u32::MAX`.
+pub fn max_pool<T: Float>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
+    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+    let ohw = oh * ow;
+    let mut out = vec![T::neg_infinity(); g.planes * ohw];
+    let mut idx = vec![u32::MAX; g.planes * ohw];
+    out.par_chunks_mut(ohw).zip(idx.par_chunks_mut(ohw)).enumerate().for_each(|(p, (o, ix))| {
+        let plane = &x[p * g.h * g.w..(p + 1) * g.h * g.w];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut best = T::neg_infinity();
+                let mut bi = u32::MAX;
+                for ki in 0..g.kernel[0] {
+                    let iy = (oy * g.stride[0] + ki * g.dilation[0]) as isize - g.pads[0] as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    for kj in 0..g.kernel[1] {
+                        let ix = (ox * g.stride[1] + kj * g.dilation[1]) as isize - g.pads[1] as isize;
+                        if ix < 0 || ix >= g.w as isize {
+                            continue;
+                        }
+                        let k = iy as usize * g.w + ix as usize;
+                        let v = plane[k];
+                        // NaN propagates like PyTorch: a NaN wins.
+                        if v > best || bi == u32::MAX || v.is_nan() && !best.is_nan() {
+                            best = v;
+                            bi = k as u32;
+                        }
+                    }
+                }
+                o[oy * ow + ox] = best;
+                ix[oy * ow + ox] = bi;
+            }
+        }
+    });
+    (out, idx)
+}
+
+/// VJP of max pooling: routes each output's value to its winning input element.
+pub fn max_pool_vjp<T: Float>(g: &PoolGeom, dy: &[T], idx: &[u32]) -> Vec<T> {
+    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+    let ohw = oh * ow;
+    let hw = g.h * g.w;
+    let mut dx = vec![T::zero(); g.planes * hw];
+    dx.par_chunks_mut(hw).enumerate().for_each(|(p, d)| {
+        for k in 0..ohw {
+            let i = idx[p * ohw + k];
+            if i != u32::MAX {
+                d[i as usize] += dy[p * ohw + k];
+            }
+        }
+    });
+    dx
+}
+
+/// The window of output (oy, ox) clipped to the input, and its divisor.
+fn avg_window(g: &PoolGeom, oy: usize, ox: usize) -> ([isize; 4], usize) {
+    let y0 = (oy * g.stride[0]) as isize - g.pads[0] as isize;
+    let x0 = (ox * g.stride[1]) as isize - g.pads[1] as isize;
+    let y1 = (y0 + g.kernel[0] as isize).min((g.h + g.pads[2]) as isize);
+    let x1 = (x0 + g.kernel[1] as isize).min((g.w + g.pads[3]) as isize);
+    let padded = ((y1 - y0) * (x1 - x0)).max(0) as usize;
+    let (cy0, cx0) = (y0.max(0), x0.max(0));
+    let (cy1, cx1) = (y1.min(g.h as isize), x1.min(g.w as isize));
+    let inner = ((cy1 - cy0).max(0) * (cx1 - cx0).max(0)) as usize;
+    let div = if g.count_include_pad { padded } else { inner };
+    ([cy0, cx0, cy1, cx1], div)
+}
+
+/// Average pooling (dilation 1).
+pub fn avg_pool<T: Float>(g: &PoolGeom, x: &[T]) -> Vec<T> {
+    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+    let ohw = oh * ow;
+    let mut out = vec![T::zero(); g.planes * ohw];
+    out.par_chunks_mut(ohw).enumerate().for_each(|(p, o)| {
+        let plane = &x[p * g.h * g.w..(p + 1) * g.h * g.w];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let ([y0, x0, y1, x1], div) = avg_window(g, oy, ox);
+                let mut s = T::zero();
+                for iy in y0..y1 {
+                    for ix in x0..x1 {
+                        s += plane[iy as usize * g.w + ix as usize];
+                    }
+                }
+                o[oy * ow + ox] = if div == 0 { T::zero() } else { s / T::of(div as f64) };
+            }
+        }
+    });
+    out
+}
+
+/// VJP of average pooling.
+pub fn avg_pool_vjp<T: Float>(g: &PoolGeom, dy: &[T]) -> Vec<T> {
+    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+    let ohw = oh * ow;
+    let hw = g.h * g.w;
+    let mut dx = vec![T::zero(); g.planes * hw];
+    dx.par_chunks_mut(hw).enumerate().for_each(|(p, d)| {
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let ([y0, x0, y1, x1], div) = avg_window(g, oy, ox);
+                if div == 0 {
+                    continue;
+                }
+                let v = dy[p * ohw + oy * ow + ox] / T::of(div as f64);
+                for iy in y0..y1 {
+                    for ix in x0..x1 {
+                        d[iy as usize * g.w + ix as usize] += v;
+                    }
+                }
+            }
+        }
+    });
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geom(h: usize, w: usize, k: usize, s: usize, pads: [usize; 4], ceil: bool) -> PoolGeom {
+        PoolGeom {
+            planes: 2,
+            h,
+            w,
+            kernel: [k, k],
+            stride: [s, s],
+            dilation: [1, 1],
+            pads,
+            ceil_mode: ceil,
+            count_include_pad: false,
+        }
+    }
+
+    #[test]
+    fn output_sizes_follow_pytorch() {
+        // torch.nn.MaxPool2d(3, 2, ceil_mode=True) on 112 → 56; floor → 55.
+        assert_eq!(geom(112, 112, 3, 2, [0; 4], true).out_hw(), Some((56, 56)));
+        assert_eq!(geom(112, 112, 3, 2, [0; 4], false).out_hw(), Some((55, 55)));
+        // ceil with padding drops a window starting in the padding: 5, k2, s2, pad 1 → 3.
+        assert_eq!(geom(5, 5, 2, 2, [1, 1, 1, 1], true).out_hw(), Some((3, 3)));
+        assert_eq!(geom(6, 6, 3, 2, [1, 1, 1, 1], false).out_hw(), Some((3, 3)));
+    }
+
+    #[test]
+    fn max_pool_matches_naive_and_ties_pick_first() {
+        let g = geom(5, 6, 3, 2, [1, 0, 1, 1], true);
+        let x: Vec<f64> = (0..2 * 30).map(|i| ((i * 7) % 5) as f64).collect();
+        let (y, idx) = max_pool(&g, &x);
+        let (oh, ow) = g.out_hw().unwrap();
+        for p in 0..2 {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut best = f64::NEG_INFINITY;
+                    let mut bi = usize::MAX;
+                    for iy in (oy * 2) as isize - 1..(oy * 2) as isize + 2 {
+                        for ix in (ox * 2) as isize..(ox * 2) as isize + 3 {
+                            if iy >= 0 && ix >= 0 && iy < 5 && ix < 6 {
+                                let k = iy as usize * 6 + ix as usize;
+                                if x[p * 30 + k] > best {
+                                    best = x[p * 30 + k];
+                                    bi = k;
+                                }
+                            }
+                        }
+                    }
+                    let o = p * oh * ow + oy * ow + ox;
+                    assert_eq!(y[o], best);
+                    assert_eq!(idx[o] as usize, bi);
+                }
+            }
+        }
+        let dy: Vec<f64> = (0..y.len()).map(|i| i as f64 + 1.0).collect();
+        let dx = max_pool_vjp(&g, &dy, &idx);
+        assert!((dx.iter().sum::<f64>() - dy.iter().sum::<f64>()).abs() < 1e-12);
+    }
+
+    #[test]
+    fn avg_pool_vjp_is_adjoint() {
+        for include in [false, true] {
+            let mut g = geom(7, 5, 3, 2, [1, 1, 1, 0], true);
+            g.count_include_pad = include;
+            let x: Vec<f64> = (0..2 * 35).map(|i| ((i * 13) % 7) as f64 - 3.0).collect();
+            let y = avg_pool(&g, &x);
+            let dy: Vec<f64> = (0..y.len()).map(|i| ((i * 3) % 5) as f64 - 2.0).collect();
+            let dx = avg_pool_vjp(&g, &dy);
+            let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
+            let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
+            assert!((lhs - rhs).abs() < 1e-10);
+        }
+        // Corner with include_pad: window [-1,2)x[-1,2) on 7x5 has 4 real of 9 positions.
+        let mut g = geom(7, 5, 3, 2, [1, 1, 1, 0], false);
+        let x = vec![1.0f64; 70];
+        assert_eq!(avg_pool(&g, &x)[0], 1.0);
+        g.count_include_pad = true;
+        assert!((avg_pool(&g, &x)[0] - 4.0 / 9.0).abs() < 1e-15);
+    }
+}
