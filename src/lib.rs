@@ -8,8 +8,10 @@
 pub mod error;
 pub mod graph;
 pub mod io;
+pub mod labels;
 pub mod onnx;
 pub mod ops;
+pub mod preprocess;
 pub mod tensor;
 
 pub use error::{Error, Result};

@@ -350,6 +350,8 @@ pub struct Graph {
     pub inputs: Vec<Input>,
     /// Graph outputs.
     pub outputs: Vec<ValueId>,
+    /// Declared shapes of the outputs, where the model gives them.
+    pub output_dims: Vec<Option<Vec<Dim>>>,
     /// Constant values (initializers and folded results).
     pub consts: HashMap<ValueId, Const>,
     /// Nodes in topological order.
@@ -372,7 +374,11 @@ impl Graph {
 
     /// Number of parameters (elements of float constants).
     pub fn parameter_count(&self) -> usize {
-        self.consts.values().filter(|c| matches!(c, Const::F(_))).map(|c| c.len()).sum()
+        self.consts
+            .values()
+            .filter(|c| matches!(c, Const::F(_)))
+            .map(|c| c.len())
+            .sum()
     }
 
     /// Op-type histogram, sorted by count then name.

@@ -43,7 +43,10 @@ impl ConvGeom {
         if ph < eh || pw < ew || self.stride[0] == 0 || self.stride[1] == 0 {
             return None;
         }
-        Some(((ph - eh) / self.stride[0] + 1, (pw - ew) / self.stride[1] + 1))
+        Some((
+            (ph - eh) / self.stride[0] + 1,
+            (pw - ew) / self.stride[1] + 1,
+        ))
     }
 
     fn cg(&self) -> usize {
@@ -87,7 +90,11 @@ fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T], oh: usize, ow: usize) 
                     let off = (kj * dw) as isize - pl;
                     for (ox, v) in d.iter_mut().enumerate() {
                         let ix = (ox * sw) as isize + off;
-                        *v = if ix >= 0 && ix < w as isize { src[ix as usize] } else { T::zero() };
+                        *v = if ix >= 0 && ix < w as isize {
+                            src[ix as usize]
+                        } else {
+                            T::zero()
+                        };
                     }
                 }
             }
@@ -144,8 +151,16 @@ fn depthwise_plane<T: Float>(g: &ConvGeom, x: &[T], k: &[T], out: &mut [T], oh: 
                 let dst = &mut out[oy * ow..(oy + 1) * ow];
                 // Valid ox range: 0 <= ox*sw + off_x < w.
                 let sw = g.stride[1] as isize;
-                let lo = if off_x < 0 { ((-off_x) + sw - 1) / sw } else { 0 };
-                let hi = if w - off_x <= 0 { 0 } else { ((w - off_x - 1) / sw + 1).min(ow as isize) };
+                let lo = if off_x < 0 {
+                    ((-off_x) + sw - 1) / sw
+                } else {
+                    0
+                };
+                let hi = if w - off_x <= 0 {
+                    0
+                } else {
+                    ((w - off_x - 1) / sw + 1).min(ow as isize)
+                };
                 for ox in lo..hi {
                     dst[ox as usize] += wv * src[(ox * sw + off_x) as usize];
                 }
@@ -155,7 +170,14 @@ fn depthwise_plane<T: Float>(g: &ConvGeom, x: &[T], k: &[T], out: &mut [T], oh: 
 }
 
 /// Depthwise input-VJP for one channel: `dx_plane += convᵀ(dy_plane, k)`.
-fn depthwise_plane_t<T: Float>(g: &ConvGeom, dy: &[T], k: &[T], dx: &mut [T], oh: usize, ow: usize) {
+fn depthwise_plane_t<T: Float>(
+    g: &ConvGeom,
+    dy: &[T],
+    k: &[T],
+    dx: &mut [T],
+    oh: usize,
+    ow: usize,
+) {
     let (h, w) = (g.h as isize, g.w as isize);
     let (pt, pl) = (g.pads[0] as isize, g.pads[1] as isize);
     for ki in 0..g.kh {
@@ -163,8 +185,16 @@ fn depthwise_plane_t<T: Float>(g: &ConvGeom, dy: &[T], k: &[T], dx: &mut [T], oh
             let wv = k[ki * g.kw + kj];
             let off_x = (kj * g.dilation[1]) as isize - pl;
             let sw = g.stride[1] as isize;
-            let lo = if off_x < 0 { ((-off_x) + sw - 1) / sw } else { 0 };
-            let hi = if w - off_x <= 0 { 0 } else { ((w - off_x - 1) / sw + 1).min(ow as isize) };
+            let lo = if off_x < 0 {
+                ((-off_x) + sw - 1) / sw
+            } else {
+                0
+            };
+            let hi = if w - off_x <= 0 {
+                0
+            } else {
+                ((w - off_x - 1) / sw + 1).min(ow as isize)
+            };
             for oy in 0..oh {
                 let iy = (oy * g.stride[0] + ki * g.dilation[0]) as isize - pt;
                 if iy < 0 || iy >= h {
@@ -192,7 +222,14 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
             let work = |(oc, yplane): (usize, &mut [T])| {
                 let ci = oc / mg;
                 let xp = &xs[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-                depthwise_plane(g, xp, &wt[oc * g.kh * g.kw..(oc + 1) * g.kh * g.kw], yplane, oh, ow);
+                depthwise_plane(
+                    g,
+                    xp,
+                    &wt[oc * g.kh * g.kw..(oc + 1) * g.kh * g.kw],
+                    yplane,
+                    oh,
+                    ow,
+                );
             };
             if threads == Threads::Pool {
                 ys.par_chunks_mut(ohw).enumerate().for_each(work);
@@ -201,7 +238,11 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
             }
             return;
         }
-        let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::zero(); kdim * ohw] };
+        let mut col = if g.is_pointwise() {
+            Vec::new()
+        } else {
+            vec![T::zero(); kdim * ohw]
+        };
         for gi in 0..g.group {
             let xg = &xs[gi * cg * g.h * g.w..(gi + 1) * cg * g.h * g.w];
             let b = if g.is_pointwise() {
@@ -211,13 +252,24 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
                 Mat::rows(&col[..], ohw)
             };
             let a = Mat::rows(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
-            matmul(mg, ohw, kdim, a, b, &mut ys[gi * mg * ohw..(gi + 1) * mg * ohw], false, threads);
+            matmul(
+                mg,
+                ohw,
+                kdim,
+                a,
+                b,
+                &mut ys[gi * mg * ohw..(gi + 1) * mg * ohw],
+                false,
+                threads,
+            );
         }
     };
     let xsz = g.c * g.h * g.w;
     let ysz = g.m * ohw;
     if g.n > 1 {
-        out.par_chunks_mut(ysz).zip(x.par_chunks(xsz)).for_each(|(ys, xs)| sample(xs, ys, Threads::One));
+        out.par_chunks_mut(ysz)
+            .zip(x.par_chunks(xsz))
+            .for_each(|(ys, xs)| sample(xs, ys, Threads::One));
     } else if g.n == 1 {
         sample(&x[..xsz], &mut out[..], Threads::Pool);
     }
@@ -253,7 +305,11 @@ pub fn conv2d_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T]) -> Vec<T> {
             }
             return;
         }
-        let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::zero(); kdim * ohw] };
+        let mut col = if g.is_pointwise() {
+            Vec::new()
+        } else {
+            vec![T::zero(); kdim * ohw]
+        };
         for gi in 0..g.group {
             let a = Mat::rows_t(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
             let b = Mat::rows(&dys[gi * mg * ohw..(gi + 1) * mg * ohw], ohw);
@@ -269,7 +325,9 @@ pub fn conv2d_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T]) -> Vec<T> {
     let xsz = g.c * hw;
     let ysz = g.m * ohw;
     if g.n > 1 {
-        dx.par_chunks_mut(xsz).zip(dy.par_chunks(ysz)).for_each(|(dxs, dys)| sample(dys, dxs, Threads::One));
+        dx.par_chunks_mut(xsz)
+            .zip(dy.par_chunks(ysz))
+            .for_each(|(dxs, dys)| sample(dys, dxs, Threads::One));
     } else if g.n == 1 {
         sample(&dy[..ysz], &mut dx[..], Threads::Pool);
     }
@@ -294,10 +352,17 @@ mod tests {
                             let ci = gi * cg + cc;
                             for ki in 0..g.kh {
                                 for kj in 0..g.kw {
-                                    let iy = (oy * g.stride[0] + ki * g.dilation[0]) as isize - g.pads[0] as isize;
-                                    let ix = (ox * g.stride[1] + kj * g.dilation[1]) as isize - g.pads[1] as isize;
-                                    if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
-                                        s += x[((n * g.c + ci) * g.h + iy as usize) * g.w + ix as usize]
+                                    let iy = (oy * g.stride[0] + ki * g.dilation[0]) as isize
+                                        - g.pads[0] as isize;
+                                    let ix = (ox * g.stride[1] + kj * g.dilation[1]) as isize
+                                        - g.pads[1] as isize;
+                                    if iy >= 0
+                                        && ix >= 0
+                                        && (iy as usize) < g.h
+                                        && (ix as usize) < g.w
+                                    {
+                                        s += x[((n * g.c + ci) * g.h + iy as usize) * g.w
+                                            + ix as usize]
                                             * wt[((oc * cg + cc) * g.kh + ki) * g.kw + kj];
                                     }
                                 }
@@ -312,7 +377,9 @@ mod tests {
     }
 
     fn data(len: usize, seed: usize) -> Vec<f64> {
-        (0..len).map(|i| (((i * 37 + seed * 11) % 29) as f64 - 14.0) / 7.0).collect()
+        (0..len)
+            .map(|i| (((i * 37 + seed * 11) % 29) as f64 - 14.0) / 7.0)
+            .collect()
     }
 
     fn geoms() -> Vec<ConvGeom> {
@@ -331,13 +398,63 @@ mod tests {
         };
         vec![
             base,
-            ConvGeom { n: 2, stride: [2, 2], pads: [0, 0, 1, 1], ..base },
-            ConvGeom { stride: [2, 3], pads: [2, 0, 1, 3], dilation: [2, 1], ..base },
-            ConvGeom { kh: 1, kw: 1, pads: [0; 4], n: 3, ..base },
-            ConvGeom { c: 6, m: 6, group: 6, n: 2, kh: 5, kw: 5, pads: [2, 1, 2, 3], stride: [2, 2], ..base },
-            ConvGeom { c: 4, m: 8, group: 4, kh: 3, kw: 2, ..base },
-            ConvGeom { c: 6, m: 4, group: 2, h: 1, kh: 1, kw: 4, pads: [0, 2, 0, 1], ..base },
-            ConvGeom { h: 5, w: 5, kh: 5, kw: 5, pads: [0; 4], stride: [3, 3], ..base },
+            ConvGeom {
+                n: 2,
+                stride: [2, 2],
+                pads: [0, 0, 1, 1],
+                ..base
+            },
+            ConvGeom {
+                stride: [2, 3],
+                pads: [2, 0, 1, 3],
+                dilation: [2, 1],
+                ..base
+            },
+            ConvGeom {
+                kh: 1,
+                kw: 1,
+                pads: [0; 4],
+                n: 3,
+                ..base
+            },
+            ConvGeom {
+                c: 6,
+                m: 6,
+                group: 6,
+                n: 2,
+                kh: 5,
+                kw: 5,
+                pads: [2, 1, 2, 3],
+                stride: [2, 2],
+                ..base
+            },
+            ConvGeom {
+                c: 4,
+                m: 8,
+                group: 4,
+                kh: 3,
+                kw: 2,
+                ..base
+            },
+            ConvGeom {
+                c: 6,
+                m: 4,
+                group: 2,
+                h: 1,
+                kh: 1,
+                kw: 4,
+                pads: [0, 2, 0, 1],
+                ..base
+            },
+            ConvGeom {
+                h: 5,
+                w: 5,
+                kh: 5,
+                kw: 5,
+                pads: [0; 4],
+                stride: [3, 3],
+                ..base
+            },
         ]
     }
 
@@ -371,7 +488,10 @@ mod tests {
             let dx = conv2d_vjp(&g, &dy, &wt);
             let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
             let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
-            assert!((lhs - rhs).abs() < 1e-9 * (1.0 + lhs.abs()), "{g:?}: {lhs} vs {rhs}");
+            assert!(
+                (lhs - rhs).abs() < 1e-9 * (1.0 + lhs.abs()),
+                "{g:?}: {lhs} vs {rhs}"
+            );
             // And elementwise against the naive Jacobian-transpose (one-hot probes).
             for probe in [0, dx.len() / 2, dx.len() - 1] {
                 let mut e = vec![0.0; x.len()];

@@ -49,19 +49,37 @@ pub fn lstm_direction<T: Float>(
     let g4 = 4 * hs;
     // Input projections of every step at once: [seq·batch, 4H] = X · Wᵀ.
     let mut xw = vec![T::zero(); seq * batch * g4];
-    matmul(seq * batch, g4, wts.input, Mat::rows(x, wts.input), Mat::rows_t(wts.w, wts.input), &mut xw, false, Threads::Pool);
+    matmul(
+        seq * batch,
+        g4,
+        wts.input,
+        Mat::rows(x, wts.input),
+        Mat::rows_t(wts.w, wts.input),
+        &mut xw,
+        false,
+        Threads::Pool,
+    );
     let mut h = h0.to_vec();
     let mut c = c0.to_vec();
     let mut trace = LstmTrace::default();
     for step in 0..seq {
         let t = if reverse { seq - 1 - step } else { step };
         let mut z = xw[t * batch * g4..(t + 1) * batch * g4].to_vec();
-        matmul(batch, g4, hs, Mat::rows(&h, hs), Mat::rows_t(wts.r, hs), &mut z, true, Threads::One);
+        matmul(
+            batch,
+            g4,
+            hs,
+            Mat::rows(&h, hs),
+            Mat::rows_t(wts.r, hs),
+            &mut z,
+            true,
+            Threads::One,
+        );
         for bi in 0..batch {
             let zb = &mut z[bi * g4..(bi + 1) * g4];
-            for k in 0..g4 {
-                let v = zb[k] + wts.b[k];
-                zb[k] = if k < 3 * hs { sigmoid(v) } else { v.tanh() };
+            for (k, (z, b)) in zb.iter_mut().zip(wts.b).enumerate() {
+                let v = *z + *b;
+                *z = if k < 3 * hs { sigmoid(v) } else { v.tanh() };
             }
             for j in 0..hs {
                 let (i, o, f, g) = (zb[j], zb[hs + j], zb[2 * hs + j], zb[3 * hs + j]);
@@ -88,7 +106,13 @@ mod tests {
         let w = [1.0, 2.0, 3.0, 4.0];
         let r = [0.0; 4];
         let b = [0.0; 4];
-        let wts = LstmWeights { w: &w, r: &r, b: &b, hidden: 1, input: 1 };
+        let wts = LstmWeights {
+            w: &w,
+            r: &r,
+            b: &b,
+            hidden: 1,
+            input: 1,
+        };
         let tr = lstm_direction(&[0.5f64], 1, 1, &wts, &[0.0], &[1.0], false);
         let s = |v: f64| 1.0 / (1.0 + (-v).exp());
         let c = s(1.5) * 1.0 + s(0.5) * 2.0f64.tanh();

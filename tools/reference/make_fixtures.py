@@ -153,8 +153,12 @@ def main():
     references(os.path.join(ASSETS, "models", "silero_vad_16k_sequence.onnx"), [audio.reshape(4, 576), state, state], os.path.join(FIX, "silero_vad"))
 
     # Image preprocessing reference (PIL): shorter side 256 bilinear, centre crop 224.
+    os.makedirs(os.path.join(FIX, "images"), exist_ok=True)
     for img_name in ["chelsea.png", "coffee.png", "rocket.jpg"]:
         im = Image.open(os.path.join(ASSETS, "images", img_name)).convert("RGB")
+        if img_name.endswith(".jpg"):
+            # JPEG decoders differ by a level or two; keep PIL's decode to test resizing alone.
+            np.save(os.path.join(FIX, "images", f"{os.path.splitext(img_name)[0]}.pil_decoded.npy"), np.asarray(im, dtype=np.uint8))
         w, h = im.size
         s = 256 / min(w, h)
         nw, nh = (256, int(h * s)) if w <= h else (int(w * s), 256)

@@ -1,0 +1,42 @@
+//! Argument parsing and the subcommands.
+
+mod demo;
+mod run;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Layer-wise Relevance Propagation for ONNX models.
+#[derive(Parser)]
+#[command(name = "relprop", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Describe a model: inputs, outputs, op histogram, parameters, unsupported ops.
+    Inspect(run::InspectArgs),
+    /// Run the forward pass on .npy inputs and write the outputs as .npy.
+    Run(run::RunArgs),
+    /// Classify and explain the bundled picture with the bundled model.
+    Demo(demo::DemoArgs),
+}
+
+/// Entry point: runs the chosen subcommand and reports errors with their context.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(a) => run::inspect(a),
+        Command::Run(a) => run::run(a),
+        Command::Demo(a) => demo::demo(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

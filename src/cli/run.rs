@@ -1,0 +1,156 @@
+//! `relprop inspect` and `relprop run`.
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use relprop::graph::{Graph, format_dims, input_warnings, prepare_consts, run as forward};
+use relprop::tensor::{Float, Value};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+/// Arithmetic precision of a run.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Precision {
+    /// 32-bit floats.
+    F32,
+    /// 64-bit floats.
+    F64,
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    /// The ONNX model.
+    model: PathBuf,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The ONNX model.
+    model: PathBuf,
+    /// Input .npy file for the first graph input, or NAME=FILE.npy (repeat for several inputs).
+    #[arg(long, short, required = true)]
+    input: Vec<String>,
+    /// Output .npy file for the first graph output, or NAME=FILE.npy (repeat for several).
+    #[arg(long, short)]
+    output: Vec<String>,
+    /// Arithmetic precision.
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: Precision,
+}
+
+pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
+    let (g, unsupported) = relprop::onnx::load_lenient(&a.model)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    println!("model: {}", a.model.display());
+    println!(
+        "opset: {}   nodes: {}   parameters: {}",
+        g.opset,
+        g.nodes.len(),
+        g.parameter_count()
+    );
+    println!("inputs:");
+    for i in &g.inputs {
+        let dims = i
+            .dims
+            .as_ref()
+            .map(|d| format_dims(d))
+            .unwrap_or_else(|| "[?]".into());
+        let kind = if i.kind == relprop::graph::ElemKind::Float {
+            "float"
+        } else {
+            "int"
+        };
+        println!("  {:<24} {kind:<6} {dims}", g.names[i.id]);
+    }
+    println!("outputs:");
+    for (o, d) in g.outputs.iter().zip(&g.output_dims) {
+        let dims = d
+            .as_ref()
+            .map(|d| format_dims(d))
+            .unwrap_or_else(|| "[?]".into());
+        println!("  {:<24} {dims}", g.names[*o]);
+    }
+    println!("ops:");
+    for (op, n) in g.op_histogram() {
+        println!("  {op:<24} {n}");
+    }
+    if unsupported.is_empty() {
+        println!("unsupported ops: none");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("unsupported ops: {}", unsupported.join(", "));
+        Ok(ExitCode::from(2))
+    }
+}
+
+/// Splits `NAME=FILE` specs; a bare FILE goes to the position's default name.
+fn named(specs: &[String], names: &[String], what: &str) -> Result<Vec<(String, PathBuf)>> {
+    let mut out = Vec::new();
+    for (k, s) in specs.iter().enumerate() {
+        match s.split_once('=') {
+            Some((n, f)) if names.iter().any(|x| x == n) => {
+                out.push((n.to_string(), PathBuf::from(f)))
+            }
+            Some((n, _)) if !std::path::Path::new(s).exists() => bail!(
+                "the model has no {what} named '{n}'; it has: {}",
+                names.join(", ")
+            ),
+            _ => {
+                let n = names.get(k).with_context(|| {
+                    format!("more {what} files than the model's {} {what}s", names.len())
+                })?;
+                out.push((n.clone(), PathBuf::from(s)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Reads the inputs named on the command line in the graph's input order.
+pub fn read_inputs<T: Float>(g: &Graph, specs: &[String]) -> Result<Vec<Value<T>>> {
+    let names: Vec<String> = g.inputs.iter().map(|i| g.names[i.id].clone()).collect();
+    let given = named(specs, &names, "input")?;
+    let mut vals = Vec::new();
+    for n in &names {
+        let (_, path) = given
+            .iter()
+            .find(|(k, _)| k == n)
+            .with_context(|| format!("no file given for input '{n}' (use --input {n}=FILE.npy)"))?;
+        vals.push(
+            relprop::io::read_npy::<T>(path).with_context(|| format!("reading input '{n}'"))?,
+        );
+    }
+    Ok(vals)
+}
+
+fn run_typed<T: Float>(a: &RunArgs, g: &Graph) -> Result<()> {
+    let inputs = read_inputs::<T>(g, &a.input)?;
+    for w in input_warnings(g, &inputs) {
+        eprintln!("warning: {w}");
+    }
+    let consts = prepare_consts::<T>(g);
+    let t0 = Instant::now();
+    let outs = forward(g, &consts, inputs)?;
+    let dt = t0.elapsed();
+    let names: Vec<String> = g.outputs.iter().map(|o| g.names[*o].clone()).collect();
+    for (n, v) in names.iter().zip(&outs) {
+        println!("{n}: shape {:?} ({})", v.shape(), v.dtype());
+    }
+    println!("forward: {:.1} ms ({})", dt.as_secs_f64() * 1e3, T::NAME);
+    for (n, path) in named(&a.output, &names, "output")? {
+        let k = names.iter().position(|x| *x == n).context("output name")?;
+        relprop::io::write_npy(&path, &outs[k]).with_context(|| format!("writing output '{n}'"))?;
+        println!("wrote {} ({n})", path.display());
+    }
+    Ok(())
+}
+
+pub fn run(a: RunArgs) -> Result<ExitCode> {
+    let g =
+        relprop::onnx::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    match a.precision {
+        Precision::F32 => run_typed::<f32>(&a, &g)?,
+        Precision::F64 => run_typed::<f64>(&a, &g)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}
