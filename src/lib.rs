@@ -5,6 +5,9 @@
 
 #![warn(missing_docs)]
 
+pub mod attribution;
+pub mod canonize;
+pub mod composite;
 pub mod error;
 pub mod graph;
 pub mod io;
@@ -12,6 +15,8 @@ pub mod labels;
 pub mod onnx;
 pub mod ops;
 pub mod preprocess;
+pub mod propagate;
+pub mod rules;
 pub mod tensor;
 
 pub use error::{Error, Result};

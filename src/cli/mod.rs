@@ -1,6 +1,7 @@
 //! Argument parsing and the subcommands.
 
 mod demo;
+mod explain;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,8 @@ enum Command {
     Inspect(run::InspectArgs),
     /// Run the forward pass on .npy inputs and write the outputs as .npy.
     Run(run::RunArgs),
+    /// Explain predictions: relevance of every input element, as .npy.
+    Explain(Box<explain::ExplainArgs>),
     /// Classify and explain the bundled picture with the bundled model.
     Demo(demo::DemoArgs),
 }
@@ -31,6 +34,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => run::inspect(a),
         Command::Run(a) => run::run(a),
         Command::Demo(a) => demo::demo(a),
+        Command::Explain(a) => explain::explain(*a),
     };
     match result {
         Ok(code) => code,

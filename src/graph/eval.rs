@@ -833,14 +833,27 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             let bias = match ins.get(2).copied().flatten() {
                 Some(_) => {
                     let b = float(ins, 2)?;
-                    if b.len() != g.m {
+                    let (oh, ow) = g.out_hw().ok_or("geometry")?;
+                    if b.len() != g.m && b.len() != g.m * oh * ow {
                         return Err(format!("bias has {} elements, expected {}", b.len(), g.m));
                     }
                     Some(std_slice(b).into_owned())
                 }
                 None => None,
             };
-            let y = conv2d(&g, &std_slice(x), &std_slice(w), bias.as_deref());
+            let per_channel = bias.as_ref().is_none_or(|b| b.len() == g.m);
+            let mut y = conv2d(
+                &g,
+                &std_slice(x),
+                &std_slice(w),
+                if per_channel { bias.as_deref() } else { None },
+            );
+            if let (false, Some(b)) = (per_channel, &bias) {
+                // A spatially varying bias [M, OH, OW] (made by canonization), added per sample.
+                for chunk in y.chunks_mut(b.len()) {
+                    chunk.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
+                }
+            }
             let (oh, ow) = g.out_hw().ok_or("geometry")?;
             one(Value::F(array(
                 &pool_out_shape(x.shape(), oh, ow)
@@ -1262,6 +1275,29 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             batch_first,
         } => lstm(node, ins, *hidden, *direction, *batch_first),
         Op::Identity => one(value(ins, 0)?.clone()),
+        Op::ThreshRelu { thresholds, dirs } => {
+            let x = float(ins, 0)?;
+            if x.ndim() < 2 || x.shape()[1] != thresholds.len() {
+                return Err(format!(
+                    "input {:?} does not have {} channels",
+                    x.shape(),
+                    thresholds.len()
+                ));
+            }
+            let c = thresholds.len();
+            let inner: usize = x.shape()[2..].iter().product();
+            let mut y = x.as_standard_layout().into_owned();
+            for (i, v) in y.iter_mut().enumerate() {
+                let ch = (i / inner.max(1)) % c;
+                let t = T::of(thresholds[ch]);
+                *v = match dirs[ch] {
+                    0 => T::zero(),
+                    d if (*v - t) * T::of(d as f64) > T::zero() => *v,
+                    _ => t,
+                };
+            }
+            one(Value::F(y))
+        }
         Op::Dropout => {
             let v = value(ins, 0)?.clone();
             let mask = Value::I(ArrayD::from_elem(IxDyn(v.shape()), 1));

@@ -271,6 +271,15 @@ pub enum Op {
     Range,
     /// Broadcast to a shape.
     Expand,
+    /// Per-channel threshold ReLU made by canonization from BN → ReLU: channel c keeps x where
+    /// `(x − t_c)·d_c > 0` and outputs `t_c` elsewhere; `d_c = 0` marks a constant channel (γ = 0),
+    /// which outputs 0.
+    ThreshRelu {
+        /// Thresholds per channel.
+        thresholds: Vec<f64>,
+        /// Directions per channel: +1, −1 or 0.
+        dirs: Vec<i8>,
+    },
 }
 
 impl Op {
@@ -404,5 +413,49 @@ impl Graph {
             last[o] = usize::MAX;
         }
         last
+    }
+
+    /// Removes nodes that contribute to no graph output, and constants nobody reads.
+    pub fn prune(&mut self) {
+        let mut live: std::collections::HashSet<usize> = self.outputs.iter().copied().collect();
+        let mut keep = vec![false; self.nodes.len()];
+        for (i, n) in self.nodes.iter().enumerate().rev() {
+            if n.outputs.iter().flatten().any(|o| live.contains(o)) {
+                keep[i] = true;
+                live.extend(n.inputs.iter().flatten().copied());
+            }
+        }
+        let mut k = keep.into_iter();
+        self.nodes.retain(|_| k.next().unwrap_or(false));
+        self.consts.retain(|id, _| live.contains(id));
+    }
+
+    /// For each value, the nodes (index, input slot) that read it.
+    pub fn consumers(&self) -> Vec<Vec<(usize, usize)>> {
+        let mut c = vec![Vec::new(); self.names.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for (slot, v) in n.inputs.iter().enumerate() {
+                if let Some(v) = v {
+                    c[*v].push((i, slot));
+                }
+            }
+        }
+        c
+    }
+
+    /// The index of the node producing each value, if any.
+    pub fn producers(&self) -> Vec<Option<usize>> {
+        let mut p = vec![None; self.names.len()];
+        for (i, n) in self.nodes.iter().enumerate() {
+            for o in n.outputs.iter().flatten() {
+                p[*o] = Some(i);
+            }
+        }
+        p
+    }
+
+    /// Whether a value is a graph input.
+    pub fn is_input(&self, v: ValueId) -> bool {
+        self.inputs.iter().any(|i| i.id == v)
     }
 }

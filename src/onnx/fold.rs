@@ -4,7 +4,6 @@
 use crate::error::Result;
 use crate::graph::{Graph, eval_node};
 use crate::tensor::{Const, Value};
-use std::collections::HashSet;
 
 /// Folds constant nodes (evaluated in f64) and removes nodes whose outputs nobody reads.
 pub fn fold_constants(g: &mut Graph) -> Result<()> {
@@ -35,21 +34,6 @@ pub fn fold_constants(g: &mut Graph) -> Result<()> {
         }
     }
     g.nodes = kept;
-    prune(g);
+    g.prune();
     Ok(())
-}
-
-/// Removes nodes that contribute to no graph output, and constants nobody reads.
-pub fn prune(g: &mut Graph) {
-    let mut live: HashSet<usize> = g.outputs.iter().copied().collect();
-    let mut keep = vec![false; g.nodes.len()];
-    for (i, n) in g.nodes.iter().enumerate().rev() {
-        if n.outputs.iter().flatten().any(|o| live.contains(o)) {
-            keep[i] = true;
-            live.extend(n.inputs.iter().flatten().copied());
-        }
-    }
-    let mut k = keep.into_iter();
-    g.nodes.retain(|_| k.next().unwrap_or(false));
-    g.consts.retain(|id, _| live.contains(id));
 }

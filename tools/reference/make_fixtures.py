@@ -15,6 +15,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
 import models  # noqa: E402
+import zennit_refs  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 FIX = os.path.join(ROOT, "tests", "fixtures")
@@ -130,6 +131,9 @@ def main():
             model.eval()
             built[name] = model
         export(name, model, x, folding)
+        kind = "resnet" if name.startswith("resnet") else "densenet" if name == "densenet" else "vgg"
+        if name in ("vgg", "vgg_bn", "resnet_basic", "resnet_bottleneck", "densenet"):
+            zennit_refs.attributions(kind, model, x, os.path.join(FIX, name))
 
     c1 = models.conv1d_stack().eval()
     export("conv1d", c1, torch.randn(2, 2, 40, generator=gen))

@@ -1,0 +1,239 @@
+//! `relprop explain`: attributions for .npy inputs.
+
+use super::run::{Precision, read_inputs};
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use relprop::attribution::{Method, Settings, attribute, prepare};
+use relprop::canonize::Mode;
+use relprop::composite::{Composite, Override, Params};
+use relprop::graph::{Graph, input_warnings};
+use relprop::rules::Bounds;
+use relprop::rules::grad::RuleOpts;
+use relprop::tensor::{Float, Value};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Args, Clone)]
+pub struct ExplainArgs {
+    /// The ONNX model.
+    pub model: PathBuf,
+    /// Input .npy for the first graph input, or NAME=FILE.npy (repeat for several inputs).
+    #[arg(long, short, required = true)]
+    pub input: Vec<String>,
+    /// Attribution method: lrp, gradient or input_x_gradient.
+    #[arg(long, default_value = "lrp")]
+    pub method: String,
+    /// LRP composite (epsilon_plus, epsilon_plus_flat, epsilon_alpha2_beta1, epsilon_alpha2_beta1_flat,
+    /// epsilon_gamma_box, excitation_backprop, guided_backprop, deconvnet, epsilon, gradient).
+    #[arg(long, default_value = "epsilon_plus_flat")]
+    pub composite: String,
+    /// Rule override: OPTYPE=rule, name:GLOB=rule or #N=rule (repeatable; first match wins).
+    #[arg(long = "rule")]
+    pub rules: Vec<String>,
+    /// TOML file with overrides ([[rule]] match = "...", rule = "...") and optionally composite = "...".
+    #[arg(long)]
+    pub rules_file: Option<PathBuf>,
+    /// Target class per sample, comma-separated (default: argmax); one value applies to all.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Write the input relevance (same shape as the input) here.
+    #[arg(long)]
+    pub out_npy: Option<PathBuf>,
+    /// Per-channel mean of the input normalisation (gives z^B its bounds (0−mean)/std, (1−mean)/std).
+    #[arg(long, value_delimiter = ',')]
+    pub mean: Option<Vec<f64>>,
+    /// Per-channel std of the input normalisation.
+    #[arg(long, value_delimiter = ',')]
+    pub std: Option<Vec<f64>>,
+    /// z^B lower bounds per channel (instead of --mean/--std).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub low: Option<Vec<f64>>,
+    /// z^B upper bounds per channel.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    pub high: Option<Vec<f64>>,
+    /// Canonization: full or minimal.
+    #[arg(long, default_value = "full")]
+    pub canonize: String,
+    /// Leave biases out of the backward pass.
+    #[arg(long)]
+    pub ignore_bias: bool,
+    /// ε of the dense layers (and of every layer for --composite epsilon).
+    #[arg(long, default_value_t = 1e-6)]
+    pub epsilon: f64,
+    /// γ of the conv layers in epsilon_gamma_box.
+    #[arg(long, default_value_t = 0.25)]
+    pub gamma: f64,
+    /// Also write the relevance at these intermediate values (by value name) as NAME.npy next to --out-npy.
+    #[arg(long = "keep")]
+    pub keep: Vec<String>,
+    /// Arithmetic precision.
+    #[arg(long, value_enum, default_value = "f32")]
+    pub precision: Precision,
+}
+
+/// z^B bounds from the flags.
+pub fn bounds(a: &ExplainArgs) -> Result<Option<Bounds>> {
+    Ok(match (&a.low, &a.high, &a.mean, &a.std) {
+        (Some(l), Some(h), _, _) => Some(Bounds {
+            low: l.clone(),
+            high: h.clone(),
+        }),
+        (None, None, Some(m), Some(s)) => {
+            if m.len() != s.len() {
+                bail!("--mean has {} values, --std {}", m.len(), s.len());
+            }
+            Some(Bounds {
+                low: m.iter().zip(s).map(|(m, s)| -m / s).collect(),
+                high: m.iter().zip(s).map(|(m, s)| (1.0 - m) / s).collect(),
+            })
+        }
+        (None, None, None, None) => None,
+        _ => bail!("give both --low and --high, or both --mean and --std"),
+    })
+}
+
+/// The settings the flags describe.
+pub fn settings(a: &ExplainArgs) -> Result<Settings> {
+    let mut name = a.composite.clone();
+    let mut overrides: Vec<Override> = Vec::new();
+    for r in &a.rules {
+        overrides.push(
+            r.parse()
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("--rule {r}"))?,
+        );
+    }
+    if let Some(f) = &a.rules_file {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let (base, ov) =
+            Composite::overrides_from_toml(&text).with_context(|| format!("in {}", f.display()))?;
+        if let Some(b) = base {
+            name = b;
+        }
+        overrides.extend(ov);
+    }
+    let mut comp = Composite::named(
+        &name,
+        &Params {
+            epsilon: a.epsilon,
+            gamma: a.gamma,
+        },
+    )?;
+    comp.overrides = overrides;
+    let method = Method::parse(&a.method, comp)?;
+    let mode: Mode = a.canonize.parse().map_err(anyhow::Error::msg)?;
+    Ok(Settings {
+        method,
+        canonize: mode,
+        opts: RuleOpts {
+            ignore_bias: a.ignore_bias,
+            bounds: bounds(a)?,
+            ..RuleOpts::default()
+        },
+        tolerance: if a.precision == Precision::F64 {
+            1e-9
+        } else {
+            1e-4
+        },
+    })
+}
+
+/// Parses `--target`.
+pub fn targets(spec: &Option<String>) -> Result<Option<Vec<usize>>> {
+    match spec.as_deref() {
+        None | Some("argmax") => Ok(None),
+        Some(s) => Ok(Some(
+            s.split(',')
+                .map(|t| {
+                    t.trim()
+                        .parse::<usize>()
+                        .with_context(|| format!("--target: '{t}' is not a class index"))
+                })
+                .collect::<Result<_>>()?,
+        )),
+    }
+}
+
+fn explain_typed<T: Float>(a: &ExplainArgs, g: &Graph) -> Result<()> {
+    let inputs = read_inputs::<T>(g, &a.input)?;
+    for w in input_warnings(g, &inputs) {
+        eprintln!("warning: {w}");
+    }
+    let s = settings(a)?;
+    let p = prepare(g, &inputs, &s)?;
+    for line in &p.report {
+        eprintln!("canonize: {line}");
+    }
+    eprintln!("canonize: forward deviation {:.2e} (relative)", p.deviation);
+    let t0 = std::time::Instant::now();
+    let e = attribute(
+        &p,
+        &s.method,
+        inputs,
+        targets(&a.target)?.as_deref(),
+        &a.keep,
+    )?;
+    let dt = t0.elapsed().as_secs_f64();
+    let rel = e
+        .relevance
+        .iter()
+        .flatten()
+        .next()
+        .context("the model has no floating-point input to explain")?;
+    let n = rel.shape()[0];
+    let per = rel.len() / n.max(1);
+    let flat: Vec<f64> = rel.iter().map(|v| v.f64()).collect();
+    println!(
+        "{:>6} {:>8} {:>12} {:>12} {:>9}",
+        "sample", "target", "logit", "sum R", "R/logit"
+    );
+    for i in 0..n {
+        let sr: f64 = flat[i * per..(i + 1) * per].iter().sum();
+        println!(
+            "{i:>6} {:>8} {:>12.5} {:>12.5} {:>9.4}",
+            e.targets[i],
+            e.scores[i],
+            sr,
+            sr / e.scores[i]
+        );
+    }
+    if e.dropped != 0.0 {
+        eprintln!(
+            "note: relevance {:.4e} fell on padding and was dropped",
+            e.dropped
+        );
+    }
+    eprintln!("explained in {:.1} ms ({})", dt * 1e3, T::NAME);
+    if let Some(out) = &a.out_npy {
+        relprop::io::write_npy(out, &Value::F(rel.clone()))
+            .with_context(|| format!("writing {}", out.display()))?;
+        println!("wrote {}", out.display());
+        for (name, r) in &e.intermediate {
+            let safe: String = name
+                .chars()
+                .map(|c| {
+                    if c.is_alphanumeric() || c == '.' || c == '_' || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let path = out.with_file_name(format!("{safe}.npy"));
+            relprop::io::write_npy(&path, &Value::F(r.clone()))?;
+            println!("wrote {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+pub fn explain(a: ExplainArgs) -> Result<ExitCode> {
+    let g =
+        relprop::onnx::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    match a.precision {
+        Precision::F32 => explain_typed::<f32>(&a, &g)?,
+        Precision::F64 => explain_typed::<f64>(&a, &g)?,
+    }
+    Ok(ExitCode::SUCCESS)
+}

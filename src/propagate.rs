@@ -1,0 +1,296 @@
+//! Propagation: a forward pass that keeps what the rules need, then the reverse topological pass
+//! from the seed to the inputs; relevance from several consumers of one value is summed.
+
+use crate::error::{Error, Result, node_err};
+use crate::graph::{Graph, Op, ValueId, prepare_consts, run_keep};
+use crate::rules::Rule;
+use crate::rules::grad::{RuleOpts, backward};
+use crate::tensor::{Float, Value};
+use ndarray::{ArrayD, Axis};
+use std::collections::HashMap;
+
+/// How the relevance at the explained output starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seed {
+    /// `one_hot(target) · output` (zennit's LRP convention: the result sums to the logit).
+    OneHotTimesOutput,
+    /// `one_hot(target)` (gradients: d logit / d input).
+    OneHot,
+}
+
+/// A graph with one rule per node, ready to explain inputs.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// The (canonized) graph.
+    pub graph: Graph,
+    /// The rule of each node (None: the node carries no relevance).
+    pub rules: Vec<Option<Rule>>,
+    /// Options for every rule.
+    pub opts: RuleOpts,
+    /// The value explained: the first output, or the logits before a final Softmax.
+    pub explained: ValueId,
+    /// Which values depend on a graph input.
+    pub variable: Vec<bool>,
+}
+
+/// Which values depend on a graph input.
+pub fn variables(g: &Graph) -> Vec<bool> {
+    let mut var = vec![false; g.names.len()];
+    for i in &g.inputs {
+        var[i.id] = true;
+    }
+    for n in &g.nodes {
+        // Shape and Cast-to-int results do not carry relevance.
+        if matches!(n.op, Op::Shape { .. }) {
+            continue;
+        }
+        if n.inputs.iter().flatten().any(|v| var[*v]) {
+            for o in n.outputs.iter().flatten() {
+                var[*o] = true;
+            }
+        }
+    }
+    var
+}
+
+/// The value to explain: output 0, or the input of a final Softmax (explaining a probability
+/// with LRP is ill-defined; the logit is what zennit users explain).
+pub fn explained_value(g: &Graph) -> Result<ValueId> {
+    let out = *g
+        .outputs
+        .first()
+        .ok_or_else(|| Error::Invalid("the graph has no outputs".into()))?;
+    for n in &g.nodes {
+        if n.outputs.first().copied().flatten() == Some(out)
+            && matches!(n.op, Op::Softmax { .. })
+            && let Some(x) = n.input(0)
+        {
+            return Ok(x);
+        }
+    }
+    Ok(out)
+}
+
+impl Plan {
+    /// Builds a plan from a canonized graph and its rules.
+    pub fn new(
+        graph: Graph,
+        composite: &crate::composite::Composite,
+        opts: RuleOpts,
+    ) -> Result<Plan> {
+        let variable = variables(&graph);
+        let rules = composite.assign(&graph, &variable)?;
+        let explained = explained_value(&graph)?;
+        Ok(Plan {
+            graph,
+            rules,
+            opts,
+            explained,
+            variable,
+        })
+    }
+}
+
+/// The result of explaining a batch.
+#[derive(Clone, Debug)]
+pub struct Explanation<T> {
+    /// Relevance per graph input (None for integer inputs), shaped like the input.
+    pub relevance: Vec<Option<ArrayD<T>>>,
+    /// The explained output (logits), [batch, classes].
+    pub output: ArrayD<T>,
+    /// The explained class per sample.
+    pub targets: Vec<usize>,
+    /// The explained score per sample (output at the target).
+    pub scores: Vec<f64>,
+    /// Relevance at requested intermediate values, by name.
+    pub intermediate: HashMap<String, ArrayD<T>>,
+    /// Relevance that reached no input (e.g. on padding), summed over the batch.
+    pub dropped: f64,
+}
+
+/// Explains `inputs` with `plan`: forward, seed at the targets (argmax when None), backward.
+/// `keep` names intermediate values whose relevance is returned too.
+pub fn explain<T: Float>(
+    plan: &Plan,
+    consts: &HashMap<ValueId, Value<T>>,
+    inputs: Vec<Value<T>>,
+    targets: Option<&[usize]>,
+    seed: Seed,
+    keep: &[String],
+) -> Result<Explanation<T>> {
+    let g = &plan.graph;
+    let keep_ids: Vec<ValueId> = keep
+        .iter()
+        .map(|n| {
+            g.value_id(n)
+                .ok_or_else(|| Error::Invalid(format!("no value named '{n}' in the graph")))
+        })
+        .collect::<Result<_>>()?;
+    // Keep the inputs and outputs of every node that carries relevance.
+    let mut needed = vec![false; g.names.len()];
+    needed[plan.explained] = true;
+    for (n, r) in g.nodes.iter().zip(&plan.rules) {
+        if r.is_some() {
+            for v in n.inputs.iter().chain(n.outputs.iter()).flatten() {
+                needed[*v] = true;
+            }
+        }
+    }
+    let env = run_keep(g, consts, inputs, &|v| needed[v])?;
+    let out = match env.get(plan.explained) {
+        Some(Value::F(a)) => a.clone(),
+        _ => {
+            return Err(Error::Invalid(format!(
+                "the explained output '{}' is not a float tensor",
+                g.names[plan.explained]
+            )));
+        }
+    };
+    if out.ndim() < 1 {
+        return Err(Error::Invalid(
+            "the explained output must have a batch axis".into(),
+        ));
+    }
+    let batch = out.shape()[0];
+    let per = out.len() / batch.max(1);
+    let flat = out
+        .as_standard_layout()
+        .into_owned()
+        .into_shape_with_order((batch, per))
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    let targets: Vec<usize> = match targets {
+        Some(t) if t.len() == batch => t.to_vec(),
+        Some(t) if t.len() == 1 => vec![t[0]; batch],
+        Some(t) => {
+            return Err(Error::Invalid(format!(
+                "{} targets given for a batch of {batch}",
+                t.len()
+            )));
+        }
+        None => flat
+            .axis_iter(Axis(0))
+            .map(|row| {
+                row.iter()
+                    .enumerate()
+                    .fold(
+                        (0, T::neg_infinity()),
+                        |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                    )
+                    .0
+            })
+            .collect(),
+    };
+    if let Some(&t) = targets.iter().find(|&&t| t >= per) {
+        return Err(Error::Invalid(format!(
+            "target {t} is out of range: the output has {per} classes"
+        )));
+    }
+    let scores: Vec<f64> = targets
+        .iter()
+        .enumerate()
+        .map(|(b, &t)| flat[[b, t]].f64())
+        .collect();
+    let mut seed_arr = ndarray::Array2::<T>::zeros((batch, per));
+    for (b, &t) in targets.iter().enumerate() {
+        seed_arr[[b, t]] = match seed {
+            Seed::OneHotTimesOutput => flat[[b, t]],
+            Seed::OneHot => T::one(),
+        };
+    }
+    let mut rel: Vec<Option<ArrayD<T>>> = vec![None; g.names.len()];
+    rel[plan.explained] = Some(
+        seed_arr
+            .into_dyn()
+            .into_shape_with_order(out.shape())
+            .map_err(|e| Error::Invalid(e.to_string()))?,
+    );
+    let mut intermediate = HashMap::new();
+    let mut dropped = 0.0;
+    for (n, rule) in g.nodes.iter().zip(&plan.rules).rev() {
+        let r_out: Vec<Option<&ArrayD<T>>> = n
+            .outputs
+            .iter()
+            .map(|o| o.and_then(|o| rel[o].as_ref()))
+            .collect();
+        if r_out.iter().all(Option::is_none) {
+            continue;
+        }
+        let Some(rule) = rule else { continue };
+        let ins: Vec<Option<&Value<T>>> = n
+            .inputs
+            .iter()
+            .map(|i| i.and_then(|id| env.get(id)))
+            .collect();
+        let outs: Vec<Option<&Value<T>>> = n
+            .outputs
+            .iter()
+            .map(|o| o.and_then(|id| env.get(id)))
+            .collect();
+        let var: Vec<bool> = n
+            .inputs
+            .iter()
+            .map(|i| i.is_some_and(|v| plan.variable[v] && matches!(env.get(v), Some(Value::F(_)))))
+            .collect();
+        let b = backward(n, rule, &plan.opts, &ins, &outs, &r_out, &var)
+            .map_err(|m| node_err(&n.name, &n.op_type, format!("{rule}: {m}")))?;
+        dropped += b.dropped;
+        for o in n.outputs.iter().flatten() {
+            if keep_ids.contains(o)
+                && let Some(r) = rel[*o].take()
+            {
+                intermediate.insert(g.names[*o].clone(), r);
+            } else {
+                rel[*o] = None;
+            }
+        }
+        for (i, r) in n.inputs.iter().zip(b.inputs) {
+            if let (Some(i), Some(r)) = (i, r) {
+                match &mut rel[*i] {
+                    Some(acc) if acc.shape() == r.shape() => *acc += &r,
+                    Some(acc) => {
+                        return Err(node_err(
+                            &n.name,
+                            &n.op_type,
+                            format!(
+                                "relevance shapes {:?} and {:?} disagree",
+                                acc.shape(),
+                                r.shape()
+                            ),
+                        ));
+                    }
+                    slot => *slot = Some(r),
+                }
+            }
+        }
+    }
+    let relevance = g
+        .inputs
+        .iter()
+        .map(|i| match env.get(i.id) {
+            Some(Value::F(x)) => Some(
+                rel[i.id]
+                    .take()
+                    .unwrap_or_else(|| ArrayD::zeros(x.raw_dim())),
+            ),
+            _ => None,
+        })
+        .collect();
+    for &k in &keep_ids {
+        if let Some(r) = rel[k].take() {
+            intermediate.insert(g.names[k].clone(), r);
+        }
+    }
+    Ok(Explanation {
+        relevance,
+        output: out,
+        targets,
+        scores,
+        intermediate,
+        dropped,
+    })
+}
+
+/// Converts the plan's constants once for repeated explanations.
+pub fn consts<T: Float>(plan: &Plan) -> HashMap<ValueId, Value<T>> {
+    prepare_consts(&plan.graph)
+}

@@ -1,0 +1,653 @@
+//! Applying a rule to one node: linear layers go to [`super::linear`]; sums and average pooling get
+//! the proportional (norm) split; activations pass or take their (modified) gradient; data
+//! movement (reshape, slice, concat, pad, max-pool ...) routes relevance like its gradient.
+
+use super::linear::{Bounds, LinearKind, LinearLayer, relevance as linear_relevance};
+use super::{Rule, stabilize};
+use crate::graph::eval::{broadcast_shape, conv_geom, eval_node, pool_geom};
+use crate::graph::{Node, Op};
+use crate::ops::pool::{avg_pool_vjp, max_pool, max_pool_vjp};
+use crate::tensor::{Float, Value, array};
+use ndarray::{ArrayD, Axis, IxDyn, Zip};
+
+/// Options shared by every rule application.
+#[derive(Clone, Debug)]
+pub struct RuleOpts {
+    /// Leave biases out of the backward pass.
+    pub ignore_bias: bool,
+    /// Stabiliser of the rules other than ε.
+    pub stabilizer: f64,
+    /// Input bounds for z^B.
+    pub bounds: Option<Bounds>,
+}
+
+impl Default for RuleOpts {
+    fn default() -> Self {
+        RuleOpts {
+            ignore_bias: false,
+            stabilizer: 1e-6,
+            bounds: None,
+        }
+    }
+}
+
+type R<T> = Result<T, String>;
+
+fn fin<'a, T: Float>(ins: &[Option<&'a Value<T>>], i: usize) -> R<&'a ArrayD<T>> {
+    match ins.get(i).copied().flatten() {
+        Some(Value::F(a)) => Ok(a),
+        _ => Err(format!("input {i} is missing or not floating point")),
+    }
+}
+
+fn slice<T: Float>(a: &ArrayD<T>) -> std::borrow::Cow<'_, [T]> {
+    match a.as_slice() {
+        Some(s) => std::borrow::Cow::Borrowed(s),
+        None => std::borrow::Cow::Owned(a.iter().copied().collect()),
+    }
+}
+
+/// Sums `g` over the axes along which `shape` was broadcast to `g`'s shape.
+pub fn unbroadcast<T: Float>(g: &ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
+    if g.shape() == shape {
+        return g.clone();
+    }
+    let mut out = g.clone();
+    while out.ndim() > shape.len() {
+        out = out.sum_axis(Axis(0));
+    }
+    for (ax, &d) in shape.iter().enumerate() {
+        if d == 1 && out.shape()[ax] != 1 {
+            out = out.sum_axis(Axis(ax)).insert_axis(Axis(ax));
+        }
+    }
+    out
+}
+
+fn zip_map<T: Float>(a: &ArrayD<T>, b: &ArrayD<T>, f: impl Fn(T, T) -> T) -> R<ArrayD<T>> {
+    let shape = broadcast_shape(a.shape(), b.shape())?;
+    let av = a.broadcast(IxDyn(&shape)).ok_or("broadcast")?;
+    let bv = b.broadcast(IxDyn(&shape)).ok_or("broadcast")?;
+    Ok(Zip::from(&av).and(&bv).map_collect(|x, y| f(*x, *y)))
+}
+
+/// Builds the linear layer of a Conv, Gemm or MatMul node whose weight is input 1.
+pub fn linear_layer<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<(LinearLayer<T>, bool)> {
+    let x = fin(ins, 0)?;
+    let w = fin(ins, 1)?;
+    match &node.op {
+        Op::Conv { win, group } => {
+            let g = conv_geom(win, *group, x.shape(), w.shape())?;
+            let bias = ins
+                .get(2)
+                .copied()
+                .flatten()
+                .map(|b| b.to_float().iter().copied().collect());
+            Ok((
+                LinearLayer {
+                    kind: LinearKind::Conv(g),
+                    w: slice(w).into_owned(),
+                    bias,
+                },
+                false,
+            ))
+        }
+        Op::Gemm {
+            alpha,
+            beta,
+            trans_a,
+            trans_b,
+        } => {
+            let (m, k) = if *trans_a {
+                (x.shape()[1], x.shape()[0])
+            } else {
+                (x.shape()[0], x.shape()[1])
+            };
+            let n = if *trans_b { w.shape()[0] } else { w.shape()[1] };
+            let wk = if *trans_b {
+                w.t().as_standard_layout().into_owned()
+            } else {
+                w.as_standard_layout().into_owned()
+            };
+            let wv: Vec<T> = wk.iter().map(|&v| v * T::of(*alpha)).collect();
+            let bias = match ins.get(2).copied().flatten() {
+                None => None,
+                Some(c) => {
+                    let c = c.to_float();
+                    if c.len() != n && c.len() != 1 {
+                        return Err(format!(
+                            "a Gemm bias of shape {:?} (not per output feature) is not supported for LRP",
+                            c.shape()
+                        ));
+                    }
+                    let cb = c.broadcast(IxDyn(&[n])).ok_or("bias broadcast")?.to_owned();
+                    Some(cb.iter().map(|&v| v * T::of(*beta)).collect())
+                }
+            };
+            Ok((
+                LinearLayer {
+                    kind: LinearKind::Dense { m, k, n },
+                    w: wv,
+                    bias,
+                },
+                *trans_a,
+            ))
+        }
+        Op::MatMul => {
+            if w.ndim() != 2 || x.ndim() < 2 {
+                return Err(format!(
+                    "LRP needs MatMul(x, W) with a 2-d constant W, got {:?} × {:?}",
+                    x.shape(),
+                    w.shape()
+                ));
+            }
+            let k = w.shape()[0];
+            let n = w.shape()[1];
+            let m = x.len() / k;
+            Ok((
+                LinearLayer {
+                    kind: LinearKind::Dense { m, k, n },
+                    w: slice(w).into_owned(),
+                    bias: None,
+                },
+                false,
+            ))
+        }
+        _ => Err("not a linear layer".into()),
+    }
+}
+
+/// The index-routing VJP of a pure data-movement node: runs the node on element indices and
+/// scatters `g` back. Returns the input gradient and the total of `g` that landed on padding.
+fn route<T: Float>(
+    node: &Node,
+    ins: &[Option<&Value<T>>],
+    input: usize,
+    g: &[Option<&ArrayD<T>>],
+) -> R<(ArrayD<T>, f64)> {
+    let x = ins.get(input).copied().flatten().ok_or("missing input")?;
+    let n = x.shape().iter().product::<usize>() as i64;
+    // Inputs other than `input` that carry data (Concat) get indices past the end: dropped.
+    let mut idx_vals: Vec<Option<Value<T>>> = Vec::new();
+    let data_inputs: Vec<usize> = match node.op {
+        Op::Concat { .. } => (0..ins.len()).collect(),
+        _ => vec![0],
+    };
+    for (i, v) in ins.iter().enumerate() {
+        let v = match v {
+            Some(v) => *v,
+            None => {
+                idx_vals.push(None);
+                continue;
+            }
+        };
+        if data_inputs.contains(&i) {
+            let len: usize = v.shape().iter().product();
+            let base = if i == input { 0 } else { n + 1 };
+            let a: Vec<i64> = (0..len as i64)
+                .map(|j| if i == input { j } else { base })
+                .collect();
+            idx_vals.push(Some(Value::I(array(v.shape(), a))));
+        } else {
+            idx_vals.push(Some(v.clone()));
+        }
+    }
+    let mut n2 = node.clone();
+    if let Op::Pad { mode, pads, .. } = &node.op {
+        n2.op = Op::Pad {
+            mode: *mode,
+            pads: pads.clone(),
+            value: -1.0,
+        };
+        if idx_vals.len() > 2 {
+            idx_vals[2] = Some(Value::I(array(&[], vec![-1])));
+        }
+    }
+    let refs: Vec<Option<&Value<T>>> = idx_vals.iter().map(Option::as_ref).collect();
+    let outs = eval_node(&n2, &refs).map_err(|e| e.to_string())?;
+    let mut dx = vec![T::zero(); n as usize];
+    let mut dropped = 0.0;
+    for (o, gi) in outs.iter().zip(g) {
+        let Some(gi) = gi else { continue };
+        let Value::I(idx) = o else {
+            return Err("index routing failed".into());
+        };
+        for (&j, &v) in idx.iter().zip(gi.iter()) {
+            if j >= 0 && j < n {
+                dx[j as usize] += v;
+            } else if j < 0 {
+                dropped += v.f64();
+            }
+        }
+    }
+    Ok((array(x.shape(), dx), dropped))
+}
+
+/// What one rule application produced.
+pub struct Backward<T> {
+    /// Relevance (or gradient) per node input; None where not wanted.
+    pub inputs: Vec<Option<ArrayD<T>>>,
+    /// Relevance that could not be routed to any input (e.g. relevance on padding).
+    pub dropped: f64,
+}
+
+/// Applies `rule` at `node`: from the relevance of its outputs `r` to that of its inputs.
+/// `var[i]` tells which inputs need relevance (variables, as opposed to constants).
+pub fn backward<T: Float>(
+    node: &Node,
+    rule: &Rule,
+    opts: &RuleOpts,
+    ins: &[Option<&Value<T>>],
+    outs: &[Option<&Value<T>>],
+    r: &[Option<&ArrayD<T>>],
+    var: &[bool],
+) -> R<Backward<T>> {
+    let mut res: Vec<Option<ArrayD<T>>> = vec![None; ins.len()];
+    let mut dropped = 0.0;
+    let r0 = || {
+        r.first()
+            .copied()
+            .flatten()
+            .ok_or_else(|| "no relevance on output 0".to_string())
+    };
+    let y0 = || match outs.first().copied().flatten() {
+        Some(Value::F(a)) => Ok(a),
+        _ => Err("output 0 is not available".to_string()),
+    };
+    let gradient_like = rule.is_gradient_like();
+    match &node.op {
+        Op::Conv { .. } | Op::Gemm { .. } | Op::MatMul => {
+            if var.get(1).copied().unwrap_or(false) || var.get(2).copied().unwrap_or(false) {
+                return Err(
+                    "weights and biases must be constants for relevance propagation".into(),
+                );
+            }
+            let (layer, trans_a) = linear_layer(node, ins)?;
+            let x = fin(ins, 0)?;
+            let xs = if trans_a {
+                x.t().as_standard_layout().into_owned()
+            } else {
+                x.as_standard_layout().into_owned()
+            };
+            let rr = r0()?.as_standard_layout().into_owned();
+            let xsl = slice(&xs);
+            let rsl = slice(&rr);
+            let rin = if gradient_like || matches!(rule, Rule::Gradient) {
+                layer.vjp(&rsl, &layer.w)
+            } else {
+                let y = y0()?.as_standard_layout().into_owned();
+                linear_relevance(
+                    &layer,
+                    rule,
+                    &xsl,
+                    &slice(&y),
+                    &rsl,
+                    opts.ignore_bias,
+                    opts.stabilizer,
+                    opts.bounds.as_ref(),
+                )?
+            };
+            let mut a = array(xs.shape(), rin);
+            if trans_a {
+                a = a.t().as_standard_layout().into_owned();
+            }
+            res[0] = Some(a);
+        }
+        Op::Add | Op::Sub if var.iter().filter(|v| **v).count() == 2 && !gradient_like => {
+            let rr = r0()?;
+            let (a, b) = (fin(ins, 0)?, fin(ins, 1)?);
+            let sign = if matches!(node.op, Op::Sub) {
+                -T::one()
+            } else {
+                T::one()
+            };
+            match rule {
+                Rule::Norm | Rule::Epsilon(_) => {
+                    let eps = if let Rule::Epsilon(e) = rule {
+                        *e
+                    } else {
+                        opts.stabilizer
+                    };
+                    let z = y0()?;
+                    let gq = zip_map(rr, z, |rv, zv| rv / stabilize(zv, eps))?;
+                    res[0] = Some(unbroadcast(&zip_map(&gq, a, |g, x| g * x)?, a.shape()));
+                    res[1] = Some(unbroadcast(
+                        &zip_map(&gq, b, |g, x| sign * g * x)?,
+                        b.shape(),
+                    ));
+                }
+                _ => {
+                    return Err(format!(
+                        "rule {rule} does not apply to a sum of two tensors (use norm)"
+                    ));
+                }
+            }
+        }
+        Op::AveragePool { .. } | Op::GlobalAveragePool
+            if matches!(rule, Rule::Norm | Rule::Epsilon(_)) =>
+        {
+            let eps = if let Rule::Epsilon(e) = rule {
+                *e
+            } else {
+                opts.stabilizer
+            };
+            let x = fin(ins, 0)?;
+            let z = y0()?;
+            let gq = zip_map(r0()?, z, |rv, zv| rv / stabilize(zv, eps))?;
+            let back = pool_vjp(node, x, &gq)?;
+            res[0] = Some(zip_map(&back, x, |g, xv| g * xv)?);
+        }
+        Op::Mul if matches!(rule, Rule::SignalTakesAll) => {
+            let rr = r0()?;
+            let signal = (0..2)
+                .find(|&i| var.get(i).copied().unwrap_or(false))
+                .ok_or("no variable operand")?;
+            let s = fin(ins, signal)?;
+            res[signal] = Some(unbroadcast(rr, s.shape()));
+        }
+        _ if matches!(rule, Rule::Pass) => {
+            let rr = r0()?;
+            let vars: Vec<usize> = (0..ins.len())
+                .filter(|&i| var.get(i).copied().unwrap_or(false))
+                .collect();
+            if vars.len() != 1 {
+                return Err(format!(
+                    "pass needs exactly one variable input, this node has {}",
+                    vars.len()
+                ));
+            }
+            let x = fin(ins, vars[0])?;
+            if x.len() != rr.len() && unbroadcast(rr, x.shape()).shape() != x.shape() {
+                return Err(format!(
+                    "pass cannot map relevance of shape {:?} to input {:?}",
+                    rr.shape(),
+                    x.shape()
+                ));
+            }
+            res[vars[0]] = Some(if x.shape() == rr.shape() {
+                rr.clone()
+            } else {
+                unbroadcast(rr, x.shape())
+            });
+        }
+        _ => {
+            // The gradient (possibly modified on ReLU), for every remaining op and rule.
+            if !matches!(
+                rule,
+                Rule::Gradient | Rule::GuidedBackprop | Rule::DeconvNet | Rule::Norm
+            ) {
+                return Err(format!("rule {rule} does not apply to {}", node.op_type));
+            }
+            dropped = vjp(node, rule, ins, outs, r, var, &mut res)?;
+        }
+    }
+    Ok(Backward {
+        inputs: res,
+        dropped,
+    })
+}
+
+fn pool_vjp<T: Float>(node: &Node, x: &ArrayD<T>, g: &ArrayD<T>) -> R<ArrayD<T>> {
+    match &node.op {
+        Op::AveragePool {
+            win,
+            ceil_mode,
+            count_include_pad,
+        } => {
+            let geom = pool_geom(win, x.shape(), *ceil_mode, *count_include_pad)?;
+            Ok(array(
+                x.shape(),
+                avg_pool_vjp(&geom, &slice(&g.as_standard_layout().into_owned())),
+            ))
+        }
+        Op::GlobalAveragePool => {
+            let inner: usize = x.shape()[2..].iter().product();
+            let gs = slice(g).into_owned();
+            let inv = T::one() / T::of(inner as f64);
+            let v: Vec<T> = (0..x.len()).map(|i| gs[i / inner] * inv).collect();
+            Ok(array(x.shape(), v))
+        }
+        _ => Err("not a pooling node".into()),
+    }
+}
+
+/// Plain (or ReLU-modified) gradients. Returns relevance dropped on padding.
+fn vjp<T: Float>(
+    node: &Node,
+    rule: &Rule,
+    ins: &[Option<&Value<T>>],
+    outs: &[Option<&Value<T>>],
+    r: &[Option<&ArrayD<T>>],
+    var: &[bool],
+    res: &mut [Option<ArrayD<T>>],
+) -> R<f64> {
+    let g = || {
+        r.first()
+            .copied()
+            .flatten()
+            .ok_or_else(|| "no relevance on output 0".to_string())
+    };
+    let y = || match outs.first().copied().flatten() {
+        Some(Value::F(a)) => Ok(a),
+        _ => Err("output 0 is not available".to_string()),
+    };
+    let unary = |f: &dyn Fn(T, T, T) -> T| -> R<ArrayD<T>> {
+        let x = fin(ins, 0)?;
+        let yv = y()?;
+        let gv = g()?;
+        let mut out = gv.clone();
+        Zip::from(&mut out)
+            .and(x)
+            .and(yv)
+            .for_each(|o, &xv, &yy| *o = f(*o, xv, yy));
+        Ok(out)
+    };
+    let is = |i: usize| var.get(i).copied().unwrap_or(false);
+    match &node.op {
+        Op::Relu => {
+            res[0] = Some(match rule {
+                Rule::GuidedBackprop => unary(&|gv, xv, _| {
+                    if xv > T::zero() && gv > T::zero() {
+                        gv
+                    } else {
+                        T::zero()
+                    }
+                })?,
+                Rule::DeconvNet => unary(&|gv, _, _| gv.max(T::zero()))?,
+                _ => unary(&|gv, xv, _| if xv > T::zero() { gv } else { T::zero() })?,
+            });
+        }
+        Op::Clip { min, max } => {
+            let lo = ins
+                .get(1)
+                .copied()
+                .flatten()
+                .and_then(|v| v.to_float().iter().next().copied())
+                .or(min.map(T::of))
+                .unwrap_or(T::neg_infinity());
+            let hi = ins
+                .get(2)
+                .copied()
+                .flatten()
+                .and_then(|v| v.to_float().iter().next().copied())
+                .or(max.map(T::of))
+                .unwrap_or(T::infinity());
+            res[0] = Some(unary(&|gv, xv, _| {
+                if xv > lo && xv < hi { gv } else { T::zero() }
+            })?);
+        }
+        Op::LeakyRelu { alpha } => {
+            let a = T::of(*alpha);
+            res[0] = Some(unary(&|gv, xv, _| {
+                if xv > T::zero() { gv } else { gv * a }
+            })?);
+        }
+        Op::Sigmoid => res[0] = Some(unary(&|gv, _, yy| gv * yy * (T::one() - yy))?),
+        Op::Tanh => res[0] = Some(unary(&|gv, _, yy| gv * (T::one() - yy * yy))?),
+        Op::HardSigmoid { alpha, beta } => {
+            let (a, b) = (T::of(*alpha), T::of(*beta));
+            res[0] = Some(unary(&|gv, xv, _| {
+                let t = a * xv + b;
+                if t > T::zero() && t < T::one() {
+                    gv * a
+                } else {
+                    T::zero()
+                }
+            })?);
+        }
+        Op::HardSwish => {
+            let three = T::of(3.0);
+            res[0] = Some(unary(&|gv, xv, _| {
+                if xv < -three {
+                    T::zero()
+                } else if xv > three {
+                    gv
+                } else {
+                    gv * (T::of(2.0) * xv + three) / T::of(6.0)
+                }
+            })?);
+        }
+        Op::ThreshRelu { thresholds, dirs } => {
+            let x = fin(ins, 0)?;
+            let c = thresholds.len();
+            let inner: usize = x.shape()[2..].iter().product::<usize>().max(1);
+            let gv = g()?.as_standard_layout().into_owned();
+            let xs = x.as_standard_layout();
+            let v: Vec<T> = gv
+                .iter()
+                .zip(xs.iter())
+                .enumerate()
+                .map(|(i, (&gg, &xv))| {
+                    let ch = (i / inner) % c;
+                    let keep = dirs[ch] != 0
+                        && (xv - T::of(thresholds[ch])) * T::of(dirs[ch] as f64) > T::zero();
+                    if keep { gg } else { T::zero() }
+                })
+                .collect();
+            res[0] = Some(array(x.shape(), v));
+        }
+        Op::Sqrt => res[0] = Some(unary(&|gv, _, yy| gv * T::of(0.5) / yy)?),
+        Op::BatchNorm { epsilon } => {
+            let x = fin(ins, 0)?;
+            let scale = fin(ins, 1)?;
+            let var_ = fin(ins, 4)?;
+            let c = x.shape()[1];
+            let inner: usize = x.shape()[2..].iter().product();
+            let f: Vec<T> = (0..c)
+                .map(|ch| scale[[ch]] / (var_[[ch]] + T::of(*epsilon)).sqrt())
+                .collect();
+            let gv = g()?.as_standard_layout().into_owned();
+            let v: Vec<T> = gv
+                .iter()
+                .enumerate()
+                .map(|(i, &gg)| gg * f[(i / inner.max(1)) % c])
+                .collect();
+            res[0] = Some(array(x.shape(), v));
+        }
+        Op::Add | Op::Sub => {
+            let gv = g()?;
+            for i in 0..2 {
+                if is(i) {
+                    let s = ins[i].ok_or("missing input")?.shape();
+                    let mut v = unbroadcast(gv, s);
+                    if i == 1 && matches!(node.op, Op::Sub) {
+                        v.mapv_inplace(|t| -t);
+                    }
+                    res[i] = Some(v);
+                }
+            }
+        }
+        Op::Mul => {
+            let gv = g()?;
+            for i in 0..2 {
+                if is(i) {
+                    let other = ins[1 - i].ok_or("missing input")?.to_float();
+                    let s = ins[i].ok_or("missing input")?.shape();
+                    res[i] = Some(unbroadcast(&zip_map(gv, &other, |a, b| a * b)?, s));
+                }
+            }
+        }
+        Op::Div => {
+            let gv = g()?;
+            let a = ins[0].ok_or("missing input")?.to_float();
+            let b = ins[1].ok_or("missing input")?.to_float();
+            if is(0) {
+                res[0] = Some(unbroadcast(&zip_map(gv, &b, |gg, bb| gg / bb)?, a.shape()));
+            }
+            if is(1) {
+                let q = zip_map(gv, &a, |gg, aa| gg * aa)?;
+                res[1] = Some(unbroadcast(
+                    &zip_map(&q, &b, |qq, bb| -qq / (bb * bb))?,
+                    b.shape(),
+                ));
+            }
+        }
+        Op::Pow => {
+            if is(1) {
+                return Err(
+                    "the gradient of Pow with respect to its exponent is not supported".into(),
+                );
+            }
+            let x = fin(ins, 0)?;
+            let e = ins[1].ok_or("missing exponent")?.to_float();
+            let d = zip_map(x, &e, |xv, ev| ev * xv.powf(ev - T::one()))?;
+            res[0] = Some(unbroadcast(&zip_map(g()?, &d, |a, b| a * b)?, x.shape()));
+        }
+        Op::MaxPool { win, ceil_mode } => {
+            let x = fin(ins, 0)?;
+            let geom = pool_geom(win, x.shape(), *ceil_mode, false)?;
+            let (_, idx) = max_pool(&geom, &slice(x));
+            let gv = g()?.as_standard_layout().into_owned();
+            res[0] = Some(array(x.shape(), max_pool_vjp(&geom, &slice(&gv), &idx)));
+        }
+        Op::AveragePool { .. } | Op::GlobalAveragePool => {
+            let x = fin(ins, 0)?;
+            res[0] = Some(pool_vjp(node, x, g()?)?);
+        }
+        Op::Softmax { .. } => {
+            // dL/dx = y ⊙ (g − Σ g y) along the axis; only the common last-axis case.
+            let yv = y()?;
+            let gv = g()?;
+            let ax = yv.ndim() - 1;
+            let gy = zip_map(gv, yv, |a, b| a * b)?;
+            let s = gy.sum_axis(Axis(ax)).insert_axis(Axis(ax));
+            let inner = zip_map(gv, &s, |a, b| a - b)?;
+            res[0] = Some(zip_map(&inner, yv, |a, b| a * b)?);
+        }
+        Op::Flatten { .. }
+        | Op::Reshape { .. }
+        | Op::Transpose { .. }
+        | Op::Squeeze { .. }
+        | Op::Unsqueeze { .. }
+        | Op::Slice { .. }
+        | Op::Pad { .. }
+        | Op::Concat { .. }
+        | Op::Split { .. }
+        | Op::Expand
+        | Op::Identity
+        | Op::Dropout => {
+            let mut dropped = 0.0;
+            for (i, slot) in res.iter_mut().enumerate() {
+                if is(i) {
+                    let (dx, d) = route(node, ins, i, r)?;
+                    *slot = Some(dx);
+                    dropped += d;
+                }
+            }
+            return Ok(dropped);
+        }
+        Op::Gather { .. } => {
+            if is(0) {
+                let (dx, _) = route(node, ins, 0, r)?;
+                res[0] = Some(dx);
+            }
+        }
+        _ => {
+            return Err(format!(
+                "{} has no defined relevance behaviour",
+                node.op_type
+            ));
+        }
+    }
+    Ok(0.0)
+}
