@@ -263,7 +263,7 @@ impl Composite {
         let mut first_done = false;
         let mut out = Vec::with_capacity(g.nodes.len());
         for (i, n) in g.nodes.iter().enumerate() {
-            if !n.inputs.iter().any(|v| is_var(*v)) {
+            if !n.inputs.iter().any(|v| is_var(*v)) || !n.outputs.iter().any(|v| is_var(*v)) {
                 out.push(None);
                 continue;
             }

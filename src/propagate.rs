@@ -71,15 +71,81 @@ pub fn explained_value(g: &Graph) -> Result<ValueId> {
     Ok(out)
 }
 
+/// Whether `v` is a gate: (through shape ops and constant scalings) a Sigmoid, HardSigmoid, or a
+/// Clip of a shifted value (the `clip(x + 3, 0, 6)` of a decomposed hard-swish).
+fn is_gate(g: &Graph, producers: &[Option<usize>], mut v: ValueId) -> bool {
+    for _ in 0..16 {
+        let Some(p) = producers[v] else { return false };
+        let n = &g.nodes[p];
+        let constant = |i: usize| n.input(i).is_some_and(|x| g.consts.contains_key(&x));
+        match n.op {
+            Op::Sigmoid | Op::HardSigmoid { .. } => return true,
+            Op::Clip { .. } => {
+                return n.input(0).and_then(|x| producers[x]).is_some_and(|q| {
+                    let m = &g.nodes[q];
+                    matches!(m.op, Op::Add | Op::Sub)
+                        && m.inputs.iter().flatten().any(|x| g.consts.contains_key(x))
+                });
+            }
+            Op::Mul | Op::Div | Op::Add | Op::Sub if constant(1) => v = n.input(0).unwrap_or(v),
+            Op::Mul | Op::Add if constant(0) => v = n.input(1).unwrap_or(v),
+            Op::Reshape { .. }
+            | Op::Flatten { .. }
+            | Op::Unsqueeze { .. }
+            | Op::Squeeze { .. }
+            | Op::Expand
+            | Op::Identity
+            | Op::Cast { .. } => v = n.input(0).unwrap_or(v),
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// Puts the signal first in every product of two variables, so that "signal takes all" gives
+/// relevance to input 0; returns the names of products where neither or both look like gates.
+fn order_gates(g: &mut Graph, variable: &[bool]) -> Vec<String> {
+    let producers = g.producers();
+    let mut unclear = Vec::new();
+    for k in 0..g.nodes.len() {
+        let n = &g.nodes[k];
+        if !matches!(n.op, Op::Mul) {
+            continue;
+        }
+        let (Some(a), Some(b)) = (n.input(0), n.input(1)) else {
+            continue;
+        };
+        if !(variable[a] && variable[b]) {
+            continue;
+        }
+        match (is_gate(g, &producers, a), is_gate(g, &producers, b)) {
+            (true, false) => g.nodes[k].inputs.swap(0, 1),
+            (false, true) => {}
+            _ => unclear.push(g.nodes[k].name.clone()),
+        }
+    }
+    unclear
+}
+
 impl Plan {
     /// Builds a plan from a canonized graph and its rules.
     pub fn new(
-        graph: Graph,
+        mut graph: Graph,
         composite: &crate::composite::Composite,
         opts: RuleOpts,
     ) -> Result<Plan> {
         let variable = variables(&graph);
+        let unclear = order_gates(&mut graph, &variable);
         let rules = composite.assign(&graph, &variable)?;
+        for (n, r) in graph.nodes.iter().zip(&rules) {
+            if r == &Some(Rule::SignalTakesAll) && unclear.contains(&n.name) {
+                return Err(node_err(
+                    &n.name,
+                    &n.op_type,
+                    "cannot tell the signal from the gate in this product; give it a rule, e.g. --rule 'name:NODE=gradient'",
+                ));
+            }
+        }
         let explained = explained_value(&graph)?;
         Ok(Plan {
             graph,
