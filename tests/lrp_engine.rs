@@ -1,6 +1,9 @@
 //! The LRP engine against independent float64 formulas, conservation, canonization and the
 //! bundled real models.
 
+// The reference formulas are written as explicit index loops on purpose.
+#![allow(clippy::needless_range_loop)]
+
 use prost::Message;
 use relprop::attribution::{Method, Settings, attribute, prepare};
 use relprop::canonize::{Mode, canonize, check, value_shapes};
@@ -63,6 +66,9 @@ fn conv_matrix(g: &ConvGeom, w: &[f64]) -> (Vec<Vec<f64>>, usize) {
     (m, nout)
 }
 
+/// Builds the layer's dense matrix with weights modified elementwise.
+type MatFn<'a> = dyn Fn(&dyn Fn(f64) -> f64) -> Vec<Vec<f64>> + 'a;
+
 fn stab(z: f64, e: f64) -> f64 {
     if z >= 0.0 { z + e } else { z - e }
 }
@@ -72,7 +78,7 @@ fn stab(z: f64, e: f64) -> f64 {
 fn naive(
     rule: &Rule,
     x: &[f64],
-    mat: &dyn Fn(&dyn Fn(f64) -> f64) -> Vec<Vec<f64>>,
+    mat: &MatFn,
     bias: &[f64],
     r: &[f64],
     bounds: (&[f64], &[f64]),
