@@ -21,6 +21,74 @@ pub enum Precision {
 pub struct InspectArgs {
     /// The ONNX model.
     model: PathBuf,
+    /// Also print the rule this composite assigns to every node (after canonization).
+    #[arg(long)]
+    composite: Option<String>,
+    /// Canonization used with --composite: full or minimal.
+    #[arg(long, default_value = "full")]
+    canonize: String,
+    /// Rule overrides as for explain (OPTYPE=rule, name:GLOB=rule, #N=rule).
+    #[arg(long = "rule")]
+    rules: Vec<String>,
+}
+
+/// Zero inputs of the declared shapes (free dimensions set to 1), for shape-dependent rewrites.
+fn dummy_inputs(g: &Graph) -> Option<Vec<Value<f32>>> {
+    g.inputs
+        .iter()
+        .map(|i| {
+            let dims: Vec<usize> = i
+                .dims
+                .as_ref()?
+                .iter()
+                .map(|d| match d {
+                    relprop::graph::Dim::Fixed(n) => *n,
+                    relprop::graph::Dim::Free(_) => 1,
+                })
+                .collect();
+            Some(match i.kind {
+                relprop::graph::ElemKind::Float => {
+                    Value::F(ndarray::ArrayD::zeros(ndarray::IxDyn(&dims)))
+                }
+                relprop::graph::ElemKind::Int => {
+                    Value::I(ndarray::ArrayD::zeros(ndarray::IxDyn(&dims)))
+                }
+            })
+        })
+        .collect()
+}
+
+fn print_rules(g: &Graph, a: &InspectArgs, name: &str) -> Result<()> {
+    let mode: relprop::canonize::Mode = a.canonize.parse().map_err(anyhow::Error::msg)?;
+    let shapes = match (mode, dummy_inputs(g)) {
+        (relprop::canonize::Mode::Full, Some(x)) => relprop::canonize::value_shapes(g, &x).ok(),
+        _ => None,
+    };
+    let (cg, report) = relprop::canonize::canonize(g, mode, shapes.as_ref())?;
+    let mut comp =
+        relprop::composite::Composite::named(name, &relprop::composite::Params::default())?;
+    for r in &a.rules {
+        comp.overrides.push(
+            r.parse()
+                .map_err(anyhow::Error::msg)
+                .with_context(|| format!("--rule {r}"))?,
+        );
+    }
+    let plan = relprop::propagate::Plan::new(cg, &comp, Default::default())?;
+    println!("canonization ({}): {} change(s)", a.canonize, report.len());
+    for line in &report {
+        println!("  {line}");
+    }
+    println!("rules ({name}):");
+    for (i, (n, r)) in plan.graph.nodes.iter().zip(&plan.rules).enumerate() {
+        let rule = r
+            .as_ref()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "-".into());
+        println!("  #{i:<4} {:<20} {:<22} {}", n.op_type, rule, n.name);
+    }
+    println!("explained value: {}", plan.graph.names[plan.explained]);
+    Ok(())
 }
 
 #[derive(Args)]
@@ -76,6 +144,10 @@ pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
     }
     if unsupported.is_empty() {
         println!("unsupported ops: none");
+        if let Some(name) = &a.composite {
+            let g = relprop::onnx::load(&a.model)?;
+            print_rules(&g, &a, name)?;
+        }
         Ok(ExitCode::SUCCESS)
     } else {
         println!("unsupported ops: {}", unsupported.join(", "));

@@ -61,7 +61,7 @@ impl Rule {
 impl fmt::Display for Rule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Rule::Epsilon(e) => write!(f, "epsilon({e})"),
+            Rule::Epsilon(e) => write!(f, "epsilon({e:e})"),
             Rule::Zero => write!(f, "zero"),
             Rule::ZPlus => write!(f, "zplus"),
             Rule::AlphaBeta { alpha, beta } => write!(f, "alpha_beta({alpha},{beta})"),
