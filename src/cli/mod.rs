@@ -1,5 +1,6 @@
 //! Argument parsing and the subcommands.
 
+mod bench;
 mod demo;
 mod explain;
 mod run;
@@ -23,6 +24,8 @@ enum Command {
     Run(run::RunArgs),
     /// Explain predictions: relevance of every input element, as .npy.
     Explain(Box<explain::ExplainArgs>),
+    /// Time forward, gradient and LRP per composite, with ratios and peak memory.
+    Bench(bench::BenchArgs),
     /// Classify and explain the bundled picture with the bundled model.
     Demo(demo::DemoArgs),
 }
@@ -34,6 +37,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => run::inspect(a),
         Command::Run(a) => run::run(a),
         Command::Demo(a) => demo::demo(a),
+        Command::Bench(a) => bench::bench(a),
         Command::Explain(a) => explain::explain(*a),
     };
     match result {

@@ -131,7 +131,12 @@ pub fn run_keep<'g, T: Float>(
         env.values[inp.id] = Some(v);
     }
     let last = g.last_use();
+    // RELPROP_PROFILE=1 prints the time per op type to stderr (for finding hot spots).
+    let profile = std::env::var_os("RELPROP_PROFILE").is_some();
+    let mut prof: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
+    let mut slow: Vec<(f64, usize)> = Vec::new();
     for (ni, node) in g.nodes.iter().enumerate() {
+        let t0 = profile.then(std::time::Instant::now);
         let outs = {
             let ins: Vec<Option<&Value<T>>> = node
                 .inputs
@@ -149,6 +154,13 @@ pub fn run_keep<'g, T: Float>(
             }
             eval_node(node, &ins)?
         };
+        if let Some(t0) = t0 {
+            let ms = t0.elapsed().as_secs_f64() * 1e3;
+            let e = prof.entry(node.op_type.as_str()).or_default();
+            e.0 += ms;
+            e.1 += 1;
+            slow.push((ms, ni));
+        }
         for (o, v) in node.outputs.iter().zip(outs) {
             if let Some(o) = o {
                 env.values[*o] = Some(v);
@@ -158,6 +170,32 @@ pub fn run_keep<'g, T: Float>(
             if last[*i] == ni && !keep(*i) && !g.inputs.iter().any(|x| x.id == *i) {
                 env.values[*i] = None;
             }
+        }
+    }
+    if profile {
+        for (op, (ms, n)) in &prof {
+            eprintln!("profile: {op:<20} {n:>4} nodes {ms:>9.2} ms");
+        }
+        slow.sort_by(|a, b| b.0.total_cmp(&a.0));
+        for (ms, ni) in slow.iter().take(12) {
+            let n = &g.nodes[*ni];
+            let shapes: Vec<String> = n
+                .inputs
+                .iter()
+                .flatten()
+                .filter_map(|v| env.get(*v))
+                .map(|v| format!("{:?}", v.shape()))
+                .collect();
+            eprintln!(
+                "profile: {ms:>7.2} ms  {:<12} {} {}",
+                n.op_type,
+                shapes.join(" "),
+                if let Op::Conv { group, .. } = n.op {
+                    format!("group {group}")
+                } else {
+                    String::new()
+                }
+            );
         }
     }
     Ok(env)

@@ -161,8 +161,22 @@ fn depthwise_plane<T: Float>(g: &ConvGeom, x: &[T], k: &[T], out: &mut [T], oh: 
                 } else {
                     ((w - off_x - 1) / sw + 1).min(ow as isize)
                 };
-                for ox in lo..hi {
-                    dst[ox as usize] += wv * src[(ox * sw + off_x) as usize];
+                if hi <= lo {
+                    continue;
+                }
+                let d = &mut dst[lo as usize..hi as usize];
+                let start = (lo * sw + off_x) as usize;
+                if sw == 1 {
+                    // Contiguous rows: the compiler vectorises this.
+                    let len = d.len();
+                    d.iter_mut()
+                        .zip(&src[start..start + len])
+                        .for_each(|(a, b)| *a += wv * *b);
+                } else {
+                    let sw = sw as usize;
+                    d.iter_mut()
+                        .enumerate()
+                        .for_each(|(i, a)| *a += wv * src[start + i * sw]);
                 }
             }
         }
@@ -202,12 +216,42 @@ fn depthwise_plane_t<T: Float>(
                 }
                 let dst = &mut dx[(iy * w) as usize..((iy + 1) * w) as usize];
                 let src = &dy[oy * ow..(oy + 1) * ow];
-                for ox in lo..hi {
-                    dst[(ox * sw + off_x) as usize] += wv * src[ox as usize];
+                if hi <= lo {
+                    continue;
+                }
+                let sv = &src[lo as usize..hi as usize];
+                let start = (lo * sw + off_x) as usize;
+                if sw == 1 {
+                    dst[start..start + sv.len()]
+                        .iter_mut()
+                        .zip(sv)
+                        .for_each(|(a, b)| *a += wv * *b);
+                } else {
+                    let sw = sw as usize;
+                    sv.iter()
+                        .enumerate()
+                        .for_each(|(i, b)| dst[start + i * sw] += wv * *b);
                 }
             }
         }
     }
+}
+
+/// Planes up to this size (output positions) use the channels-last depthwise kernels; larger
+/// ones vectorise well along rows (measured with examples/convbench: 1.8 ms vs 22 ms for
+/// 96 × 112², 0.55 ms vs 3.6 ms for 1152 × 7²).
+const DEPTHWISE_CL_MAX_PLANE: usize = 256;
+
+/// How many channels one parallel task takes: about four tasks per thread, each with enough
+/// work (≥ 64k multiply-adds) that rayon's scheduling does not dominate; all in one task when
+/// the caller is already parallel.
+fn channels_per_task(channels: usize, macs_per_channel: usize, threads: Threads) -> usize {
+    if threads == Threads::One {
+        return channels.max(1);
+    }
+    let by_count = channels.div_ceil(4 * rayon::current_num_threads()).max(1);
+    let by_work = (1usize << 16).div_ceil(macs_per_channel.max(1));
+    by_count.max(by_work).min(channels.max(1))
 }
 
 /// Forward convolution. `x` is [n, c, h, w], `wt` is [m, c/group, kh, kw], `bias` is [m];
@@ -216,26 +260,42 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
     let (oh, ow) = g.out_hw().expect("geometry checked by caller");
     let ohw = oh * ow;
     let (cg, mg, kdim) = (g.cg(), g.mg(), g.kdim());
-    let mut out = vec![T::zero(); g.n * g.m * ohw];
+    // The output starts as the bias, so that the GEMM / depthwise kernels accumulate onto it
+    // instead of a separate pass adding it afterwards.
+    let mut out = match bias {
+        Some(b) => {
+            let mut o = Vec::with_capacity(g.n * g.m * ohw);
+            for _ in 0..g.n {
+                for &bv in &b[..g.m] {
+                    o.extend(std::iter::repeat_n(bv, ohw));
+                }
+            }
+            o
+        }
+        None => vec![T::zero(); g.n * g.m * ohw],
+    };
     let sample = |xs: &[T], ys: &mut [T], threads: Threads| {
+        if g.is_depthwise() && mg == 1 && oh * ow <= DEPTHWISE_CL_MAX_PLANE {
+            let y = depthwise_cl(g, xs, wt, bias, threads);
+            ys.copy_from_slice(&y);
+            return;
+        }
         if g.is_depthwise() {
             let work = |(oc, yplane): (usize, &mut [T])| {
                 let ci = oc / mg;
                 let xp = &xs[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-                depthwise_plane(
-                    g,
-                    xp,
-                    &wt[oc * g.kh * g.kw..(oc + 1) * g.kh * g.kw],
-                    yplane,
-                    oh,
-                    ow,
-                );
+                let k = &wt[oc * g.kh * g.kw..(oc + 1) * g.kh * g.kw];
+                depthwise_plane(g, xp, k, yplane, oh, ow);
             };
-            if threads == Threads::Pool {
-                ys.par_chunks_mut(ohw).enumerate().for_each(work);
-            } else {
-                ys.chunks_mut(ohw).enumerate().for_each(work);
-            }
+            let per = channels_per_task(g.m, ohw * g.kh * g.kw, threads);
+            ys.par_chunks_mut(ohw * per)
+                .enumerate()
+                .for_each(|(t, block)| {
+                    block
+                        .chunks_mut(ohw)
+                        .enumerate()
+                        .for_each(|(k, plane)| work((t * per + k, plane)))
+                });
             return;
         }
         let mut col = if g.is_pointwise() {
@@ -259,7 +319,7 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
                 a,
                 b,
                 &mut ys[gi * mg * ohw..(gi + 1) * mg * ohw],
-                false,
+                true,
                 threads,
             );
         }
@@ -273,12 +333,6 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
     } else if g.n == 1 {
         sample(&x[..xsz], &mut out[..], Threads::Pool);
     }
-    if let Some(b) = bias {
-        out.par_chunks_mut(ohw).enumerate().for_each(|(i, plane)| {
-            let bv = b[i % g.m];
-            plane.iter_mut().for_each(|v| *v += bv);
-        });
-    }
     out
 }
 
@@ -291,6 +345,11 @@ pub fn conv2d_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T]) -> Vec<T> {
     let hw = g.h * g.w;
     let mut dx = vec![T::zero(); g.n * g.c * hw];
     let sample = |dys: &[T], dxs: &mut [T], threads: Threads| {
+        if g.is_depthwise() && mg == 1 && oh * ow <= DEPTHWISE_CL_MAX_PLANE {
+            let d = depthwise_cl_vjp(g, dys, wt, threads);
+            dxs.copy_from_slice(&d);
+            return;
+        }
         if g.is_depthwise() {
             let work = |(ci, xplane): (usize, &mut [T])| {
                 for oc in ci * mg..(ci + 1) * mg {
@@ -298,11 +357,15 @@ pub fn conv2d_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T]) -> Vec<T> {
                     depthwise_plane_t(g, &dys[oc * ohw..(oc + 1) * ohw], k, xplane, oh, ow);
                 }
             };
-            if threads == Threads::Pool {
-                dxs.par_chunks_mut(hw).enumerate().for_each(work);
-            } else {
-                dxs.chunks_mut(hw).enumerate().for_each(work);
-            }
+            let per = channels_per_task(g.c, ohw * mg * g.kh * g.kw, threads);
+            dxs.par_chunks_mut(hw * per)
+                .enumerate()
+                .for_each(|(t, block)| {
+                    block
+                        .chunks_mut(hw)
+                        .enumerate()
+                        .for_each(|(k, plane)| work((t * per + k, plane)))
+                });
             return;
         }
         let mut col = if g.is_pointwise() {
@@ -517,4 +580,141 @@ mod tests {
             }
         }
     }
+}
+
+/// Depthwise convolution (one filter per channel) of one sample in a channels-last layout, so
+/// that the inner loop runs over channels: contiguous and vectorisable whatever the stride or
+/// the plane size (late layers have thousands of 7×7 planes, where row loops are all overhead).
+/// `x` is [c, h, w]; returns [c, oh, ow], starting from `bias`.
+fn depthwise_cl<T: Float>(
+    g: &ConvGeom,
+    x: &[T],
+    wt: &[T],
+    bias: Option<&[T]>,
+    threads: Threads,
+) -> Vec<T> {
+    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+    let c = g.c;
+    let (hp, wp) = (g.h + g.pads[0] + g.pads[2], g.w + g.pads[1] + g.pads[3]);
+    // Zero-padded, channels-last copy of the input.
+    let mut xt = vec![T::zero(); hp * wp * c];
+    for ch in 0..c {
+        for y in 0..g.h {
+            let row = &x[(ch * g.h + y) * g.w..(ch * g.h + y + 1) * g.w];
+            let base = ((y + g.pads[0]) * wp + g.pads[1]) * c + ch;
+            for (xx, v) in row.iter().enumerate() {
+                xt[base + xx * c] = *v;
+            }
+        }
+    }
+    let kk = g.kh * g.kw;
+    let mut wt_t = vec![T::zero(); kk * c];
+    for ch in 0..c {
+        for k in 0..kk {
+            wt_t[k * c + ch] = wt[ch * kk + k];
+        }
+    }
+    let mut yt = vec![T::zero(); oh * ow * c];
+    let rows = |(oy, yrow): (usize, &mut [T])| {
+        for ox in 0..ow {
+            let out = &mut yrow[ox * c..(ox + 1) * c];
+            if let Some(b) = bias {
+                out.copy_from_slice(&b[..c]);
+            }
+            for ki in 0..g.kh {
+                let iy = oy * g.stride[0] + ki * g.dilation[0];
+                for kj in 0..g.kw {
+                    let ix = ox * g.stride[1] + kj * g.dilation[1];
+                    let src = &xt[(iy * wp + ix) * c..(iy * wp + ix + 1) * c];
+                    let w = &wt_t[(ki * g.kw + kj) * c..(ki * g.kw + kj + 1) * c];
+                    for ((o, s), w) in out.iter_mut().zip(src).zip(w) {
+                        *o += *s * *w;
+                    }
+                }
+            }
+        }
+    };
+    if threads == Threads::Pool {
+        yt.par_chunks_mut(ow * c).enumerate().for_each(rows);
+    } else {
+        yt.chunks_mut(ow * c).enumerate().for_each(rows);
+    }
+    let mut y = vec![T::zero(); c * oh * ow];
+    for p in 0..oh * ow {
+        for ch in 0..c {
+            y[ch * oh * ow + p] = yt[p * c + ch];
+        }
+    }
+    y
+}
+
+/// Input VJP of [`depthwise_cl`]: `dy` [c, oh, ow] → `dx` [c, h, w]. Parallel over channel blocks,
+/// since neighbouring output rows write to overlapping input rows.
+fn depthwise_cl_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T], threads: Threads) -> Vec<T> {
+    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+    let c = g.c;
+    let (hp, wp) = (g.h + g.pads[0] + g.pads[2], g.w + g.pads[1] + g.pads[3]);
+    let kk = g.kh * g.kw;
+    let nthreads = if threads == Threads::Pool {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let block = c.div_ceil(nthreads).div_ceil(8).max(1) * 8;
+    let blocks: Vec<(usize, usize)> = (0..c)
+        .step_by(block)
+        .map(|s| (s, (s + block).min(c)))
+        .collect();
+    let work = |&(c0, c1): &(usize, usize)| -> Vec<T> {
+        let cb = c1 - c0;
+        let mut dyt = vec![T::zero(); oh * ow * cb];
+        for ch in c0..c1 {
+            for p in 0..oh * ow {
+                dyt[p * cb + ch - c0] = dy[ch * oh * ow + p];
+            }
+        }
+        let mut wt_t = vec![T::zero(); kk * cb];
+        for ch in c0..c1 {
+            for k in 0..kk {
+                wt_t[k * cb + ch - c0] = wt[ch * kk + k];
+            }
+        }
+        let mut dxt = vec![T::zero(); hp * wp * cb];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let gsrc = &dyt[(oy * ow + ox) * cb..(oy * ow + ox + 1) * cb];
+                for ki in 0..g.kh {
+                    let iy = oy * g.stride[0] + ki * g.dilation[0];
+                    for kj in 0..g.kw {
+                        let ix = ox * g.stride[1] + kj * g.dilation[1];
+                        let dst = &mut dxt[(iy * wp + ix) * cb..(iy * wp + ix + 1) * cb];
+                        let w = &wt_t[(ki * g.kw + kj) * cb..(ki * g.kw + kj + 1) * cb];
+                        for ((d, s), w) in dst.iter_mut().zip(gsrc).zip(w) {
+                            *d += *s * *w;
+                        }
+                    }
+                }
+            }
+        }
+        dxt
+    };
+    let parts: Vec<Vec<T>> = if threads == Threads::Pool {
+        blocks.par_iter().map(work).collect()
+    } else {
+        blocks.iter().map(work).collect()
+    };
+    let mut dx = vec![T::zero(); c * g.h * g.w];
+    for (&(c0, c1), dxt) in blocks.iter().zip(&parts) {
+        let cb = c1 - c0;
+        for ch in c0..c1 {
+            for y in 0..g.h {
+                let base = ((y + g.pads[0]) * wp + g.pads[1]) * cb + ch - c0;
+                let row = &mut dx[(ch * g.h + y) * g.w..(ch * g.h + y + 1) * g.w];
+                for (xx, v) in row.iter_mut().enumerate() {
+                    *v = dxt[base + xx * cb];
+                }
+            }
+        }
+    }
+    dx
 }

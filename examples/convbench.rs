@@ -1,0 +1,123 @@
+use relprop::ops::conv::{ConvGeom, conv2d, conv2d_vjp};
+use std::time::Instant;
+fn main() {
+    let base = ConvGeom {
+        n: 1,
+        c: 96,
+        h: 112,
+        w: 112,
+        m: 96,
+        kh: 3,
+        kw: 3,
+        stride: [1, 1],
+        dilation: [1, 1],
+        pads: [1, 1, 1, 1],
+        group: 96,
+    };
+    let cases = [
+        ("dw3x3 s1 96x112", base),
+        (
+            "dw3x3 s2 96x112",
+            ConvGeom {
+                stride: [2, 2],
+                pads: [0, 0, 1, 1],
+                ..base
+            },
+        ),
+        (
+            "dw5x5 s1 1152x7",
+            ConvGeom {
+                c: 1152,
+                m: 1152,
+                group: 1152,
+                h: 7,
+                w: 7,
+                kh: 5,
+                kw: 5,
+                pads: [2; 4],
+                ..base
+            },
+        ),
+        (
+            "pw 16->96 112",
+            ConvGeom {
+                c: 16,
+                m: 96,
+                kh: 1,
+                kw: 1,
+                pads: [0; 4],
+                group: 1,
+                ..base
+            },
+        ),
+        (
+            "pw 96->24 56",
+            ConvGeom {
+                c: 96,
+                m: 24,
+                h: 56,
+                w: 56,
+                kh: 1,
+                kw: 1,
+                pads: [0; 4],
+                group: 1,
+                ..base
+            },
+        ),
+        (
+            "pw 192->1152 7",
+            ConvGeom {
+                c: 192,
+                m: 1152,
+                h: 7,
+                w: 7,
+                kh: 1,
+                kw: 1,
+                pads: [0; 4],
+                group: 1,
+                ..base
+            },
+        ),
+        (
+            "stem 3->32 s2",
+            ConvGeom {
+                c: 3,
+                m: 32,
+                h: 224,
+                w: 224,
+                stride: [2, 2],
+                pads: [0, 0, 1, 1],
+                group: 1,
+                ..base
+            },
+        ),
+    ];
+    for (name, g) in cases {
+        let x = vec![0.5f32; g.n * g.c * g.h * g.w];
+        let w = vec![0.1f32; g.m * (g.c / g.group) * g.kh * g.kw];
+        let (oh, ow) = g.out_hw().unwrap();
+        let dy = vec![0.5f32; g.n * g.m * oh * ow];
+        let flops = 2.0 * (g.m * oh * ow * (g.c / g.group) * g.kh * g.kw) as f64;
+        for _ in 0..3 {
+            conv2d(&g, &x, &w, None);
+        }
+        let reps = 20;
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(conv2d(&g, &x, &w, None));
+        }
+        let dt = t0.elapsed().as_secs_f64() / reps as f64;
+        let t0 = Instant::now();
+        for _ in 0..reps {
+            std::hint::black_box(conv2d_vjp(&g, &dy, &w));
+        }
+        let dtv = t0.elapsed().as_secs_f64() / reps as f64;
+        println!(
+            "{name:18} fwd {:7.3} ms {:6.1} GFLOP/s   vjp {:7.3} ms {:6.1} GFLOP/s",
+            dt * 1e3,
+            flops / dt / 1e9,
+            dtv * 1e3,
+            flops / dtv / 1e9
+        );
+    }
+}
