@@ -397,6 +397,143 @@ pub fn conv2d_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T]) -> Vec<T> {
     dx
 }
 
+/// Depthwise convolution (one filter per channel) of one sample in a channels-last layout, so
+/// that the inner loop runs over channels: contiguous and vectorisable whatever the stride or
+/// the plane size (late layers have thousands of 7×7 planes, where row loops are all overhead).
+/// `x` is [c, h, w]; returns [c, oh, ow], starting from `bias`.
+fn depthwise_cl<T: Float>(
+    g: &ConvGeom,
+    x: &[T],
+    wt: &[T],
+    bias: Option<&[T]>,
+    threads: Threads,
+) -> Vec<T> {
+    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+    let c = g.c;
+    let (hp, wp) = (g.h + g.pads[0] + g.pads[2], g.w + g.pads[1] + g.pads[3]);
+    // Zero-padded, channels-last copy of the input.
+    let mut xt = vec![T::zero(); hp * wp * c];
+    for ch in 0..c {
+        for y in 0..g.h {
+            let row = &x[(ch * g.h + y) * g.w..(ch * g.h + y + 1) * g.w];
+            let base = ((y + g.pads[0]) * wp + g.pads[1]) * c + ch;
+            for (xx, v) in row.iter().enumerate() {
+                xt[base + xx * c] = *v;
+            }
+        }
+    }
+    let kk = g.kh * g.kw;
+    let mut wt_t = vec![T::zero(); kk * c];
+    for ch in 0..c {
+        for k in 0..kk {
+            wt_t[k * c + ch] = wt[ch * kk + k];
+        }
+    }
+    let mut yt = vec![T::zero(); oh * ow * c];
+    let rows = |(oy, yrow): (usize, &mut [T])| {
+        for ox in 0..ow {
+            let out = &mut yrow[ox * c..(ox + 1) * c];
+            if let Some(b) = bias {
+                out.copy_from_slice(&b[..c]);
+            }
+            for ki in 0..g.kh {
+                let iy = oy * g.stride[0] + ki * g.dilation[0];
+                for kj in 0..g.kw {
+                    let ix = ox * g.stride[1] + kj * g.dilation[1];
+                    let src = &xt[(iy * wp + ix) * c..(iy * wp + ix + 1) * c];
+                    let w = &wt_t[(ki * g.kw + kj) * c..(ki * g.kw + kj + 1) * c];
+                    for ((o, s), w) in out.iter_mut().zip(src).zip(w) {
+                        *o += *s * *w;
+                    }
+                }
+            }
+        }
+    };
+    if threads == Threads::Pool {
+        yt.par_chunks_mut(ow * c).enumerate().for_each(rows);
+    } else {
+        yt.chunks_mut(ow * c).enumerate().for_each(rows);
+    }
+    let mut y = vec![T::zero(); c * oh * ow];
+    for p in 0..oh * ow {
+        for ch in 0..c {
+            y[ch * oh * ow + p] = yt[p * c + ch];
+        }
+    }
+    y
+}
+
+/// Input VJP of [`depthwise_cl`]: `dy` [c, oh, ow] → `dx` [c, h, w]. Parallel over channel blocks,
+/// since neighbouring output rows write to overlapping input rows.
+fn depthwise_cl_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T], threads: Threads) -> Vec<T> {
+    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+    let c = g.c;
+    let (hp, wp) = (g.h + g.pads[0] + g.pads[2], g.w + g.pads[1] + g.pads[3]);
+    let kk = g.kh * g.kw;
+    let nthreads = if threads == Threads::Pool {
+        rayon::current_num_threads()
+    } else {
+        1
+    };
+    let block = c.div_ceil(nthreads).div_ceil(8).max(1) * 8;
+    let blocks: Vec<(usize, usize)> = (0..c)
+        .step_by(block)
+        .map(|s| (s, (s + block).min(c)))
+        .collect();
+    let work = |&(c0, c1): &(usize, usize)| -> Vec<T> {
+        let cb = c1 - c0;
+        let mut dyt = vec![T::zero(); oh * ow * cb];
+        for ch in c0..c1 {
+            for p in 0..oh * ow {
+                dyt[p * cb + ch - c0] = dy[ch * oh * ow + p];
+            }
+        }
+        let mut wt_t = vec![T::zero(); kk * cb];
+        for ch in c0..c1 {
+            for k in 0..kk {
+                wt_t[k * cb + ch - c0] = wt[ch * kk + k];
+            }
+        }
+        let mut dxt = vec![T::zero(); hp * wp * cb];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let gsrc = &dyt[(oy * ow + ox) * cb..(oy * ow + ox + 1) * cb];
+                for ki in 0..g.kh {
+                    let iy = oy * g.stride[0] + ki * g.dilation[0];
+                    for kj in 0..g.kw {
+                        let ix = ox * g.stride[1] + kj * g.dilation[1];
+                        let dst = &mut dxt[(iy * wp + ix) * cb..(iy * wp + ix + 1) * cb];
+                        let w = &wt_t[(ki * g.kw + kj) * cb..(ki * g.kw + kj + 1) * cb];
+                        for ((d, s), w) in dst.iter_mut().zip(gsrc).zip(w) {
+                            *d += *s * *w;
+                        }
+                    }
+                }
+            }
+        }
+        dxt
+    };
+    let parts: Vec<Vec<T>> = if threads == Threads::Pool {
+        blocks.par_iter().map(work).collect()
+    } else {
+        blocks.iter().map(work).collect()
+    };
+    let mut dx = vec![T::zero(); c * g.h * g.w];
+    for (&(c0, c1), dxt) in blocks.iter().zip(&parts) {
+        let cb = c1 - c0;
+        for ch in c0..c1 {
+            for y in 0..g.h {
+                let base = ((y + g.pads[0]) * wp + g.pads[1]) * cb + ch - c0;
+                let row = &mut dx[(ch * g.h + y) * g.w..(ch * g.h + y + 1) * g.w];
+                for (xx, v) in row.iter_mut().enumerate() {
+                    *v = dxt[base + xx * cb];
+                }
+            }
+        }
+    }
+    dx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -580,141 +717,4 @@ mod tests {
             }
         }
     }
-}
-
-/// Depthwise convolution (one filter per channel) of one sample in a channels-last layout, so
-/// that the inner loop runs over channels: contiguous and vectorisable whatever the stride or
-/// the plane size (late layers have thousands of 7×7 planes, where row loops are all overhead).
-/// `x` is [c, h, w]; returns [c, oh, ow], starting from `bias`.
-fn depthwise_cl<T: Float>(
-    g: &ConvGeom,
-    x: &[T],
-    wt: &[T],
-    bias: Option<&[T]>,
-    threads: Threads,
-) -> Vec<T> {
-    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
-    let c = g.c;
-    let (hp, wp) = (g.h + g.pads[0] + g.pads[2], g.w + g.pads[1] + g.pads[3]);
-    // Zero-padded, channels-last copy of the input.
-    let mut xt = vec![T::zero(); hp * wp * c];
-    for ch in 0..c {
-        for y in 0..g.h {
-            let row = &x[(ch * g.h + y) * g.w..(ch * g.h + y + 1) * g.w];
-            let base = ((y + g.pads[0]) * wp + g.pads[1]) * c + ch;
-            for (xx, v) in row.iter().enumerate() {
-                xt[base + xx * c] = *v;
-            }
-        }
-    }
-    let kk = g.kh * g.kw;
-    let mut wt_t = vec![T::zero(); kk * c];
-    for ch in 0..c {
-        for k in 0..kk {
-            wt_t[k * c + ch] = wt[ch * kk + k];
-        }
-    }
-    let mut yt = vec![T::zero(); oh * ow * c];
-    let rows = |(oy, yrow): (usize, &mut [T])| {
-        for ox in 0..ow {
-            let out = &mut yrow[ox * c..(ox + 1) * c];
-            if let Some(b) = bias {
-                out.copy_from_slice(&b[..c]);
-            }
-            for ki in 0..g.kh {
-                let iy = oy * g.stride[0] + ki * g.dilation[0];
-                for kj in 0..g.kw {
-                    let ix = ox * g.stride[1] + kj * g.dilation[1];
-                    let src = &xt[(iy * wp + ix) * c..(iy * wp + ix + 1) * c];
-                    let w = &wt_t[(ki * g.kw + kj) * c..(ki * g.kw + kj + 1) * c];
-                    for ((o, s), w) in out.iter_mut().zip(src).zip(w) {
-                        *o += *s * *w;
-                    }
-                }
-            }
-        }
-    };
-    if threads == Threads::Pool {
-        yt.par_chunks_mut(ow * c).enumerate().for_each(rows);
-    } else {
-        yt.chunks_mut(ow * c).enumerate().for_each(rows);
-    }
-    let mut y = vec![T::zero(); c * oh * ow];
-    for p in 0..oh * ow {
-        for ch in 0..c {
-            y[ch * oh * ow + p] = yt[p * c + ch];
-        }
-    }
-    y
-}
-
-/// Input VJP of [`depthwise_cl`]: `dy` [c, oh, ow] → `dx` [c, h, w]. Parallel over channel blocks,
-/// since neighbouring output rows write to overlapping input rows.
-fn depthwise_cl_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T], threads: Threads) -> Vec<T> {
-    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
-    let c = g.c;
-    let (hp, wp) = (g.h + g.pads[0] + g.pads[2], g.w + g.pads[1] + g.pads[3]);
-    let kk = g.kh * g.kw;
-    let nthreads = if threads == Threads::Pool {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
-    let block = c.div_ceil(nthreads).div_ceil(8).max(1) * 8;
-    let blocks: Vec<(usize, usize)> = (0..c)
-        .step_by(block)
-        .map(|s| (s, (s + block).min(c)))
-        .collect();
-    let work = |&(c0, c1): &(usize, usize)| -> Vec<T> {
-        let cb = c1 - c0;
-        let mut dyt = vec![T::zero(); oh * ow * cb];
-        for ch in c0..c1 {
-            for p in 0..oh * ow {
-                dyt[p * cb + ch - c0] = dy[ch * oh * ow + p];
-            }
-        }
-        let mut wt_t = vec![T::zero(); kk * cb];
-        for ch in c0..c1 {
-            for k in 0..kk {
-                wt_t[k * cb + ch - c0] = wt[ch * kk + k];
-            }
-        }
-        let mut dxt = vec![T::zero(); hp * wp * cb];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let gsrc = &dyt[(oy * ow + ox) * cb..(oy * ow + ox + 1) * cb];
-                for ki in 0..g.kh {
-                    let iy = oy * g.stride[0] + ki * g.dilation[0];
-                    for kj in 0..g.kw {
-                        let ix = ox * g.stride[1] + kj * g.dilation[1];
-                        let dst = &mut dxt[(iy * wp + ix) * cb..(iy * wp + ix + 1) * cb];
-                        let w = &wt_t[(ki * g.kw + kj) * cb..(ki * g.kw + kj + 1) * cb];
-                        for ((d, s), w) in dst.iter_mut().zip(gsrc).zip(w) {
-                            *d += *s * *w;
-                        }
-                    }
-                }
-            }
-        }
-        dxt
-    };
-    let parts: Vec<Vec<T>> = if threads == Threads::Pool {
-        blocks.par_iter().map(work).collect()
-    } else {
-        blocks.iter().map(work).collect()
-    };
-    let mut dx = vec![T::zero(); c * g.h * g.w];
-    for (&(c0, c1), dxt) in blocks.iter().zip(&parts) {
-        let cb = c1 - c0;
-        for ch in c0..c1 {
-            for y in 0..g.h {
-                let base = ((y + g.pads[0]) * wp + g.pads[1]) * cb + ch - c0;
-                let row = &mut dx[(ch * g.h + y) * g.w..(ch * g.h + y + 1) * g.w];
-                for (xx, v) in row.iter_mut().enumerate() {
-                    *v = dxt[base + xx * cb];
-                }
-            }
-        }
-    }
-    dx
 }
