@@ -16,6 +16,7 @@ pub mod onnx;
 pub mod ops;
 pub mod preprocess;
 pub mod propagate;
+pub mod render;
 pub mod rules;
 pub mod tensor;
 

@@ -145,6 +145,8 @@ def main():
         ids = torch.randint(0, 50, (2, 7), generator=gen)
         export(name, m, ids, input_names=("ids",), dynamic=False)
 
+    zennit_refs.palettes(os.path.join(FIX, "cmap"))
+
     # Real models: stored inputs with onnxruntime's outputs.
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (1, 3, 48, 192)).astype(np.float32)

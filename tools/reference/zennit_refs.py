@@ -88,3 +88,17 @@ def attributions(kind, model, x, out_dir):
         np.save(os.path.join(out_dir, f"zennit_{name}.npy"), rel.detach().numpy().astype(np.float32))
         s = rel.sum(dim=(1, 2, 3)) / logits[torch.arange(2), targets]
         print(f"  zennit {name}: sum R / logit = {s.detach().numpy()}")
+
+
+def palettes(out_dir):
+    """zennit's 8-bit palettes of every built-in colour map at three levels: [cmap, level, 256, 3]."""
+    from zennit.image import CMAPS, palette
+    names = ["bwr", "coldnhot", "seismic", "gray", "hot", "cold", "wred", "wblue", "france", "coolio", "coleus"]
+    levels = [1.0, 0.5, 2.0]
+    arr = np.stack([np.stack([palette(n, lv).reshape(256, 3) for lv in levels]) for n in names])
+    os.makedirs(out_dir, exist_ok=True)
+    np.save(os.path.join(out_dir, "zennit_palettes.npy"), arr.astype(np.uint8))
+    with open(os.path.join(out_dir, "zennit_palettes.txt"), "w") as f:
+        f.write("order of axis 0: " + ",".join(names) + "\norder of axis 1 (level): " + ",".join(map(str, levels)) + "\n")
+        for n in names:
+            f.write(f"{n}: {CMAPS._sources[n]}\n")

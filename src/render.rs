@@ -1,0 +1,323 @@
+//! Heatmaps: zennit's colour maps (same palettes, entry by entry), relevance normalisation,
+//! overlays on the input picture, grids, PNG files.
+
+use crate::error::{Error, Result};
+use ndarray::{Array2, Array3, ArrayView2};
+use std::path::Path;
+
+/// zennit's built-in colour maps in its colour-map language: `[index:]color, ...` with hex
+/// colours of 3 or 6 digits and optional hex indices (0..ff) placing a colour on the 256 scale.
+pub const CMAPS: &[(&str, &str)] = &[
+    ("bwr", "00f,80:fff,f00"),
+    ("coldnhot", "0ff,00f,80:000,f00,ff0,fff"),
+    ("seismic", "0000d0,80:d0d0d0,d00000"),
+    ("gray", "000,fff"),
+    ("hot", "000,f00,ff0,fff"),
+    ("cold", "000,00f,0ff"),
+    ("wred", "fff,f00"),
+    ("wblue", "fff,00f"),
+    ("france", "0055a4,80:fff,ef4135"),
+    ("coolio", "00d0d0,80:d0d0d0,d000d0"),
+    ("coleus", "00d000,80:d0d0d0,d000d0"),
+];
+
+/// A compiled colour map: node positions on 0..256 and their colours.
+#[derive(Clone, Debug)]
+pub struct ColorMap {
+    indices: Vec<f64>,
+    colors: Vec<[f64; 3]>,
+}
+
+fn hex(s: &str) -> std::result::Result<u32, String> {
+    u32::from_str_radix(s, 16).map_err(|_| format!("'{s}' is not hexadecimal"))
+}
+
+impl ColorMap {
+    /// A built-in map by name, or a map from source such as `"00f,80:fff,f00"`.
+    pub fn get(name_or_source: &str) -> Result<ColorMap> {
+        let src = CMAPS
+            .iter()
+            .find(|(n, _)| *n == name_or_source)
+            .map(|(_, s)| *s)
+            .unwrap_or(name_or_source);
+        ColorMap::compile(src).map_err(|e| {
+            let names: Vec<&str> = CMAPS.iter().map(|(n, _)| *n).collect();
+            Error::Invalid(format!(
+                "colour map '{name_or_source}': {e} (built-in maps: {})",
+                names.join(", ")
+            ))
+        })
+    }
+
+    /// Compiles colour-map source.
+    pub fn compile(src: &str) -> std::result::Result<ColorMap, String> {
+        let mut nodes: Vec<(Option<u32>, [f64; 3])> = Vec::new();
+        for item in src.split(',') {
+            let item = item.trim();
+            let (idx, col) = match item.split_once(':') {
+                Some((i, c)) => {
+                    let i = i.trim();
+                    if i.is_empty() || i.len() > 2 {
+                        return Err(format!("bad index '{i}'"));
+                    }
+                    let i = if i.len() == 1 {
+                        format!("{i}{i}")
+                    } else {
+                        i.to_string()
+                    };
+                    (Some(hex(&i)?), c.trim())
+                }
+                None => (None, item),
+            };
+            let rgb: Vec<u32> = match col.len() {
+                3 => col
+                    .chars()
+                    .map(|c| hex(&format!("{c}{c}")))
+                    .collect::<std::result::Result<_, _>>()?,
+                6 => (0..3)
+                    .map(|k| hex(&col[2 * k..2 * k + 2]))
+                    .collect::<std::result::Result<_, _>>()?,
+                _ => return Err(format!("bad colour '{col}'")),
+            };
+            nodes.push((idx, [rgb[0] as f64, rgb[1] as f64, rgb[2] as f64]));
+        }
+        if nodes.len() < 2 {
+            return Err("a colour map needs at least 2 colours".into());
+        }
+        // Unplaced colours are spread evenly between their placed neighbours; the first colour sits
+        // at 0 and the last at 255 unless placed.
+        let mut result: Vec<(f64, [f64; 3])> = Vec::new();
+        let (first_idx, first_col) = nodes[0];
+        result.push((0.0, first_col));
+        if let Some(i) = first_idx
+            && i > 0
+        {
+            result.push((i as f64, first_col));
+        }
+        let rest = &nodes[1..];
+        let mut pending: Vec<[f64; 3]> = Vec::new();
+        for (n, &(idx, col)) in rest.iter().enumerate() {
+            let idx = match idx {
+                None if n < rest.len() - 1 => {
+                    pending.push(col);
+                    continue;
+                }
+                None => 255,
+                Some(i) => i,
+            } as f64;
+            let last = result.last().map(|r| r.0).unwrap_or(0.0);
+            if idx < last {
+                return Err("colour indices must ascend".into());
+            }
+            let k = pending.len();
+            for (j, c) in pending.drain(..).enumerate() {
+                let alpha = (j + 1) as f64 / (k + 1) as f64;
+                result.push(((last * (1.0 - alpha) + idx * alpha).trunc(), c));
+            }
+            result.push((idx, col));
+        }
+        let last_col = result.last().map(|r| r.1).unwrap_or([0.0; 3]);
+        result.push((256.0, last_col));
+        Ok(ColorMap {
+            indices: result.iter().map(|r| r.0).collect(),
+            colors: result.iter().map(|r| r.1).collect(),
+        })
+    }
+
+    /// The colour (0..1) of a value in [0, 1].
+    pub fn color(&self, x: f64) -> [f64; 3] {
+        let x = (x * 255.0).clamp(0.0, 255.0);
+        // First node strictly above x (searchsorted 'right' over all but the last node).
+        let n = self.indices.len() - 1;
+        let mut i = self.indices[..n].partition_point(|&v| v <= x);
+        i = i.clamp(1, n);
+        let (a, b) = (self.indices[i - 1], self.indices[i]);
+        let alpha = (x - a) / (b - a);
+        let (c0, c1) = (self.colors[i - 1], self.colors[i]);
+        [0, 1, 2].map(|k| (c0[k] * (1.0 - alpha) + c1[k] * alpha) / 255.0)
+    }
+
+    /// The 8-bit palette at `level` (zennit's: 1 is the full map; below 1 narrows the colour
+    /// range, above 1 saturates earlier).
+    pub fn palette(&self, level: f64) -> [[u8; 3]; 256] {
+        let mut p = [[0u8; 3]; 256];
+        for (i, e) in p.iter_mut().enumerate() {
+            let x = (-1.0 + 2.0 * i as f64 / 255.0) * level;
+            let x = ((x + 1.0) / 2.0).clamp(0.0, 1.0);
+            let c = self.color(x);
+            // Rounding to 12 decimals first, as zennit, so that 254.9999999 becomes 255.
+            *e = c.map(|v| ((v * 255.0 * 1e12).round() / 1e12).clamp(0.0, 255.0) as u8);
+        }
+        p
+    }
+}
+
+/// How relevance maps to the colour scale (zennit's example script's `--relevance-norm`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Norm {
+    /// `(R + m) / 2m` with m = max |R|: zero is the middle colour.
+    Symmetric,
+    /// `|R| / max |R|`.
+    Absolute,
+    /// `(R − min) / (max − min)`.
+    Unaligned,
+}
+
+impl std::str::FromStr for Norm {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "symmetric" => Ok(Norm::Symmetric),
+            "absolute" => Ok(Norm::Absolute),
+            "unaligned" => Ok(Norm::Unaligned),
+            _ => Err(format!(
+                "unknown relevance norm '{s}' (symmetric, absolute, unaligned)"
+            )),
+        }
+    }
+}
+
+/// Normalises a 2-d map to [0, 1]; an all-zero map becomes the middle (symmetric) or 0.
+pub fn normalize(r: ArrayView2<f64>, norm: Norm) -> Array2<f64> {
+    let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+    match norm {
+        Norm::Symmetric => {
+            let m = r.iter().fold(0.0f64, |a, &v| a.max(finite(v).abs()));
+            r.mapv(|v| {
+                if m > 0.0 {
+                    (finite(v) + m) / (2.0 * m)
+                } else {
+                    0.5
+                }
+            })
+        }
+        Norm::Absolute => {
+            let m = r.iter().fold(0.0f64, |a, &v| a.max(finite(v).abs()));
+            r.mapv(|v| if m > 0.0 { finite(v).abs() / m } else { 0.0 })
+        }
+        Norm::Unaligned => {
+            let lo = r.iter().fold(f64::INFINITY, |a, &v| a.min(finite(v)));
+            let hi = r.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(finite(v)));
+            r.mapv(|v| {
+                if hi > lo {
+                    (finite(v) - lo) / (hi - lo)
+                } else {
+                    0.0
+                }
+            })
+        }
+    }
+}
+
+/// An RGB heatmap `[h, w, 3]` of a normalised map (values in [0, 1], quantised as zennit: ⌊255·v⌋).
+pub fn colorize(v: ArrayView2<f64>, palette: &[[u8; 3]; 256]) -> Array3<u8> {
+    let (h, w) = v.dim();
+    Array3::from_shape_fn((h, w, 3), |(y, x, c)| {
+        let q = (v[[y, x]] * 255.0).clamp(0.0, 255.0) as usize;
+        palette[q][c]
+    })
+}
+
+/// Sums relevance `[c, h, w]` (or `[h, w]`) over channels.
+pub fn channel_sum(r: &ndarray::ArrayViewD<f64>) -> Result<Array2<f64>> {
+    match r.ndim() {
+        2 => Ok(r
+            .to_owned()
+            .into_dimensionality()
+            .map_err(|e| Error::Invalid(e.to_string()))?),
+        3 => Ok(r
+            .sum_axis(ndarray::Axis(0))
+            .into_dimensionality()
+            .map_err(|e| Error::Invalid(e.to_string()))?),
+        n => Err(Error::Invalid(format!(
+            "a heatmap needs relevance of rank 2 or 3 per sample, got rank {n}"
+        ))),
+    }
+}
+
+/// Blends a heatmap onto a picture: the heatmap's weight grows with the relevance magnitude
+/// (`alpha · |2v − 1|` for symmetric maps), so that irrelevant areas show the picture.
+pub fn overlay(
+    picture: &Array3<u8>,
+    heat: &Array3<u8>,
+    v: ArrayView2<f64>,
+    alpha: f64,
+) -> Array3<u8> {
+    Array3::from_shape_fn(picture.dim(), |(y, x, c)| {
+        let a = alpha * (2.0 * v[[y, x]] - 1.0).abs().sqrt();
+        (picture[[y, x, c]] as f64 * (1.0 - a) + heat[[y, x, c]] as f64 * a)
+            .round()
+            .clamp(0.0, 255.0) as u8
+    })
+}
+
+/// Tiles images of equal size into a grid with `cols` columns and a 2-pixel white gap.
+pub fn grid(images: &[Array3<u8>], cols: usize) -> Result<Array3<u8>> {
+    let first = images
+        .first()
+        .ok_or_else(|| Error::Invalid("no images for the grid".into()))?;
+    let (h, w, _) = first.dim();
+    if images.iter().any(|i| i.dim() != first.dim()) {
+        return Err(Error::Invalid("grid images must have the same size".into()));
+    }
+    let cols = cols.clamp(1, images.len());
+    let rows = images.len().div_ceil(cols);
+    let gap = 2;
+    let mut out = Array3::from_elem((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255u8);
+    for (k, img) in images.iter().enumerate() {
+        let (r, c) = (k / cols, k % cols);
+        out.slice_mut(ndarray::s![
+            r * (h + gap)..r * (h + gap) + h,
+            c * (w + gap)..c * (w + gap) + w,
+            ..
+        ])
+        .assign(img);
+    }
+    Ok(out)
+}
+
+/// Writes an RGB image as PNG.
+pub fn write_png(path: &Path, img: &Array3<u8>) -> Result<()> {
+    let (h, w, _) = img.dim();
+    let data: Vec<u8> = img.iter().copied().collect();
+    image::save_buffer(
+        path,
+        &data,
+        w as u32,
+        h as u32,
+        image::ExtendedColorType::Rgb8,
+    )
+    .map_err(|e| Error::Invalid(format!("cannot write {}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bwr_ends_and_middle() {
+        let p = ColorMap::get("bwr").unwrap().palette(1.0);
+        assert_eq!(p[0], [0, 0, 255]);
+        assert_eq!(p[255], [255, 0, 0]);
+        assert!(p[128][0] >= 250 && p[128][1] >= 250);
+        assert!(ColorMap::get("nope").is_err());
+        assert!(ColorMap::get("00f,x").is_err());
+    }
+
+    #[test]
+    fn normalisations() {
+        let r = ndarray::array![[-2.0, 0.0], [1.0, 2.0]];
+        assert_eq!(
+            normalize(r.view(), Norm::Symmetric),
+            ndarray::array![[0.0, 0.5], [0.75, 1.0]]
+        );
+        assert_eq!(
+            normalize(r.view(), Norm::Absolute),
+            ndarray::array![[1.0, 0.0], [0.5, 1.0]]
+        );
+        assert_eq!(
+            normalize(r.view(), Norm::Unaligned),
+            ndarray::array![[0.0, 0.5], [0.75, 1.0]]
+        );
+    }
+}
