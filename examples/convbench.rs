@@ -16,80 +16,14 @@ fn main() {
     };
     let cases = [
         ("dw3x3 s1 96x112", base),
-        (
-            "dw3x3 s2 96x112",
-            ConvGeom {
-                stride: [2, 2],
-                pads: [0, 0, 1, 1],
-                ..base
-            },
-        ),
-        (
-            "dw5x5 s1 1152x7",
-            ConvGeom {
-                c: 1152,
-                m: 1152,
-                group: 1152,
-                h: 7,
-                w: 7,
-                kh: 5,
-                kw: 5,
-                pads: [2; 4],
-                ..base
-            },
-        ),
-        (
-            "pw 16->96 112",
-            ConvGeom {
-                c: 16,
-                m: 96,
-                kh: 1,
-                kw: 1,
-                pads: [0; 4],
-                group: 1,
-                ..base
-            },
-        ),
-        (
-            "pw 96->24 56",
-            ConvGeom {
-                c: 96,
-                m: 24,
-                h: 56,
-                w: 56,
-                kh: 1,
-                kw: 1,
-                pads: [0; 4],
-                group: 1,
-                ..base
-            },
-        ),
-        (
-            "pw 192->1152 7",
-            ConvGeom {
-                c: 192,
-                m: 1152,
-                h: 7,
-                w: 7,
-                kh: 1,
-                kw: 1,
-                pads: [0; 4],
-                group: 1,
-                ..base
-            },
-        ),
+        ("dw3x3 s2 96x112", ConvGeom { stride: [2, 2], pads: [0, 0, 1, 1], ..base }),
+        ("dw5x5 s1 1152x7", ConvGeom { c: 1152, m: 1152, group: 1152, h: 7, w: 7, kh: 5, kw: 5, pads: [2; 4], ..base }),
+        ("pw 16->96 112", ConvGeom { c: 16, m: 96, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
+        ("pw 96->24 56", ConvGeom { c: 96, m: 24, h: 56, w: 56, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
+        ("pw 192->1152 7", ConvGeom { c: 192, m: 1152, h: 7, w: 7, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
         (
             "stem 3->32 s2",
-            ConvGeom {
-                c: 3,
-                m: 32,
-                h: 224,
-                w: 224,
-                stride: [2, 2],
-                pads: [0, 0, 1, 1],
-                group: 1,
-                ..base
-            },
+            ConvGeom { c: 3, m: 32, h: 224, w: 224, stride: [2, 2], pads: [0, 0, 1, 1], group: 1, ..base },
         ),
     ];
     for (name, g) in cases {

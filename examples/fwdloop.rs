@@ -2,8 +2,7 @@ use relprop::graph::{prepare_consts, run};
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let g = relprop::onnx::load(&a[1]).unwrap();
-    let x: relprop::tensor::Value<f32> =
-        relprop::io::read_npy(std::path::Path::new(&a[2])).unwrap();
+    let x: relprop::tensor::Value<f32> = relprop::io::read_npy(std::path::Path::new(&a[2])).unwrap();
     let c = prepare_consts::<f32>(&g);
     let n: usize = a.get(3).map(|s| s.parse().unwrap()).unwrap_or(30);
     let mut t = Vec::new();

@@ -4,9 +4,13 @@ use crate::canonize::{Mode, canonize, check, value_shapes};
 use crate::composite::{Composite, Params};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
+use crate::graph::ValueId;
 use crate::propagate::{Explanation, Plan, Seed, consts, explain};
 use crate::rules::grad::RuleOpts;
 use crate::tensor::{Float, Value};
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// An attribution method.
 #[derive(Clone, Debug, PartialEq)]
@@ -26,9 +30,7 @@ impl Method {
             "lrp" => Ok(Method::Lrp(Box::new(composite))),
             "gradient" => Ok(Method::Gradient),
             "input_x_gradient" => Ok(Method::InputXGradient),
-            _ => Err(Error::Invalid(format!(
-                "unknown method '{name}' (lrp, gradient, input_x_gradient)"
-            ))),
+            _ => Err(Error::Invalid(format!("unknown method '{name}' (lrp, gradient, input_x_gradient)"))),
         }
     }
 
@@ -53,7 +55,7 @@ pub struct Settings {
     pub tolerance: f64,
 }
 
-/// A plan with the report of its canonization.
+/// A plan with the report of its canonization, and its constants converted once per precision.
 pub struct Prepared {
     /// The plan.
     pub plan: Plan,
@@ -61,15 +63,37 @@ pub struct Prepared {
     pub report: Vec<String>,
     /// Max |Δ| / max |y| between original and canonized outputs on the given inputs.
     pub deviation: f64,
+    consts: Mutex<HashMap<&'static str, Arc<dyn Any + Send + Sync>>>,
+}
+
+impl Prepared {
+    /// The plan's constants in precision `T`, converted on first use.
+    pub fn consts<T: Float>(&self) -> Arc<HashMap<ValueId, Value<T>>> {
+        let mut cache = self.consts.lock().unwrap_or_else(|e| e.into_inner());
+        let entry =
+            cache.entry(T::NAME).or_insert_with(|| Arc::new(consts::<T>(&self.plan)) as Arc<dyn Any + Send + Sync>);
+        match entry.clone().downcast::<HashMap<ValueId, Value<T>>>() {
+            Ok(c) => c,
+            // Unreachable: the key is the type's name; rebuild rather than panic.
+            Err(_) => Arc::new(consts::<T>(&self.plan)),
+        }
+    }
+
+    /// The explained output (logits) for `inputs`, without propagation.
+    pub fn logits<T: Float>(&self, inputs: Vec<Value<T>>) -> Result<ndarray::ArrayD<T>> {
+        let c = self.consts::<T>();
+        let p = &self.plan;
+        let env = crate::graph::run_keep(&p.graph, &c, inputs, &|v| v == p.explained)?;
+        match env.get(p.explained) {
+            Some(Value::F(a)) => Ok(a.clone()),
+            _ => Err(Error::Invalid("the explained output is not a float tensor".into())),
+        }
+    }
 }
 
 /// Canonizes `g` for `inputs`, checks the forward pass, and assigns rules.
 pub fn prepare<T: Float>(g: &Graph, inputs: &[Value<T>], s: &Settings) -> Result<Prepared> {
-    let shapes = if s.canonize == Mode::Full {
-        Some(value_shapes(g, inputs)?)
-    } else {
-        None
-    };
+    let shapes = if s.canonize == Mode::Full { Some(value_shapes(g, inputs)?) } else { None };
     let (cg, report) = canonize(g, s.canonize, shapes.as_ref())?;
     let deviation = check(g, &cg, inputs)?;
     if deviation > s.tolerance {
@@ -79,11 +103,7 @@ pub fn prepare<T: Float>(g: &Graph, inputs: &[Value<T>], s: &Settings) -> Result
         )));
     }
     let plan = Plan::new(cg, &s.method.composite()?, s.opts.clone())?;
-    Ok(Prepared {
-        plan,
-        report,
-        deviation,
-    })
+    Ok(Prepared { plan, report, deviation, consts: Mutex::new(HashMap::new()) })
 }
 
 /// Runs the method on a prepared plan.
@@ -94,7 +114,7 @@ pub fn attribute<T: Float>(
     targets: Option<&[usize]>,
     keep: &[String],
 ) -> Result<Explanation<T>> {
-    let c = consts::<T>(&p.plan);
+    let c = p.consts::<T>();
     let (seed, times_input) = match method {
         Method::Lrp(comp) if comp.is_gradient() && comp.name == "gradient" => (Seed::OneHot, false),
         Method::Lrp(_) => (Seed::OneHotTimesOutput, false),

@@ -37,9 +37,7 @@ pub type Shapes = HashMap<ValueId, Vec<usize>>;
 pub fn value_shapes<T: Float>(g: &Graph, inputs: &[Value<T>]) -> Result<Shapes> {
     let consts = prepare_consts::<T>(g);
     let env = run_keep(g, &consts, inputs.to_vec(), &|_| true)?;
-    Ok((0..g.names.len())
-        .filter_map(|v| env.get(v).map(|x| (v, x.shape().to_vec())))
-        .collect())
+    Ok((0..g.names.len()).filter_map(|v| env.get(v).map(|x| (v, x.shape().to_vec()))).collect())
 }
 
 /// Canonizes a copy of `g`; returns it with one line per change. `shapes` (from
@@ -100,9 +98,12 @@ fn remove_identities(g: &mut Graph, report: &mut Vec<String>) {
         if matches!(n.op, Op::Identity | Op::Dropout)
             && let (Some(src), Some(Some(out))) = (n.input(0), n.outputs.first().copied())
         {
-            let mask_used = n.outputs.get(1).copied().flatten().is_some_and(|m| {
-                g.consumers()[m].len() + g.outputs.iter().filter(|o| **o == m).count() > 0
-            });
+            let mask_used = n
+                .outputs
+                .get(1)
+                .copied()
+                .flatten()
+                .is_some_and(|m| g.consumers()[m].len() + g.outputs.iter().filter(|o| **o == m).count() > 0);
             if !mask_used {
                 report.push(format!("removed {} '{}'", n.op_type, n.name));
                 let is_out = g.outputs.contains(&out);
@@ -131,33 +132,20 @@ fn bn_affine(g: &Graph, n: &Node) -> Option<(Vec<f64>, Vec<f64>)> {
     let Op::BatchNorm { epsilon } = n.op else {
         return None;
     };
-    let p: Vec<ArrayD<f64>> = (1..5)
-        .map(|i| const_f(g, n.input(i)))
-        .collect::<Option<_>>()?;
+    let p: Vec<ArrayD<f64>> = (1..5).map(|i| const_f(g, n.input(i))).collect::<Option<_>>()?;
     let c = p[0].len();
     if p.iter().any(|a| a.len() != c) {
         return None;
     }
-    let (gamma, beta, mean, var) = (
-        p[0].as_slice()?,
-        p[1].as_slice()?,
-        p[2].as_slice()?,
-        p[3].as_slice()?,
-    );
-    let a: Vec<f64> = (0..c)
-        .map(|i| gamma[i] / (var[i] + epsilon).sqrt())
-        .collect();
+    let (gamma, beta, mean, var) = (p[0].as_slice()?, p[1].as_slice()?, p[2].as_slice()?, p[3].as_slice()?);
+    let a: Vec<f64> = (0..c).map(|i| gamma[i] / (var[i] + epsilon).sqrt()).collect();
     let cc: Vec<f64> = (0..c).map(|i| beta[i] - mean[i] * a[i]).collect();
     Some((a, cc))
 }
 
 fn single_consumer(g: &Graph, v: ValueId) -> Option<usize> {
     let cons = g.consumers();
-    if cons[v].len() == 1 && !g.outputs.contains(&v) {
-        Some(cons[v][0].0)
-    } else {
-        None
-    }
+    if cons[v].len() == 1 && !g.outputs.contains(&v) { Some(cons[v][0].0) } else { None }
 }
 
 fn add_const(g: &mut Graph, name: String, c: Const) -> ValueId {
@@ -179,11 +167,7 @@ fn fold_linear_bn(g: &mut Graph, report: &mut Vec<String>) -> Result<()> {
             }
         };
         let foldable = matches!(n.op, Op::Conv { .. } | Op::Gemm { .. });
-        let bn_idx = if foldable {
-            single_consumer(g, out)
-        } else {
-            None
-        };
+        let bn_idx = if foldable { single_consumer(g, out) } else { None };
         let Some(bi) = bn_idx else {
             k += 1;
             continue;
@@ -212,14 +196,8 @@ fn fold_linear_bn(g: &mut Graph, report: &mut Vec<String>) -> Result<()> {
                 }
                 let per = w.len() / m;
                 let ws = w.as_standard_layout();
-                let nw: Vec<f64> = ws
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| v * a[i / per])
-                    .collect();
-                let b0 = bias
-                    .map(|b| b.iter().copied().collect::<Vec<_>>())
-                    .unwrap_or_else(|| vec![0.0; m]);
+                let nw: Vec<f64> = ws.iter().enumerate().map(|(i, &v)| v * a[i / per]).collect();
+                let b0 = bias.map(|b| b.iter().copied().collect::<Vec<_>>()).unwrap_or_else(|| vec![0.0; m]);
                 if b0.len() != m {
                     k += 1;
                     continue;
@@ -253,11 +231,7 @@ fn fold_linear_bn(g: &mut Graph, report: &mut Vec<String>) -> Result<()> {
             _ => unreachable!("foldable checked above"),
         };
         let wid = add_const(g, format!("{}.folded_weight", n.name), Const::F(new_w));
-        let bid = add_const(
-            g,
-            format!("{}.folded_bias", n.name),
-            Const::F(array(&[m], new_b)),
-        );
+        let bid = add_const(g, format!("{}.folded_bias", n.name), Const::F(array(&[m], new_b)));
         let bn_out = bn.outputs.first().copied().flatten();
         let node = &mut g.nodes[k];
         node.inputs = vec![n.input(0), Some(wid), Some(bid)];
@@ -267,10 +241,7 @@ fn fold_linear_bn(g: &mut Graph, report: &mut Vec<String>) -> Result<()> {
         if let Some(bo) = bn_out {
             node.outputs[0] = Some(bo);
         }
-        report.push(format!(
-            "folded BatchNormalization '{}' into {} '{}'",
-            bn.name, n.op_type, n.name
-        ));
+        report.push(format!("folded BatchNormalization '{}' into {} '{}'", bn.name, n.op_type, n.name));
         g.nodes.remove(bi);
         if bi < k {
             k -= 1;
@@ -293,8 +264,7 @@ fn bn_relu_linear(g: &mut Graph, report: &mut Vec<String>, shapes: Option<&Shape
             k += 1;
             continue;
         };
-        let Some(ri) = single_consumer(g, bn_out).filter(|&i| matches!(g.nodes[i].op, Op::Relu))
-        else {
+        let Some(ri) = single_consumer(g, bn_out).filter(|&i| matches!(g.nodes[i].op, Op::Relu)) else {
             k += 1;
             continue;
         };
@@ -314,9 +284,7 @@ fn bn_relu_linear(g: &mut Graph, report: &mut Vec<String>, shapes: Option<&Shape
         for &(ci, slot) in &cons {
             let cn = &g.nodes[ci];
             match cn.op {
-                Op::Conv { .. } if slot == 0 && const_f(g, cn.input(1)).is_some() => {
-                    plans.push((ci, None))
-                }
+                Op::Conv { .. } if slot == 0 && const_f(g, cn.input(1)).is_some() => plans.push((ci, None)),
                 Op::GlobalAveragePool => match head_gemm(g, ci) {
                     Some(gi) => plans.push((ci, Some(gi))),
                     None => ok = false,
@@ -330,11 +298,7 @@ fn bn_relu_linear(g: &mut Graph, report: &mut Vec<String>, shapes: Option<&Shape
         }
         let relu_name = g.nodes[ri].name.clone();
         // Threshold t = μ − β·s/γ is where BN(x) = 0, i.e. t = −c/a.
-        let thresholds: Vec<f64> = a
-            .iter()
-            .zip(&c)
-            .map(|(&ai, &ci)| if ai != 0.0 { -ci / ai } else { 0.0 })
-            .collect();
+        let thresholds: Vec<f64> = a.iter().zip(&c).map(|(&ai, &ci)| if ai != 0.0 { -ci / ai } else { 0.0 }).collect();
         let dirs: Vec<i8> = a
             .iter()
             .map(|&ai| {
@@ -348,11 +312,7 @@ fn bn_relu_linear(g: &mut Graph, report: &mut Vec<String>, shapes: Option<&Shape
             })
             .collect();
         // A constant channel (γ = 0) outputs ReLU(β) whatever x is: slope 0, shift max(c, 0).
-        let c_eff: Vec<f64> = a
-            .iter()
-            .zip(&c)
-            .map(|(&ai, &ci)| if ai == 0.0 { ci.max(0.0) } else { ci })
-            .collect();
+        let c_eff: Vec<f64> = a.iter().zip(&c).map(|(&ai, &ci)| if ai == 0.0 { ci.max(0.0) } else { ci }).collect();
         for (ci, head) in plans {
             match head {
                 None => fold_affine_into_conv(g, ci, &a, &c_eff, shapes)?,
@@ -365,7 +325,12 @@ fn bn_relu_linear(g: &mut Graph, report: &mut Vec<String>, shapes: Option<&Shape
         node.op_type = "ThreshRelu".into();
         node.inputs.truncate(1);
         node.outputs = vec![Some(relu_out)];
-        report.push(format!("BatchNormalization '{}' → ReLU '{}': threshold ReLU, BN folded into its {} consumer(s)", bn.name, relu_name, cons.len()));
+        report.push(format!(
+            "BatchNormalization '{}' → ReLU '{}': threshold ReLU, BN folded into its {} consumer(s)",
+            bn.name,
+            relu_name,
+            cons.len()
+        ));
         g.nodes.remove(ri);
         if ri < k {
             k -= 1;
@@ -395,13 +360,7 @@ fn head_gemm(g: &Graph, gap: usize) -> Option<usize> {
 }
 
 /// conv(a·u + c) = conv_{w·a}(u) + conv_w(c) (the second term with the conv's zero padding).
-fn fold_affine_into_conv(
-    g: &mut Graph,
-    ci: usize,
-    a: &[f64],
-    c: &[f64],
-    shapes: Option<&Shapes>,
-) -> Result<()> {
+fn fold_affine_into_conv(g: &mut Graph, ci: usize, a: &[f64], c: &[f64], shapes: Option<&Shapes>) -> Result<()> {
     let n = g.nodes[ci].clone();
     let Op::Conv { win, group } = &n.op else {
         return Ok(());
@@ -412,10 +371,7 @@ fn fold_affine_into_conv(
         return Err(crate::error::node_err(
             &n.name,
             &n.op_type,
-            format!(
-                "has {cin} input channels, the BatchNorm before it {}",
-                a.len()
-            ),
+            format!("has {cin} input channels, the BatchNorm before it {}", a.len()),
         ));
     }
     let ws = w.as_standard_layout().into_owned();
@@ -436,15 +392,10 @@ fn fold_affine_into_conv(
     let b0 = const_f(g, n.input(2));
     let m = w.shape()[0];
     let new_bias = if shift_zero {
-        b0.map(|b| b.iter().copied().collect::<Vec<_>>())
-            .unwrap_or_else(|| vec![0.0; m])
+        b0.map(|b| b.iter().copied().collect::<Vec<_>>()).unwrap_or_else(|| vec![0.0; m])
     } else {
         let xs = n.input(0).and_then(|v| shapes?.get(&v)).ok_or_else(|| {
-            crate::error::node_err(
-                &n.name,
-                &n.op_type,
-                "full canonization needs the value shapes of a forward pass",
-            )
+            crate::error::node_err(&n.name, &n.op_type, "full canonization needs the value shapes of a forward pass")
         })?;
         if xs.len() != 4 {
             return Err(crate::error::node_err(
@@ -459,32 +410,15 @@ fn fold_affine_into_conv(
         let shift: Vec<f64> = (0..cin * h * wd).map(|i| c[i / (h * wd)]).collect();
         let b = b0.map(|b| b.iter().copied().collect::<Vec<_>>());
         let per_ch = b.as_ref().filter(|b| b.len() == m);
-        let mut t = conv2d(
-            &geom,
-            &shift,
-            &ws.iter().copied().collect::<Vec<_>>(),
-            per_ch.map(|v| &v[..]),
-        );
+        let mut t = conv2d(&geom, &shift, &ws.iter().copied().collect::<Vec<_>>(), per_ch.map(|v| &v[..]));
         if let Some(b) = b.filter(|b| b.len() != m) {
             t.iter_mut().zip(&b).for_each(|(x, y)| *x += *y);
         }
         t
     };
-    let bshape = if new_bias.len() == m {
-        vec![m]
-    } else {
-        vec![m, new_bias.len() / m]
-    };
-    let wid = add_const(
-        g,
-        format!("{}.bn_weight", n.name),
-        Const::F(array(w.shape(), nw)),
-    );
-    let bid = add_const(
-        g,
-        format!("{}.bn_bias", n.name),
-        Const::F(array(&bshape, new_bias)),
-    );
+    let bshape = if new_bias.len() == m { vec![m] } else { vec![m, new_bias.len() / m] };
+    let wid = add_const(g, format!("{}.bn_weight", n.name), Const::F(array(w.shape(), nw)));
+    let bid = add_const(g, format!("{}.bn_bias", n.name), Const::F(array(&bshape, new_bias)));
     g.nodes[ci].inputs = vec![n.input(0), Some(wid), Some(bid)];
     Ok(())
 }
@@ -492,21 +426,11 @@ fn fold_affine_into_conv(
 /// Gemm(GAP(a·u + c)) = Gemm_{a·W}(GAP(u)) + W·c.
 fn fold_affine_into_gemm(g: &mut Graph, gi: usize, a: &[f64], c: &[f64]) -> Result<()> {
     let n = g.nodes[gi].clone();
-    let Op::Gemm {
-        alpha,
-        beta,
-        trans_b,
-        ..
-    } = n.op
-    else {
+    let Op::Gemm { alpha, beta, trans_b, .. } = n.op else {
         return Ok(());
     };
     let w = const_f(g, n.input(1)).ok_or_else(|| Error::Invalid("gemm weight".into()))?;
-    let (kdim, ndim) = if trans_b {
-        (w.shape()[1], w.shape()[0])
-    } else {
-        (w.shape()[0], w.shape()[1])
-    };
+    let (kdim, ndim) = if trans_b { (w.shape()[1], w.shape()[0]) } else { (w.shape()[0], w.shape()[1]) };
     if kdim != a.len() {
         return Err(crate::error::node_err(
             &n.name,
@@ -517,11 +441,7 @@ fn fold_affine_into_gemm(g: &mut Graph, gi: usize, a: &[f64], c: &[f64]) -> Resu
     let mut nw = w.as_standard_layout().into_owned();
     let mut shift = vec![0.0; ndim];
     for (ix, v) in nw.indexed_iter_mut() {
-        let (kk, nn) = if trans_b {
-            (ix[1], ix[0])
-        } else {
-            (ix[0], ix[1])
-        };
+        let (kk, nn) = if trans_b { (ix[1], ix[0]) } else { (ix[0], ix[1]) };
         shift[nn] += alpha * *v * c[kk];
         *v *= a[kk];
     }
@@ -534,11 +454,7 @@ fn fold_affine_into_gemm(g: &mut Graph, gi: usize, a: &[f64], c: &[f64]) -> Resu
     };
     let nb: Vec<f64> = (0..ndim).map(|i| b0[i] + shift[i]).collect();
     let wid = add_const(g, format!("{}.bn_weight", n.name), Const::F(nw));
-    let bid = add_const(
-        g,
-        format!("{}.bn_bias", n.name),
-        Const::F(array(&[ndim], nb)),
-    );
+    let bid = add_const(g, format!("{}.bn_bias", n.name), Const::F(array(&[ndim], nb)));
     let node = &mut g.nodes[gi];
     node.inputs = vec![n.input(0), Some(wid), Some(bid)];
     if let Op::Gemm { beta, .. } = &mut node.op {

@@ -61,26 +61,20 @@ impl FromStr for Override {
     type Err = String;
     /// `OPTYPE=rule`, `name:GLOB=rule` or `#N=rule`.
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let (m, r) = s.rsplit_once('=').ok_or_else(|| {
-            format!("rule override '{s}' must look like Conv=gamma(0.5), name:GLOB=rule or #N=rule")
-        })?;
+        let (m, r) = s
+            .rsplit_once('=')
+            .ok_or_else(|| format!("rule override '{s}' must look like Conv=gamma(0.5), name:GLOB=rule or #N=rule"))?;
         let m = m.trim();
         let matcher = if let Some(g) = m.strip_prefix("name:") {
             Matcher::Name(g.to_string())
         } else if let Some(n) = m.strip_prefix('#') {
-            Matcher::Position(
-                n.parse()
-                    .map_err(|_| format!("bad position '{m}' in '{s}'"))?,
-            )
+            Matcher::Position(n.parse().map_err(|_| format!("bad position '{m}' in '{s}'"))?)
         } else if m.is_empty() {
             return Err(format!("empty matcher in '{s}'"));
         } else {
             Matcher::OpType(m.to_string())
         };
-        Ok(Override {
-            matcher,
-            rule: r.parse()?,
-        })
+        Ok(Override { matcher, rule: r.parse()? })
     }
 }
 
@@ -132,10 +126,7 @@ pub struct Params {
 
 impl Default for Params {
     fn default() -> Self {
-        Params {
-            epsilon: 1e-6,
-            gamma: 0.25,
-        }
+        Params { epsilon: 1e-6, gamma: 0.25 }
     }
 }
 
@@ -162,60 +153,26 @@ impl Composite {
             ..base.clone()
         };
         let flat = Some((FirstLayer::Linear, Rule::Flat));
-        let ab = Rule::AlphaBeta {
-            alpha: 2.0,
-            beta: 1.0,
-        };
+        let ab = Rule::AlphaBeta { alpha: 2.0, beta: 1.0 };
         Ok(match name {
             "epsilon_plus" => base,
-            "epsilon_plus_flat" => Composite {
-                first: flat,
-                ..base
-            },
+            "epsilon_plus_flat" => Composite { first: flat, ..base },
             "epsilon_alpha2_beta1" => Composite { conv: ab, ..base },
-            "epsilon_alpha2_beta1_flat" => Composite {
-                conv: ab,
-                first: flat,
-                ..base
-            },
-            "epsilon_gamma_box" => Composite {
-                conv: Rule::Gamma(p.gamma),
-                first: Some((FirstLayer::Conv, Rule::ZBox)),
-                ..base
-            },
+            "epsilon_alpha2_beta1_flat" => Composite { conv: ab, first: flat, ..base },
+            "epsilon_gamma_box" => {
+                Composite { conv: Rule::Gamma(p.gamma), first: Some((FirstLayer::Conv, Rule::ZBox)), ..base }
+            }
             // zennit: z⁺ on every linear layer, norm on sums and average pooling, gradient elsewhere.
-            "excitation_backprop" => Composite {
-                conv: Rule::ZPlus,
-                dense: Rule::ZPlus,
-                sum: Rule::Norm,
-                ..grad
-            },
-            "guided_backprop" => Composite {
-                relu: Some(Rule::GuidedBackprop),
-                ..grad
-            },
-            "deconvnet" => Composite {
-                relu: Some(Rule::DeconvNet),
-                ..grad
-            },
+            "excitation_backprop" => Composite { conv: Rule::ZPlus, dense: Rule::ZPlus, sum: Rule::Norm, ..grad },
+            "guided_backprop" => Composite { relu: Some(Rule::GuidedBackprop), ..grad },
+            "deconvnet" => Composite { relu: Some(Rule::DeconvNet), ..grad },
             "epsilon" => {
-                let r = if p.epsilon == 0.0 {
-                    Rule::Zero
-                } else {
-                    Rule::Epsilon(p.epsilon)
-                };
-                Composite {
-                    conv: r.clone(),
-                    dense: r,
-                    ..base
-                }
+                let r = if p.epsilon == 0.0 { Rule::Zero } else { Rule::Epsilon(p.epsilon) };
+                Composite { conv: r.clone(), dense: r, ..base }
             }
             "gradient" => grad,
             _ => {
-                return Err(Error::Invalid(format!(
-                    "unknown composite '{name}'; composites: {}",
-                    NAMES.join(", ")
-                )));
+                return Err(Error::Invalid(format!("unknown composite '{name}'; composites: {}", NAMES.join(", "))));
             }
         })
     }
@@ -223,8 +180,7 @@ impl Composite {
     /// Whether every rule is a gradient rule (the seed is then one-hot, not one-hot × output).
     pub fn is_gradient(&self) -> bool {
         let all = [&self.conv, &self.dense, &self.activation, &self.sum];
-        all.iter().all(|r| r.is_gradient_like())
-            && self.overrides.iter().all(|o| o.rule.is_gradient_like())
+        all.iter().all(|r| r.is_gradient_like()) && self.overrides.iter().all(|o| o.rule.is_gradient_like())
     }
 
     /// Reads overrides (and optionally a base composite name) from a TOML file:
@@ -242,16 +198,11 @@ impl Composite {
             matcher: String,
             rule: String,
         }
-        let f: File =
-            toml::from_str(text).map_err(|e| Error::Invalid(format!("rule file: {e}")))?;
+        let f: File = toml::from_str(text).map_err(|e| Error::Invalid(format!("rule file: {e}")))?;
         let ov = f
             .rule
             .iter()
-            .map(|e| {
-                format!("{}={}", e.matcher, e.rule)
-                    .parse::<Override>()
-                    .map_err(Error::Invalid)
-            })
+            .map(|e| format!("{}={}", e.matcher, e.rule).parse::<Override>().map_err(Error::Invalid))
             .collect::<Result<Vec<_>>>()?;
         Ok((f.composite, ov))
     }
@@ -275,19 +226,13 @@ impl Composite {
                 _ if linear => {
                     let is_conv = matches!(n.op, Op::Conv { .. });
                     match &self.first {
-                        Some((kind, r))
-                            if !first_done && (is_conv || *kind == FirstLayer::Linear) =>
-                        {
+                        Some((kind, r)) if !first_done && (is_conv || *kind == FirstLayer::Linear) => {
                             first_done = true;
                             r.clone()
                         }
                         _ => {
                             first_done = true;
-                            if is_conv {
-                                self.conv.clone()
-                            } else {
-                                self.dense.clone()
-                            }
+                            if is_conv { self.conv.clone() } else { self.dense.clone() }
                         }
                     }
                 }

@@ -80,9 +80,5 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Builds a [`Error::Node`].
 pub fn node_err(node: &str, op: &str, msg: impl Into<String>) -> Error {
-    Error::Node {
-        node: node.to_string(),
-        op: op.to_string(),
-        msg: msg.into(),
-    }
+    Error::Node { node: node.to_string(), op: op.to_string(), msg: msg.into() }
 }

@@ -9,10 +9,7 @@ use std::io::BufReader;
 use std::path::Path;
 
 fn open(path: &Path) -> Result<BufReader<File>> {
-    File::open(path).map(BufReader::new).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })
+    File::open(path).map(BufReader::new).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })
 }
 
 /// Reads a `.npy` file of float32/float64 (as floats) or int64/int32/uint8/bool (as integers).
@@ -43,10 +40,7 @@ pub fn read_npy<T: Float>(path: &Path) -> Result<Value<T>> {
 
 /// Writes a value as `.npy`: floats in the run's precision, integers as int64.
 pub fn write_npy<T: Float>(path: &Path, v: &Value<T>) -> Result<()> {
-    let f = File::create(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
+    let f = File::create(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
     let w = std::io::BufWriter::new(f);
     let r = match v {
         Value::F(a) => {

@@ -14,12 +14,10 @@ pub type Rgb = Array3<u8>;
 
 /// Decodes a PNG or JPEG file into RGB.
 pub fn load_rgb(path: &Path) -> Result<Rgb> {
-    let img = image::open(path)
-        .map_err(|e| Error::Invalid(format!("cannot decode image {}: {e}", path.display())))?;
+    let img = image::open(path).map_err(|e| Error::Invalid(format!("cannot decode image {}: {e}", path.display())))?;
     let rgb = img.to_rgb8();
     let (w, h) = (rgb.width() as usize, rgb.height() as usize);
-    Array3::from_shape_vec((h, w, 3), rgb.into_raw())
-        .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+    Array3::from_shape_vec((h, w, 3), rgb.into_raw()).map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
 }
 
 const PRECISION_BITS: u32 = 32 - 8 - 2;
@@ -115,15 +113,11 @@ pub fn resize_shorter(img: &Rgb, size: usize) -> Rgb {
 pub fn center_crop(img: &Rgb, size: usize) -> Result<Rgb> {
     let (h, w, _) = img.dim();
     if h < size || w < size {
-        return Err(Error::Invalid(format!(
-            "cannot crop {size}×{size} from a {w}×{h} image"
-        )));
+        return Err(Error::Invalid(format!("cannot crop {size}×{size} from a {w}×{h} image")));
     }
     let top = ((h - size) as f64 / 2.0).round_ties_even() as usize;
     let left = ((w - size) as f64 / 2.0).round_ties_even() as usize;
-    Ok(img
-        .slice(ndarray::s![top..top + size, left..left + size, ..])
-        .to_owned())
+    Ok(img.slice(ndarray::s![top..top + size, left..left + size, ..]).to_owned())
 }
 
 /// How pixels become model inputs.
@@ -138,20 +132,13 @@ pub struct Normalize {
 impl Normalize {
     /// `(p/255 − mean) / std` per channel.
     pub fn mean_std(mean: [f64; 3], std: [f64; 3]) -> Self {
-        let scale = [
-            1.0 / (255.0 * std[0]),
-            1.0 / (255.0 * std[1]),
-            1.0 / (255.0 * std[2]),
-        ];
+        let scale = [1.0 / (255.0 * std[0]), 1.0 / (255.0 * std[1]), 1.0 / (255.0 * std[2])];
         let offset = [-mean[0] / std[0], -mean[1] / std[1], -mean[2] / std[2]];
         Normalize { scale, offset }
     }
     /// `p · scale + offset` for every channel.
     pub fn affine(scale: f64, offset: f64) -> Self {
-        Normalize {
-            scale: [scale; 3],
-            offset: [offset; 3],
-        }
+        Normalize { scale: [scale; 3], offset: [offset; 3] }
     }
     /// ImageNet mean/std.
     pub fn imagenet() -> Self {
@@ -166,27 +153,82 @@ impl Normalize {
 /// Converts images to a `[n, 3, h, w]` (or `[n, h, w, 3]` when `nhwc`) float tensor, optionally
 /// reversing the channel order (BGR models).
 pub fn to_tensor(imgs: &[Rgb], norm: &Normalize, nhwc: bool, bgr: bool) -> Result<ArrayD<f64>> {
-    let (h, w, _) = imgs
-        .first()
-        .ok_or_else(|| Error::Invalid("no images".into()))?
-        .dim();
+    let (h, w, _) = imgs.first().ok_or_else(|| Error::Invalid("no images".into()))?.dim();
     if imgs.iter().any(|i| i.dim() != (h, w, 3)) {
-        return Err(Error::Invalid(
-            "images in one batch must have the same size".into(),
-        ));
+        return Err(Error::Invalid("images in one batch must have the same size".into()));
     }
-    let shape = if nhwc {
-        [imgs.len(), h, w, 3]
-    } else {
-        [imgs.len(), 3, h, w]
-    };
+    let shape = if nhwc { [imgs.len(), h, w, 3] } else { [imgs.len(), 3, h, w] };
     Ok(ArrayD::from_shape_fn(IxDyn(&shape), |ix| {
-        let (n, y, x, c) = if nhwc {
-            (ix[0], ix[1], ix[2], ix[3])
-        } else {
-            (ix[0], ix[2], ix[3], ix[1])
-        };
+        let (n, y, x, c) = if nhwc { (ix[0], ix[1], ix[2], ix[3]) } else { (ix[0], ix[2], ix[3], ix[1]) };
         let src = if bgr { 2 - c } else { c };
         norm.apply(c, imgs[n][[y, x, src]] as f64)
     }))
+}
+
+/// Everything that turns a picture file into a model input.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Preprocess {
+    /// Resize so that the shorter side has this length (bilinear, as PIL).
+    pub resize: Option<usize>,
+    /// Centre crop to this square size.
+    pub crop: Option<usize>,
+    /// Pixel normalisation.
+    pub norm: Normalize,
+    /// Channels-last layout (NHWC) instead of NCHW.
+    pub nhwc: bool,
+    /// BGR channel order instead of RGB.
+    pub bgr: bool,
+}
+
+impl Default for Preprocess {
+    fn default() -> Self {
+        Preprocess { resize: None, crop: None, norm: Normalize::mean_std([0.0; 3], [1.0; 3]), nhwc: false, bgr: false }
+    }
+}
+
+impl Preprocess {
+    /// A named preset: `imagenet` (256 / 224 / ImageNet mean and std) or `efficientnet-lite`
+    /// (256 / 224 / (p − 127) / 128).
+    pub fn preset(name: &str) -> Result<Preprocess> {
+        match name {
+            "imagenet" => {
+                Ok(Preprocess { resize: Some(256), crop: Some(224), norm: Normalize::imagenet(), ..Default::default() })
+            }
+            "efficientnet-lite" => Ok(Preprocess {
+                resize: Some(256),
+                crop: Some(224),
+                norm: Normalize::affine(1.0 / 128.0, -127.0 / 128.0),
+                ..Default::default()
+            }),
+            _ => Err(Error::Invalid(format!("unknown preprocessing preset '{name}' (imagenet, efficientnet-lite)"))),
+        }
+    }
+
+    /// Loads and resizes/crops one picture (no normalisation yet).
+    pub fn picture(&self, path: &Path) -> Result<Rgb> {
+        let mut img = load_rgb(path)?;
+        if let Some(r) = self.resize {
+            img = resize_shorter(&img, r);
+        }
+        if let Some(c) = self.crop {
+            img = center_crop(&img, c)?;
+        }
+        Ok(img)
+    }
+
+    /// The batch tensor of pictures.
+    pub fn tensor(&self, pictures: &[Rgb]) -> Result<ArrayD<f64>> {
+        to_tensor(pictures, &self.norm, self.nhwc, self.bgr)
+    }
+
+    /// The input range each channel can take (pixels 0 and 255 normalised): z^B's bounds.
+    pub fn bounds(&self) -> crate::rules::Bounds {
+        let (a, b): (Vec<f64>, Vec<f64>) = (0..3)
+            .map(|c| {
+                let (x, y) = (self.norm.apply(c, 0.0), self.norm.apply(c, 255.0));
+                (x.min(y), x.max(y))
+            })
+            .unzip();
+        crate::rules::Bounds { low: a, high: b }
+    }
 }

@@ -56,10 +56,7 @@ pub fn variables(g: &Graph) -> Vec<bool> {
 /// The value to explain: output 0, or the input of a final Softmax (explaining a probability
 /// with LRP is ill-defined; the logit is what zennit users explain).
 pub fn explained_value(g: &Graph) -> Result<ValueId> {
-    let out = *g
-        .outputs
-        .first()
-        .ok_or_else(|| Error::Invalid("the graph has no outputs".into()))?;
+    let out = *g.outputs.first().ok_or_else(|| Error::Invalid("the graph has no outputs".into()))?;
     for n in &g.nodes {
         if n.outputs.first().copied().flatten() == Some(out)
             && matches!(n.op, Op::Softmax { .. })
@@ -83,8 +80,7 @@ fn is_gate(g: &Graph, producers: &[Option<usize>], mut v: ValueId) -> bool {
             Op::Clip { .. } => {
                 return n.input(0).and_then(|x| producers[x]).is_some_and(|q| {
                     let m = &g.nodes[q];
-                    matches!(m.op, Op::Add | Op::Sub)
-                        && m.inputs.iter().flatten().any(|x| g.consts.contains_key(x))
+                    matches!(m.op, Op::Add | Op::Sub) && m.inputs.iter().flatten().any(|x| g.consts.contains_key(x))
                 });
             }
             Op::Mul | Op::Div | Op::Add | Op::Sub if constant(1) => v = n.input(0).unwrap_or(v),
@@ -129,11 +125,7 @@ fn order_gates(g: &mut Graph, variable: &[bool]) -> Vec<String> {
 
 impl Plan {
     /// Builds a plan from a canonized graph and its rules.
-    pub fn new(
-        mut graph: Graph,
-        composite: &crate::composite::Composite,
-        opts: RuleOpts,
-    ) -> Result<Plan> {
+    pub fn new(mut graph: Graph, composite: &crate::composite::Composite, opts: RuleOpts) -> Result<Plan> {
         let variable = variables(&graph);
         let unclear = order_gates(&mut graph, &variable);
         let rules = composite.assign(&graph, &variable)?;
@@ -147,13 +139,7 @@ impl Plan {
             }
         }
         let explained = explained_value(&graph)?;
-        Ok(Plan {
-            graph,
-            rules,
-            opts,
-            explained,
-            variable,
-        })
+        Ok(Plan { graph, rules, opts, explained, variable })
     }
 }
 
@@ -187,10 +173,7 @@ pub fn explain<T: Float>(
     let g = &plan.graph;
     let keep_ids: Vec<ValueId> = keep
         .iter()
-        .map(|n| {
-            g.value_id(n)
-                .ok_or_else(|| Error::Invalid(format!("no value named '{n}' in the graph")))
-        })
+        .map(|n| g.value_id(n).ok_or_else(|| Error::Invalid(format!("no value named '{n}' in the graph"))))
         .collect::<Result<_>>()?;
     // Keep the inputs and outputs of every node that carries relevance.
     let mut needed = vec![false; g.names.len()];
@@ -213,9 +196,7 @@ pub fn explain<T: Float>(
         }
     };
     if out.ndim() < 1 {
-        return Err(Error::Invalid(
-            "the explained output must have a batch axis".into(),
-        ));
+        return Err(Error::Invalid("the explained output must have a batch axis".into()));
     }
     let batch = out.shape()[0];
     let per = out.len() / batch.max(1);
@@ -228,34 +209,19 @@ pub fn explain<T: Float>(
         Some(t) if t.len() == batch => t.to_vec(),
         Some(t) if t.len() == 1 => vec![t[0]; batch],
         Some(t) => {
-            return Err(Error::Invalid(format!(
-                "{} targets given for a batch of {batch}",
-                t.len()
-            )));
+            return Err(Error::Invalid(format!("{} targets given for a batch of {batch}", t.len())));
         }
         None => flat
             .axis_iter(Axis(0))
             .map(|row| {
-                row.iter()
-                    .enumerate()
-                    .fold(
-                        (0, T::neg_infinity()),
-                        |b, (i, &v)| if v > b.1 { (i, v) } else { b },
-                    )
-                    .0
+                row.iter().enumerate().fold((0, T::neg_infinity()), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
             })
             .collect(),
     };
     if let Some(&t) = targets.iter().find(|&&t| t >= per) {
-        return Err(Error::Invalid(format!(
-            "target {t} is out of range: the output has {per} classes"
-        )));
+        return Err(Error::Invalid(format!("target {t} is out of range: the output has {per} classes")));
     }
-    let scores: Vec<f64> = targets
-        .iter()
-        .enumerate()
-        .map(|(b, &t)| flat[[b, t]].f64())
-        .collect();
+    let scores: Vec<f64> = targets.iter().enumerate().map(|(b, &t)| flat[[b, t]].f64()).collect();
     let mut seed_arr = ndarray::Array2::<T>::zeros((batch, per));
     for (b, &t) in targets.iter().enumerate() {
         seed_arr[[b, t]] = match seed {
@@ -264,34 +230,18 @@ pub fn explain<T: Float>(
         };
     }
     let mut rel: Vec<Option<ArrayD<T>>> = vec![None; g.names.len()];
-    rel[plan.explained] = Some(
-        seed_arr
-            .into_dyn()
-            .into_shape_with_order(out.shape())
-            .map_err(|e| Error::Invalid(e.to_string()))?,
-    );
+    rel[plan.explained] =
+        Some(seed_arr.into_dyn().into_shape_with_order(out.shape()).map_err(|e| Error::Invalid(e.to_string()))?);
     let mut intermediate = HashMap::new();
     let mut dropped = 0.0;
     for (n, rule) in g.nodes.iter().zip(&plan.rules).rev() {
-        let r_out: Vec<Option<&ArrayD<T>>> = n
-            .outputs
-            .iter()
-            .map(|o| o.and_then(|o| rel[o].as_ref()))
-            .collect();
+        let r_out: Vec<Option<&ArrayD<T>>> = n.outputs.iter().map(|o| o.and_then(|o| rel[o].as_ref())).collect();
         if r_out.iter().all(Option::is_none) {
             continue;
         }
         let Some(rule) = rule else { continue };
-        let ins: Vec<Option<&Value<T>>> = n
-            .inputs
-            .iter()
-            .map(|i| i.and_then(|id| env.get(id)))
-            .collect();
-        let outs: Vec<Option<&Value<T>>> = n
-            .outputs
-            .iter()
-            .map(|o| o.and_then(|id| env.get(id)))
-            .collect();
+        let ins: Vec<Option<&Value<T>>> = n.inputs.iter().map(|i| i.and_then(|id| env.get(id))).collect();
+        let outs: Vec<Option<&Value<T>>> = n.outputs.iter().map(|o| o.and_then(|id| env.get(id))).collect();
         let var: Vec<bool> = n
             .inputs
             .iter()
@@ -317,11 +267,7 @@ pub fn explain<T: Float>(
                         return Err(node_err(
                             &n.name,
                             &n.op_type,
-                            format!(
-                                "relevance shapes {:?} and {:?} disagree",
-                                acc.shape(),
-                                r.shape()
-                            ),
+                            format!("relevance shapes {:?} and {:?} disagree", acc.shape(), r.shape()),
                         ));
                     }
                     slot => *slot = Some(r),
@@ -333,11 +279,7 @@ pub fn explain<T: Float>(
         .inputs
         .iter()
         .map(|i| match env.get(i.id) {
-            Some(Value::F(x)) => Some(
-                rel[i.id]
-                    .take()
-                    .unwrap_or_else(|| ArrayD::zeros(x.raw_dim())),
-            ),
+            Some(Value::F(x)) => Some(rel[i.id].take().unwrap_or_else(|| ArrayD::zeros(x.raw_dim()))),
             _ => None,
         })
         .collect();
@@ -346,14 +288,7 @@ pub fn explain<T: Float>(
             intermediate.insert(g.names[k].clone(), r);
         }
     }
-    Ok(Explanation {
-        relevance,
-        output: out,
-        targets,
-        scores,
-        intermediate,
-        dropped,
-    })
+    Ok(Explanation { relevance, output: out, targets, scores, intermediate, dropped })
 }
 
 /// Converts the plan's constants once for repeated explanations.

@@ -35,17 +35,10 @@ fn hex(s: &str) -> std::result::Result<u32, String> {
 impl ColorMap {
     /// A built-in map by name, or a map from source such as `"00f,80:fff,f00"`.
     pub fn get(name_or_source: &str) -> Result<ColorMap> {
-        let src = CMAPS
-            .iter()
-            .find(|(n, _)| *n == name_or_source)
-            .map(|(_, s)| *s)
-            .unwrap_or(name_or_source);
+        let src = CMAPS.iter().find(|(n, _)| *n == name_or_source).map(|(_, s)| *s).unwrap_or(name_or_source);
         ColorMap::compile(src).map_err(|e| {
             let names: Vec<&str> = CMAPS.iter().map(|(n, _)| *n).collect();
-            Error::Invalid(format!(
-                "colour map '{name_or_source}': {e} (built-in maps: {})",
-                names.join(", ")
-            ))
+            Error::Invalid(format!("colour map '{name_or_source}': {e} (built-in maps: {})", names.join(", ")))
         })
     }
 
@@ -60,23 +53,14 @@ impl ColorMap {
                     if i.is_empty() || i.len() > 2 {
                         return Err(format!("bad index '{i}'"));
                     }
-                    let i = if i.len() == 1 {
-                        format!("{i}{i}")
-                    } else {
-                        i.to_string()
-                    };
+                    let i = if i.len() == 1 { format!("{i}{i}") } else { i.to_string() };
                     (Some(hex(&i)?), c.trim())
                 }
                 None => (None, item),
             };
             let rgb: Vec<u32> = match col.len() {
-                3 => col
-                    .chars()
-                    .map(|c| hex(&format!("{c}{c}")))
-                    .collect::<std::result::Result<_, _>>()?,
-                6 => (0..3)
-                    .map(|k| hex(&col[2 * k..2 * k + 2]))
-                    .collect::<std::result::Result<_, _>>()?,
+                3 => col.chars().map(|c| hex(&format!("{c}{c}"))).collect::<std::result::Result<_, _>>()?,
+                6 => (0..3).map(|k| hex(&col[2 * k..2 * k + 2])).collect::<std::result::Result<_, _>>()?,
                 _ => return Err(format!("bad colour '{col}'")),
             };
             nodes.push((idx, [rgb[0] as f64, rgb[1] as f64, rgb[2] as f64]));
@@ -118,10 +102,7 @@ impl ColorMap {
         }
         let last_col = result.last().map(|r| r.1).unwrap_or([0.0; 3]);
         result.push((256.0, last_col));
-        Ok(ColorMap {
-            indices: result.iter().map(|r| r.0).collect(),
-            colors: result.iter().map(|r| r.1).collect(),
-        })
+        Ok(ColorMap { indices: result.iter().map(|r| r.0).collect(), colors: result.iter().map(|r| r.1).collect() })
     }
 
     /// The colour (0..1) of a value in [0, 1].
@@ -170,9 +151,7 @@ impl std::str::FromStr for Norm {
             "symmetric" => Ok(Norm::Symmetric),
             "absolute" => Ok(Norm::Absolute),
             "unaligned" => Ok(Norm::Unaligned),
-            _ => Err(format!(
-                "unknown relevance norm '{s}' (symmetric, absolute, unaligned)"
-            )),
+            _ => Err(format!("unknown relevance norm '{s}' (symmetric, absolute, unaligned)")),
         }
     }
 }
@@ -183,13 +162,7 @@ pub fn normalize(r: ArrayView2<f64>, norm: Norm) -> Array2<f64> {
     match norm {
         Norm::Symmetric => {
             let m = r.iter().fold(0.0f64, |a, &v| a.max(finite(v).abs()));
-            r.mapv(|v| {
-                if m > 0.0 {
-                    (finite(v) + m) / (2.0 * m)
-                } else {
-                    0.5
-                }
-            })
+            r.mapv(|v| if m > 0.0 { (finite(v) + m) / (2.0 * m) } else { 0.5 })
         }
         Norm::Absolute => {
             let m = r.iter().fold(0.0f64, |a, &v| a.max(finite(v).abs()));
@@ -198,13 +171,7 @@ pub fn normalize(r: ArrayView2<f64>, norm: Norm) -> Array2<f64> {
         Norm::Unaligned => {
             let lo = r.iter().fold(f64::INFINITY, |a, &v| a.min(finite(v)));
             let hi = r.iter().fold(f64::NEG_INFINITY, |a, &v| a.max(finite(v)));
-            r.mapv(|v| {
-                if hi > lo {
-                    (finite(v) - lo) / (hi - lo)
-                } else {
-                    0.0
-                }
-            })
+            r.mapv(|v| if hi > lo { (finite(v) - lo) / (hi - lo) } else { 0.0 })
         }
     }
 }
@@ -221,41 +188,24 @@ pub fn colorize(v: ArrayView2<f64>, palette: &[[u8; 3]; 256]) -> Array3<u8> {
 /// Sums relevance `[c, h, w]` (or `[h, w]`) over channels.
 pub fn channel_sum(r: &ndarray::ArrayViewD<f64>) -> Result<Array2<f64>> {
     match r.ndim() {
-        2 => Ok(r
-            .to_owned()
-            .into_dimensionality()
-            .map_err(|e| Error::Invalid(e.to_string()))?),
-        3 => Ok(r
-            .sum_axis(ndarray::Axis(0))
-            .into_dimensionality()
-            .map_err(|e| Error::Invalid(e.to_string()))?),
-        n => Err(Error::Invalid(format!(
-            "a heatmap needs relevance of rank 2 or 3 per sample, got rank {n}"
-        ))),
+        2 => Ok(r.to_owned().into_dimensionality().map_err(|e| Error::Invalid(e.to_string()))?),
+        3 => Ok(r.sum_axis(ndarray::Axis(0)).into_dimensionality().map_err(|e| Error::Invalid(e.to_string()))?),
+        n => Err(Error::Invalid(format!("a heatmap needs relevance of rank 2 or 3 per sample, got rank {n}"))),
     }
 }
 
 /// Blends a heatmap onto a picture: the heatmap's weight grows with the relevance magnitude
 /// (`alpha · |2v − 1|` for symmetric maps), so that irrelevant areas show the picture.
-pub fn overlay(
-    picture: &Array3<u8>,
-    heat: &Array3<u8>,
-    v: ArrayView2<f64>,
-    alpha: f64,
-) -> Array3<u8> {
+pub fn overlay(picture: &Array3<u8>, heat: &Array3<u8>, v: ArrayView2<f64>, alpha: f64) -> Array3<u8> {
     Array3::from_shape_fn(picture.dim(), |(y, x, c)| {
         let a = alpha * (2.0 * v[[y, x]] - 1.0).abs().sqrt();
-        (picture[[y, x, c]] as f64 * (1.0 - a) + heat[[y, x, c]] as f64 * a)
-            .round()
-            .clamp(0.0, 255.0) as u8
+        (picture[[y, x, c]] as f64 * (1.0 - a) + heat[[y, x, c]] as f64 * a).round().clamp(0.0, 255.0) as u8
     })
 }
 
 /// Tiles images of equal size into a grid with `cols` columns and a 2-pixel white gap.
 pub fn grid(images: &[Array3<u8>], cols: usize) -> Result<Array3<u8>> {
-    let first = images
-        .first()
-        .ok_or_else(|| Error::Invalid("no images for the grid".into()))?;
+    let first = images.first().ok_or_else(|| Error::Invalid("no images for the grid".into()))?;
     let (h, w, _) = first.dim();
     if images.iter().any(|i| i.dim() != first.dim()) {
         return Err(Error::Invalid("grid images must have the same size".into()));
@@ -266,12 +216,7 @@ pub fn grid(images: &[Array3<u8>], cols: usize) -> Result<Array3<u8>> {
     let mut out = Array3::from_elem((rows * (h + gap) - gap, cols * (w + gap) - gap, 3), 255u8);
     for (k, img) in images.iter().enumerate() {
         let (r, c) = (k / cols, k % cols);
-        out.slice_mut(ndarray::s![
-            r * (h + gap)..r * (h + gap) + h,
-            c * (w + gap)..c * (w + gap) + w,
-            ..
-        ])
-        .assign(img);
+        out.slice_mut(ndarray::s![r * (h + gap)..r * (h + gap) + h, c * (w + gap)..c * (w + gap) + w, ..]).assign(img);
     }
     Ok(out)
 }
@@ -280,14 +225,8 @@ pub fn grid(images: &[Array3<u8>], cols: usize) -> Result<Array3<u8>> {
 pub fn write_png(path: &Path, img: &Array3<u8>) -> Result<()> {
     let (h, w, _) = img.dim();
     let data: Vec<u8> = img.iter().copied().collect();
-    image::save_buffer(
-        path,
-        &data,
-        w as u32,
-        h as u32,
-        image::ExtendedColorType::Rgb8,
-    )
-    .map_err(|e| Error::Invalid(format!("cannot write {}: {e}", path.display())))
+    image::save_buffer(path, &data, w as u32, h as u32, image::ExtendedColorType::Rgb8)
+        .map_err(|e| Error::Invalid(format!("cannot write {}: {e}", path.display())))
 }
 
 #[cfg(test)]
@@ -307,17 +246,8 @@ mod tests {
     #[test]
     fn normalisations() {
         let r = ndarray::array![[-2.0, 0.0], [1.0, 2.0]];
-        assert_eq!(
-            normalize(r.view(), Norm::Symmetric),
-            ndarray::array![[0.0, 0.5], [0.75, 1.0]]
-        );
-        assert_eq!(
-            normalize(r.view(), Norm::Absolute),
-            ndarray::array![[1.0, 0.0], [0.5, 1.0]]
-        );
-        assert_eq!(
-            normalize(r.view(), Norm::Unaligned),
-            ndarray::array![[0.0, 0.5], [0.75, 1.0]]
-        );
+        assert_eq!(normalize(r.view(), Norm::Symmetric), ndarray::array![[0.0, 0.5], [0.75, 1.0]]);
+        assert_eq!(normalize(r.view(), Norm::Absolute), ndarray::array![[1.0, 0.0], [0.5, 1.0]]);
+        assert_eq!(normalize(r.view(), Norm::Unaligned), ndarray::array![[0.0, 0.5], [0.75, 1.0]]);
     }
 }

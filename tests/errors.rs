@@ -48,10 +48,7 @@ fn non_onnx_file_is_rejected() {
     assert!(matches!(e, Error::NotOnnx { .. }), "{e}");
     assert!(e.to_string().contains("chelsea.png"), "{e}");
     let e = relprop::onnx::load(root().join("does-not-exist.onnx")).unwrap_err();
-    assert!(
-        matches!(e, Error::Io { .. }) && e.to_string().contains("does-not-exist.onnx"),
-        "{e}"
-    );
+    assert!(matches!(e, Error::Io { .. }) && e.to_string().contains("does-not-exist.onnx"), "{e}");
 }
 
 fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> proto::TensorProto {
@@ -67,23 +64,15 @@ fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> proto::TensorProto {
 fn value_info(name: &str, dims: &[i64]) -> proto::ValueInfoProto {
     use proto::tensor_shape_proto::{Dimension, dimension::Value as D};
     let shape = proto::TensorShapeProto {
-        dim: dims
-            .iter()
-            .map(|&d| Dimension {
-                value: Some(D::DimValue(d)),
-                ..Default::default()
-            })
-            .collect(),
+        dim: dims.iter().map(|&d| Dimension { value: Some(D::DimValue(d)), ..Default::default() }).collect(),
     };
     proto::ValueInfoProto {
         name: Some(name.into()),
         r#type: Some(proto::TypeProto {
-            value: Some(proto::type_proto::Value::TensorType(
-                proto::type_proto::Tensor {
-                    elem_type: Some(1),
-                    shape: Some(shape),
-                },
-            )),
+            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
+                elem_type: Some(1),
+                shape: Some(shape),
+            })),
             ..Default::default()
         }),
         ..Default::default()
@@ -93,10 +82,7 @@ fn value_info(name: &str, dims: &[i64]) -> proto::ValueInfoProto {
 fn model(nodes: Vec<proto::NodeProto>, inits: Vec<proto::TensorProto>) -> ModelProto {
     ModelProto {
         ir_version: Some(8),
-        opset_import: vec![proto::OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(13),
-        }],
+        opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],
         graph: Some(proto::GraphProto {
             node: nodes,
             initializer: inits,
@@ -121,25 +107,13 @@ fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> proto::NodeP
 
 #[test]
 fn unsupported_op_names_type_node_and_supported_list() {
-    let m = model(
-        vec![
-            node("Erf", "my_erf", &["x"], &["t"]),
-            node("Relu", "r", &["t"], &["y"]),
-        ],
-        vec![],
-    );
+    let m = model(vec![node("Erf", "my_erf", &["x"], &["t"]), node("Relu", "r", &["t"], &["y"])], vec![]);
     let p = tmp("erf.onnx");
     std::fs::write(&p, m.encode_to_vec()).unwrap();
     let e = relprop::onnx::load(&p).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, Error::Unsupported { .. }), "{msg}");
-    assert!(
-        msg.contains("Erf")
-            && msg.contains("my_erf")
-            && msg.contains("Conv")
-            && msg.contains("LSTM"),
-        "{msg}"
-    );
+    assert!(msg.contains("Erf") && msg.contains("my_erf") && msg.contains("Conv") && msg.contains("LSTM"), "{msg}");
     // inspect's lenient loader still describes the model.
     let (_, unsupported) = relprop::onnx::load_lenient(&p).unwrap();
     assert_eq!(unsupported, vec!["Erf (node 'my_erf')".to_string()]);
@@ -149,57 +123,34 @@ fn unsupported_op_names_type_node_and_supported_list() {
 fn missing_external_data_names_file_and_tensor() {
     let mut w = tensor_f32("weights", &[4], &[]);
     w.data_location = Some(1);
-    w.external_data = vec![proto::StringStringEntryProto {
-        key: Some("location".into()),
-        value: Some("weights.bin".into()),
-    }];
+    w.external_data =
+        vec![proto::StringStringEntryProto { key: Some("location".into()), value: Some("weights.bin".into()) }];
     let m = model(vec![node("Add", "add", &["x", "weights"], &["y"])], vec![w]);
     let dir = tmp("ext");
     std::fs::create_dir_all(&dir).unwrap();
     let p = dir.join("ext.onnx");
     std::fs::write(&p, m.encode_to_vec()).unwrap();
     let msg = relprop::onnx::load(&p).unwrap_err().to_string();
-    assert!(
-        msg.contains("weights.bin") && msg.contains("'weights'"),
-        "{msg}"
-    );
+    assert!(msg.contains("weights.bin") && msg.contains("'weights'"), "{msg}");
     // With the file present, external data loads and is used.
-    let data: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0]
-        .iter()
-        .flat_map(|v| v.to_le_bytes())
-        .collect();
+    let data: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0].iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(dir.join("weights.bin"), data).unwrap();
     let g = relprop::onnx::load(&p).unwrap();
     let x = Value::F(ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[1, 4])));
     let y = run(&g, &prepare_consts(&g), vec![x]).unwrap();
-    assert_eq!(
-        y[0].to_float().iter().copied().collect::<Vec<f32>>(),
-        vec![1.0, 2.0, 3.0, 4.0]
-    );
+    assert_eq!(y[0].to_float().iter().copied().collect::<Vec<f32>>(), vec![1.0, 2.0, 3.0, 4.0]);
 }
 
 #[test]
 fn wrong_input_shape_and_dtype_name_the_input() {
     let g = relprop::onnx::load(vgg()).unwrap();
     let consts = prepare_consts::<f32>(&g);
-    let x = Value::F(ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[
-        2, 3, 31, 32,
-    ])));
+    let x = Value::F(ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[2, 3, 31, 32])));
     let msg = run(&g, &consts, vec![x]).unwrap_err().to_string();
-    assert!(
-        msg.contains("'input'")
-            && msg.contains("[batch, 3, 32, 32]")
-            && msg.contains("[2, 3, 31, 32]"),
-        "{msg}"
-    );
-    let x = Value::I(ndarray::ArrayD::<i64>::zeros(ndarray::IxDyn(&[
-        2, 3, 32, 32,
-    ])));
+    assert!(msg.contains("'input'") && msg.contains("[batch, 3, 32, 32]") && msg.contains("[2, 3, 31, 32]"), "{msg}");
+    let x = Value::I(ndarray::ArrayD::<i64>::zeros(ndarray::IxDyn(&[2, 3, 32, 32])));
     let msg = run(&g, &consts, vec![x]).unwrap_err().to_string();
-    assert!(
-        msg.contains("'input'") && msg.contains("floating-point") && msg.contains("int64"),
-        "{msg}"
-    );
+    assert!(msg.contains("'input'") && msg.contains("floating-point") && msg.contains("int64"), "{msg}");
     let msg = run(&g, &consts, vec![]).unwrap_err().to_string();
     assert!(msg.contains("1 input") && msg.contains("0 given"), "{msg}");
 }
@@ -212,11 +163,7 @@ fn nan_and_inf_inputs_are_warned_about() {
     a[[0, 1, 0, 0]] = f32::INFINITY;
     let w = input_warnings(&g, &[Value::F(a)]);
     assert_eq!(w.len(), 1);
-    assert!(
-        w[0].contains("'input'") && w[0].contains("1 NaN") && w[0].contains("1 infinite"),
-        "{}",
-        w[0]
-    );
+    assert!(w[0].contains("'input'") && w[0].contains("1 NaN") && w[0].contains("1 infinite"), "{}", w[0]);
 }
 
 #[test]
@@ -229,19 +176,11 @@ fn shape_errors_inside_the_graph_name_the_node() {
         int64_data: vec![3, 3],
         ..Default::default()
     };
-    let m = model(
-        vec![node("Reshape", "bad_reshape", &["x", "shape"], &["y"])],
-        vec![shape],
-    );
+    let m = model(vec![node("Reshape", "bad_reshape", &["x", "shape"], &["y"])], vec![shape]);
     let p = tmp("reshape.onnx");
     std::fs::write(&p, m.encode_to_vec()).unwrap();
     let g = relprop::onnx::load(&p).unwrap();
     let x = Value::F(ndarray::ArrayD::<f32>::zeros(ndarray::IxDyn(&[1, 4])));
-    let msg = run(&g, &prepare_consts(&g), vec![x])
-        .unwrap_err()
-        .to_string();
-    assert!(
-        msg.contains("bad_reshape") && msg.contains("Reshape") && msg.contains("[1, 4]"),
-        "{msg}"
-    );
+    let msg = run(&g, &prepare_consts(&g), vec![x]).unwrap_err().to_string();
+    assert!(msg.contains("bad_reshape") && msg.contains("Reshape") && msg.contains("[1, 4]"), "{msg}");
 }

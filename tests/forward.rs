@@ -20,20 +20,15 @@ fn model_path(case: &str) -> PathBuf {
 }
 
 fn numbered(dir: &Path, stem: &str, suffix: &str) -> Vec<PathBuf> {
-    (0..)
-        .map(|k| dir.join(format!("{stem}_{k}{suffix}")))
-        .take_while(|p| p.exists())
-        .collect()
+    (0..).map(|k| dir.join(format!("{stem}_{k}{suffix}"))).take_while(|p| p.exists()).collect()
 }
 
 /// Runs `case` in precision T; returns (max |Δ|, max |y|) over all outputs.
 fn check<T: Float>(case: &str, suffix: &str) -> (f64, f64) {
     let dir = root().join("tests/fixtures").join(case);
     let g = relprop::onnx::load(model_path(case)).unwrap();
-    let inputs: Vec<Value<T>> = numbered(&dir, "input", ".npy")
-        .iter()
-        .map(|p| relprop::io::read_npy(p).unwrap())
-        .collect();
+    let inputs: Vec<Value<T>> =
+        numbered(&dir, "input", ".npy").iter().map(|p| relprop::io::read_npy(p).unwrap()).collect();
     let consts = prepare_consts::<T>(&g);
     let outs = run(&g, &consts, inputs).unwrap();
     let refs = numbered(&dir, "output", suffix);
@@ -73,11 +68,7 @@ fn f32_matches_onnxruntime() {
     for case in CASES {
         let (d, y) = check::<f32>(case, ".ort.npy");
         eprintln!("{case:20} f32: max abs diff {d:.2e}, max abs y {y:.3e}");
-        assert!(
-            d <= 1e-4 * y,
-            "{case}: max |Δ| = {d:e} exceeds 1e-4 · max |y| = {:e}",
-            1e-4 * y
-        );
+        assert!(d <= 1e-4 * y, "{case}: max |Δ| = {d:e} exceeds 1e-4 · max |y| = {:e}", 1e-4 * y);
     }
 }
 
@@ -86,9 +77,6 @@ fn f64_matches_float64_reference() {
     for case in CASES {
         let (d, y) = check::<f64>(case, ".f64.npy");
         eprintln!("{case:20} f64: max abs diff {d:.2e}, max abs y {y:.3e}");
-        assert!(
-            d <= 1e-10 * y.max(1.0),
-            "{case}: max |Δ| = {d:e} exceeds 1e-10"
-        );
+        assert!(d <= 1e-10 * y.max(1.0), "{case}: max |Δ| = {d:e} exceeds 1e-10");
     }
 }

@@ -23,10 +23,7 @@ fn root() -> PathBuf {
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> f64 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         ((self.0 >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
     }
     fn vec(&mut self, n: usize) -> Vec<f64> {
@@ -49,10 +46,8 @@ fn conv_matrix(g: &ConvGeom, w: &[f64]) -> (Vec<Vec<f64>>, usize) {
                     let ci = (oc / mg) * cg + cc;
                     for ki in 0..g.kh {
                         for kj in 0..g.kw {
-                            let iy = (oy * g.stride[0] + ki * g.dilation[0]) as isize
-                                - g.pads[0] as isize;
-                            let ix = (ox * g.stride[1] + kj * g.dilation[1]) as isize
-                                - g.pads[1] as isize;
+                            let iy = (oy * g.stride[0] + ki * g.dilation[0]) as isize - g.pads[0] as isize;
+                            let ix = (ox * g.stride[1] + kj * g.dilation[1]) as isize - g.pads[1] as isize;
                             if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
                                 let j = (ci * g.h + iy as usize) * g.w + ix as usize;
                                 m[j][k] += w[((oc * cg + cc) * g.kh + ki) * g.kw + kj];
@@ -75,14 +70,7 @@ fn stab(z: f64, e: f64) -> f64 {
 
 /// The rule's formula as explicit sums over a dense matrix (one sample). `mat(f)` gives the matrix of
 /// the layer with weights modified elementwise by f; `bias[k]` per output; `conn[j][k]` connectivity.
-fn naive(
-    rule: &Rule,
-    x: &[f64],
-    mat: &MatFn,
-    bias: &[f64],
-    r: &[f64],
-    bounds: (&[f64], &[f64]),
-) -> Vec<f64> {
+fn naive(rule: &Rule, x: &[f64], mat: &MatFn, bias: &[f64], r: &[f64], bounds: (&[f64], &[f64])) -> Vec<f64> {
     let nin = x.len();
     let nout = r.len();
     let w = mat(&|v| v);
@@ -93,51 +81,32 @@ fn naive(
     let neg = |v: f64| v.min(0.0);
     // contribution c[j][k] and denominator d[k]; R_j = Σ_k c[j][k] R_k / d[k]
     let mut out = vec![0.0; nin];
-    let mut apply = |c: &dyn Fn(usize, usize) -> f64,
-                     d: &dyn Fn(usize) -> f64,
-                     scale: f64,
-                     active: &dyn Fn(usize) -> bool| {
-        for k in 0..nout {
-            if !active(k) {
-                continue;
+    let mut apply =
+        |c: &dyn Fn(usize, usize) -> f64, d: &dyn Fn(usize) -> f64, scale: f64, active: &dyn Fn(usize) -> bool| {
+            for k in 0..nout {
+                if !active(k) {
+                    continue;
+                }
+                let den = d(k);
+                for (j, o) in out.iter_mut().enumerate() {
+                    *o += scale * c(j, k) * r[k] / den;
+                }
             }
-            let den = d(k);
-            for (j, o) in out.iter_mut().enumerate() {
-                *o += scale * c(j, k) * r[k] / den;
-            }
-        }
-    };
-    let sum_over =
-        |c: &dyn Fn(usize, usize) -> f64, k: usize| (0..nin).map(|j| c(j, k)).sum::<f64>();
-    let z: Vec<f64> = (0..nout)
-        .map(|k| (0..nin).map(|j| x[j] * w[j][k]).sum::<f64>() + bias[k])
-        .collect();
+        };
+    let sum_over = |c: &dyn Fn(usize, usize) -> f64, k: usize| (0..nin).map(|j| c(j, k)).sum::<f64>();
+    let z: Vec<f64> = (0..nout).map(|k| (0..nin).map(|j| x[j] * w[j][k]).sum::<f64>() + bias[k]).collect();
     match rule {
         Rule::Epsilon(e) => {
             let c = |j: usize, k: usize| x[j] * w[j][k];
             apply(&c, &|k| stab(z[k], *e), 1.0, &|_| true);
         }
         Rule::ZPlus | Rule::AlphaBeta { .. } => {
-            let (a, b) = if let Rule::AlphaBeta { alpha, beta } = rule {
-                (*alpha, *beta)
-            } else {
-                (1.0, 0.0)
-            };
+            let (a, b) = if let Rule::AlphaBeta { alpha, beta } = rule { (*alpha, *beta) } else { (1.0, 0.0) };
             let cp = |j: usize, k: usize| pos(x[j]) * wp[j][k] + neg(x[j]) * wn[j][k];
             let cn = |j: usize, k: usize| pos(x[j]) * wn[j][k] + neg(x[j]) * wp[j][k];
-            apply(
-                &cp,
-                &|k| stab(sum_over(&cp, k) + pos(bias[k]), 1e-6),
-                a,
-                &|_| true,
-            );
+            apply(&cp, &|k| stab(sum_over(&cp, k) + pos(bias[k]), 1e-6), a, &|_| true);
             if b != 0.0 {
-                apply(
-                    &cn,
-                    &|k| stab(sum_over(&cn, k) + neg(bias[k]), 1e-6),
-                    -b,
-                    &|_| true,
-                );
+                apply(&cn, &|k| stab(sum_over(&cn, k) + neg(bias[k]), 1e-6), -b, &|_| true);
             }
         }
         Rule::Gamma(g) => {
@@ -145,18 +114,8 @@ fn naive(
             let wgn = |j: usize, k: usize| w[j][k] + g * wn[j][k];
             let cpos = |j: usize, k: usize| pos(x[j]) * wgp(j, k) + neg(x[j]) * wgn(j, k);
             let cneg = |j: usize, k: usize| pos(x[j]) * wgn(j, k) + neg(x[j]) * wgp(j, k);
-            apply(
-                &cpos,
-                &|k| stab(sum_over(&cpos, k) + bias[k] + g * pos(bias[k]), 1e-6),
-                1.0,
-                &|k| z[k] > 0.0,
-            );
-            apply(
-                &cneg,
-                &|k| stab(sum_over(&cneg, k) + bias[k] + g * neg(bias[k]), 1e-6),
-                1.0,
-                &|k| z[k] < 0.0,
-            );
+            apply(&cpos, &|k| stab(sum_over(&cpos, k) + bias[k] + g * pos(bias[k]), 1e-6), 1.0, &|k| z[k] > 0.0);
+            apply(&cneg, &|k| stab(sum_over(&cneg, k) + bias[k] + g * neg(bias[k]), 1e-6), 1.0, &|k| z[k] < 0.0);
         }
         Rule::ZBox => {
             let (l, h) = bounds;
@@ -169,12 +128,7 @@ fn naive(
         }
         Rule::WSquare => {
             let c = |j: usize, k: usize| w[j][k] * w[j][k];
-            apply(
-                &c,
-                &|k| stab(sum_over(&c, k) + bias[k] * bias[k], 1e-6),
-                1.0,
-                &|_| true,
-            );
+            apply(&c, &|k| stab(sum_over(&c, k) + bias[k] * bias[k], 1e-6), 1.0, &|_| true);
         }
         _ => unreachable!(),
     }
@@ -187,14 +141,8 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
         Rule::Epsilon(1e-6),
         Rule::Epsilon(0.1),
         Rule::ZPlus,
-        Rule::AlphaBeta {
-            alpha: 2.0,
-            beta: 1.0,
-        },
-        Rule::AlphaBeta {
-            alpha: 1.5,
-            beta: 0.5,
-        },
+        Rule::AlphaBeta { alpha: 2.0, beta: 1.0 },
+        Rule::AlphaBeta { alpha: 1.5, beta: 0.5 },
         Rule::Gamma(0.25),
         Rule::Gamma(1.0),
         Rule::ZBox,
@@ -214,18 +162,7 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
         pads: [1, 0, 1, 2],
         group: 1,
     };
-    let geoms = [
-        base,
-        ConvGeom {
-            c: 4,
-            m: 4,
-            group: 4,
-            stride: [1, 2],
-            dilation: [1, 2],
-            pads: [0, 2, 1, 1],
-            ..base
-        },
-    ];
+    let geoms = [base, ConvGeom { c: 4, m: 4, group: 4, stride: [1, 2], dilation: [1, 2], pads: [0, 2, 1, 1], ..base }];
     let mut rng = Lcg(7);
     for trial in 0..3 {
         // Dense layers (input mixed-sign, like a first layer or after a non-ReLU activation).
@@ -236,29 +173,15 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
         let r = rng.vec(n);
         let low: Vec<f64> = (0..k).map(|_| -1.5).collect();
         let high: Vec<f64> = (0..k).map(|_| 1.5).collect();
-        let layer = LinearLayer {
-            kind: LinearKind::Dense { m: 1, k, n },
-            w: w.clone(),
-            bias: Some(b.clone()),
-        };
-        let mat = |f: &dyn Fn(f64) -> f64| {
-            (0..k)
-                .map(|j| (0..n).map(|kk| f(w[j * n + kk])).collect())
-                .collect()
-        };
+        let layer = LinearLayer { kind: LinearKind::Dense { m: 1, k, n }, w: w.clone(), bias: Some(b.clone()) };
+        let mat = |f: &dyn Fn(f64) -> f64| (0..k).map(|j| (0..n).map(|kk| f(w[j * n + kk])).collect()).collect();
         let y = layer.fwd(&x, &w, Some(&b));
         for rule in &rules {
-            let bounds = Bounds {
-                low: vec![-1.5],
-                high: vec![1.5],
-            };
+            let bounds = Bounds { low: vec![-1.5], high: vec![1.5] };
             let got = relevance(&layer, rule, &x, &y, &r, false, 1e-6, Some(&bounds)).unwrap();
             let want = naive(rule, &x, &mat, &b, &r, (&low, &high));
             for (g, w) in got.iter().zip(&want) {
-                assert!(
-                    (g - w).abs() <= 1e-10 * (1.0 + w.abs()),
-                    "dense {rule} trial {trial}: {g} vs {w}"
-                );
+                assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "dense {rule} trial {trial}: {g} vs {w}");
             }
         }
         // Convolutions, including a depthwise one with dilation and asymmetric pads.
@@ -269,11 +192,7 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
             let w = rng.vec(geom.m * (geom.c / geom.group) * 9);
             let b = rng.vec(geom.m);
             let r = rng.vec(geom.m * oh * ow);
-            let layer = LinearLayer {
-                kind: LinearKind::Conv(*geom),
-                w: w.clone(),
-                bias: Some(b.clone()),
-            };
+            let layer = LinearLayer { kind: LinearKind::Conv(*geom), w: w.clone(), bias: Some(b.clone()) };
             let bias_k: Vec<f64> = (0..geom.m * oh * ow).map(|kk| b[kk / (oh * ow)]).collect();
             let mat = |f: &dyn Fn(f64) -> f64| {
                 let wf: Vec<f64> = w.iter().map(|&v| f(v)).collect();
@@ -284,19 +203,13 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
             let highs = [1.0, 2.5, 0.7, 1.1];
             let low: Vec<f64> = (0..nin).map(|j| lows[j / (geom.h * geom.w)]).collect();
             let high: Vec<f64> = (0..nin).map(|j| highs[j / (geom.h * geom.w)]).collect();
-            let bounds = Bounds {
-                low: lows[..geom.c].to_vec(),
-                high: highs[..geom.c].to_vec(),
-            };
+            let bounds = Bounds { low: lows[..geom.c].to_vec(), high: highs[..geom.c].to_vec() };
             let y = layer.fwd(&x, &w, Some(&b));
             for rule in &rules {
                 let got = relevance(&layer, rule, &x, &y, &r, false, 1e-6, Some(&bounds)).unwrap();
                 let want = naive(rule, &x, &mat, &bias_k, &r, (&low, &high));
                 for (g, w) in got.iter().zip(&want) {
-                    assert!(
-                        (g - w).abs() <= 1e-10 * (1.0 + w.abs()),
-                        "conv {geom:?} {rule}: {g} vs {w}"
-                    );
+                    assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "conv {geom:?} {rule}: {g} vs {w}");
                 }
             }
         }
@@ -319,35 +232,22 @@ mod onnx_build {
     pub fn vi(name: &str, dims: &[i64]) -> proto::ValueInfoProto {
         use proto::tensor_shape_proto::{Dimension, dimension::Value as D};
         let shape = proto::TensorShapeProto {
-            dim: dims
-                .iter()
-                .map(|&d| Dimension {
-                    value: Some(D::DimValue(d)),
-                    ..Default::default()
-                })
-                .collect(),
+            dim: dims.iter().map(|&d| Dimension { value: Some(D::DimValue(d)), ..Default::default() }).collect(),
         };
         proto::ValueInfoProto {
             name: Some(name.into()),
             r#type: Some(proto::TypeProto {
-                value: Some(proto::type_proto::Value::TensorType(
-                    proto::type_proto::Tensor {
-                        elem_type: Some(1),
-                        shape: Some(shape),
-                    },
-                )),
+                value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
+                    elem_type: Some(1),
+                    shape: Some(shape),
+                })),
                 ..Default::default()
             }),
             ..Default::default()
         }
     }
 
-    pub fn node(
-        op: &str,
-        inputs: &[&str],
-        outputs: &[&str],
-        attrs: Vec<proto::AttributeProto>,
-    ) -> proto::NodeProto {
+    pub fn node(op: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<proto::AttributeProto>) -> proto::NodeProto {
         proto::NodeProto {
             op_type: Some(op.into()),
             name: Some(format!("{op}_{}", outputs[0])),
@@ -359,12 +259,7 @@ mod onnx_build {
     }
 
     pub fn ints(name: &str, v: &[i64]) -> proto::AttributeProto {
-        proto::AttributeProto {
-            name: Some(name.into()),
-            ints: v.to_vec(),
-            r#type: Some(7),
-            ..Default::default()
-        }
+        proto::AttributeProto { name: Some(name.into()), ints: v.to_vec(), r#type: Some(7), ..Default::default() }
     }
 }
 
@@ -373,33 +268,13 @@ fn bias_free_net() -> PathBuf {
     use onnx_build::*;
     use relprop::onnx::proto;
     let mut rng = Lcg(3);
-    let mut f = |n: usize| {
-        rng.vec(n)
-            .into_iter()
-            .map(|v| v as f32)
-            .collect::<Vec<f32>>()
-    };
+    let mut f = |n: usize| rng.vec(n).into_iter().map(|v| v as f32).collect::<Vec<f32>>();
     let graph = proto::GraphProto {
         node: vec![
-            node(
-                "Conv",
-                &["x", "w1"],
-                &["c1"],
-                vec![ints("pads", &[1, 1, 1, 1])],
-            ),
+            node("Conv", &["x", "w1"], &["c1"], vec![ints("pads", &[1, 1, 1, 1])]),
             node("Relu", &["c1"], &["r1"], vec![]),
-            node(
-                "MaxPool",
-                &["r1"],
-                &["p1"],
-                vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])],
-            ),
-            node(
-                "Conv",
-                &["p1", "w2"],
-                &["c2"],
-                vec![ints("strides", &[2, 2]), ints("pads", &[1, 1, 1, 1])],
-            ),
+            node("MaxPool", &["r1"], &["p1"], vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])]),
+            node("Conv", &["p1", "w2"], &["c2"], vec![ints("strides", &[2, 2]), ints("pads", &[1, 1, 1, 1])]),
             node("Relu", &["c2"], &["r2"], vec![]),
             node("Flatten", &["r2"], &["fl"], vec![]),
             node("Gemm", &["fl", "w3"], &["y"], vec![]),
@@ -416,10 +291,7 @@ fn bias_free_net() -> PathBuf {
     };
     let model = proto::ModelProto {
         ir_version: Some(8),
-        opset_import: vec![proto::OperatorSetIdProto {
-            domain: Some(String::new()),
-            version: Some(13),
-        }],
+        opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],
         graph: Some(graph),
         ..Default::default()
     };
@@ -429,16 +301,7 @@ fn bias_free_net() -> PathBuf {
 }
 
 fn epsilon_zero() -> Method {
-    Method::Lrp(Box::new(
-        Composite::named(
-            "epsilon",
-            &Params {
-                epsilon: 0.0,
-                ..Params::default()
-            },
-        )
-        .unwrap(),
-    ))
+    Method::Lrp(Box::new(Composite::named("epsilon", &Params { epsilon: 0.0, ..Params::default() }).unwrap()))
 }
 
 fn conservation<T: Float>(
@@ -452,11 +315,7 @@ fn conservation<T: Float>(
     let s = Settings {
         method: epsilon_zero(),
         canonize: mode,
-        opts: RuleOpts {
-            ignore_bias,
-            stabilizer: 1e-30,
-            ..RuleOpts::default()
-        },
+        opts: RuleOpts { ignore_bias, stabilizer: 1e-30, ..RuleOpts::default() },
         tolerance: 1e-4,
     };
     let p = prepare(&g, std::slice::from_ref(&x), &s).unwrap();
@@ -465,14 +324,7 @@ fn conservation<T: Float>(
     let n = r.shape()[0];
     let per = r.len() / n;
     let flat: Vec<f64> = r.iter().map(|v| v.f64()).collect();
-    (0..n)
-        .map(|i| {
-            (
-                flat[i * per..(i + 1) * per].iter().sum::<f64>(),
-                e.scores[i],
-            )
-        })
-        .collect()
+    (0..n).map(|i| (flat[i * per..(i + 1) * per].iter().sum::<f64>(), e.scores[i])).collect()
 }
 
 #[test]
@@ -480,31 +332,18 @@ fn bias_free_relu_network_conserves_the_logit() {
     let model = bias_free_net();
     let mut rng = Lcg(11);
     let x64 = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 3, 8, 8]), rng.vec(384)).unwrap();
-    for (i, (sr, logit)) in conservation(
-        &model,
-        Value::F(x64.mapv(|v| v as f32)),
-        Mode::Minimal,
-        false,
-        Some(&[0, 2]),
-    )
-    .into_iter()
-    .enumerate()
-    {
-        eprintln!("f32 sample {i}: ΣR = {sr:.9}, logit = {logit:.9}");
-        assert!(
-            (sr - logit).abs() <= 1e-5 * logit.abs(),
-            "f32: {sr} vs {logit}"
-        );
-    }
-    for (i, (sr, logit)) in conservation(&model, Value::F(x64), Mode::Minimal, false, Some(&[0, 2]))
+    for (i, (sr, logit)) in conservation(&model, Value::F(x64.mapv(|v| v as f32)), Mode::Minimal, false, Some(&[0, 2]))
         .into_iter()
         .enumerate()
     {
+        eprintln!("f32 sample {i}: ΣR = {sr:.9}, logit = {logit:.9}");
+        assert!((sr - logit).abs() <= 1e-5 * logit.abs(), "f32: {sr} vs {logit}");
+    }
+    for (i, (sr, logit)) in
+        conservation(&model, Value::F(x64), Mode::Minimal, false, Some(&[0, 2])).into_iter().enumerate()
+    {
         eprintln!("f64 sample {i}: ΣR = {sr:.15}, logit = {logit:.15}");
-        assert!(
-            (sr - logit).abs() <= 1e-12 * logit.abs(),
-            "f64: {sr} vs {logit}"
-        );
+        assert!((sr - logit).abs() <= 1e-12 * logit.abs(), "f64: {sr} vs {logit}");
     }
 }
 
@@ -512,22 +351,11 @@ fn bias_free_relu_network_conserves_the_logit() {
 fn densenet_full_canonization_keeps_the_function_and_conserves() {
     let model = root().join("tests/fixtures/densenet/model.onnx");
     let g = relprop::onnx::load(&model).unwrap();
-    let x: Value<f64> =
-        relprop::io::read_npy(&root().join("tests/fixtures/densenet/input_0.npy")).unwrap();
+    let x: Value<f64> = relprop::io::read_npy(&root().join("tests/fixtures/densenet/input_0.npy")).unwrap();
     let shapes = value_shapes(&g, std::slice::from_ref(&x)).unwrap();
     let (full, report) = canonize(&g, Mode::Full, Some(&shapes)).unwrap();
-    assert!(
-        report
-            .iter()
-            .filter(|l| l.contains("threshold ReLU"))
-            .count()
-            == 6,
-        "{report:#?}"
-    );
-    assert!(
-        !full.nodes.iter().any(|n| n.op_type == "BatchNormalization"),
-        "every BN is folded"
-    );
+    assert!(report.iter().filter(|l| l.contains("threshold ReLU")).count() == 6, "{report:#?}");
+    assert!(!full.nodes.iter().any(|n| n.op_type == "BatchNormalization"), "every BN is folded");
     let dev = check(&g, &full, std::slice::from_ref(&x)).unwrap();
     eprintln!("full canonization deviation (f64): {dev:.2e}");
     assert!(dev < 1e-12);
@@ -539,22 +367,14 @@ fn densenet_full_canonization_keeps_the_function_and_conserves() {
     }
     // The default composite gives a finite explanation.
     let s = Settings {
-        method: Method::Lrp(Box::new(
-            Composite::named("epsilon_plus_flat", &Params::default()).unwrap(),
-        )),
+        method: Method::Lrp(Box::new(Composite::named("epsilon_plus_flat", &Params::default()).unwrap())),
         canonize: Mode::Full,
         opts: RuleOpts::default(),
         tolerance: 1e-9,
     };
     let p = prepare(&g, std::slice::from_ref(&x), &s).unwrap();
     let e = attribute(&p, &s.method, vec![x], None, &[]).unwrap();
-    assert!(
-        e.relevance[0]
-            .as_ref()
-            .unwrap()
-            .iter()
-            .all(|v| v.is_finite())
-    );
+    assert!(e.relevance[0].as_ref().unwrap().iter().all(|v| v.is_finite()));
 }
 
 #[test]
@@ -562,19 +382,14 @@ fn bn_channel_with_zero_gamma_gives_no_inf_or_nan() {
     let model = root().join("tests/fixtures/densenet/model.onnx");
     let mut g = relprop::onnx::load(&model).unwrap();
     // Zero γ of channel 1 of every BatchNorm.
-    let scales: Vec<usize> = g
-        .nodes
-        .iter()
-        .filter(|n| n.op_type == "BatchNormalization")
-        .filter_map(|n| n.input(1))
-        .collect();
+    let scales: Vec<usize> =
+        g.nodes.iter().filter(|n| n.op_type == "BatchNormalization").filter_map(|n| n.input(1)).collect();
     for s in scales {
         if let Some(Const::F(a)) = g.consts.get_mut(&s) {
             a[[1]] = 0.0;
         }
     }
-    let x: Value<f64> =
-        relprop::io::read_npy(&root().join("tests/fixtures/densenet/input_0.npy")).unwrap();
+    let x: Value<f64> = relprop::io::read_npy(&root().join("tests/fixtures/densenet/input_0.npy")).unwrap();
     let shapes = value_shapes(&g, std::slice::from_ref(&x)).unwrap();
     let (full, _) = canonize(&g, Mode::Full, Some(&shapes)).unwrap();
     for c in full.consts.values() {
@@ -588,62 +403,34 @@ fn bn_channel_with_zero_gamma_gives_no_inf_or_nan() {
 fn explain_everything(model: &str, x: Value<f32>, bounds: Bounds) {
     let g = relprop::onnx::load(root().join("assets/models").join(model)).unwrap();
     for name in relprop::composite::NAMES {
-        let method = Method::Lrp(Box::new(
-            Composite::named(name, &Params::default()).unwrap(),
-        ));
+        let method = Method::Lrp(Box::new(Composite::named(name, &Params::default()).unwrap()));
         for mode in [Mode::Full, Mode::Minimal] {
             let s = Settings {
                 method: method.clone(),
                 canonize: mode,
-                opts: RuleOpts {
-                    bounds: Some(bounds.clone()),
-                    ..RuleOpts::default()
-                },
+                opts: RuleOpts { bounds: Some(bounds.clone()), ..RuleOpts::default() },
                 tolerance: 1e-4,
             };
-            let p = prepare(&g, std::slice::from_ref(&x), &s)
-                .unwrap_or_else(|e| panic!("{model} {name}: {e}"));
-            let e = attribute(&p, &method, vec![x.clone()], None, &[])
-                .unwrap_or_else(|e| panic!("{model} {name}: {e}"));
+            let p = prepare(&g, std::slice::from_ref(&x), &s).unwrap_or_else(|e| panic!("{model} {name}: {e}"));
+            let e =
+                attribute(&p, &method, vec![x.clone()], None, &[]).unwrap_or_else(|e| panic!("{model} {name}: {e}"));
             let r = e.relevance[0].as_ref().unwrap();
             assert_eq!(r.shape(), x.shape());
-            assert!(
-                r.iter().all(|v| v.is_finite()),
-                "{model} {name}: non-finite relevance"
-            );
+            assert!(r.iter().all(|v| v.is_finite()), "{model} {name}: non-finite relevance");
             let s: f64 = r.iter().map(|&v| v as f64).sum();
-            eprintln!(
-                "{model} {name:26} {mode:?}: target {} ΣR/logit {:.4}",
-                e.targets[0],
-                s / e.scores[0]
-            );
+            eprintln!("{model} {name:26} {mode:?}: target {} ΣR/logit {:.4}", e.targets[0], s / e.scores[0]);
         }
     }
 }
 
 #[test]
 fn efficientnet_lite0_explains_under_every_composite() {
-    let x = relprop::io::read_npy(&root().join("tests/fixtures/efficientnet_lite0/input_0.npy"))
-        .unwrap();
-    explain_everything(
-        "efficientnet_lite0.onnx",
-        x,
-        Bounds {
-            low: vec![-127.0 / 128.0],
-            high: vec![1.0],
-        },
-    );
+    let x = relprop::io::read_npy(&root().join("tests/fixtures/efficientnet_lite0/input_0.npy")).unwrap();
+    explain_everything("efficientnet_lite0.onnx", x, Bounds { low: vec![-127.0 / 128.0], high: vec![1.0] });
 }
 
 #[test]
 fn ppocr_classifier_explains_under_every_composite() {
     let x = relprop::io::read_npy(&root().join("tests/fixtures/ppocr_cls/input_0.npy")).unwrap();
-    explain_everything(
-        "ch_ppocr_mobile_v2.0_cls_infer.onnx",
-        x,
-        Bounds {
-            low: vec![-1.0],
-            high: vec![1.0],
-        },
-    );
+    explain_everything("ch_ppocr_mobile_v2.0_cls_infer.onnx", x, Bounds { low: vec![-1.0], high: vec![1.0] });
 }

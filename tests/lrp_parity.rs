@@ -10,9 +10,7 @@ use relprop::tensor::Value;
 use std::path::PathBuf;
 
 fn fixture(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
 }
 
 fn imagenet_bounds() -> Bounds {
@@ -29,19 +27,10 @@ fn compare(case: &str, composite: &str) -> Vec<(f64, f64, f64, f64)> {
     let dir = fixture(case);
     let g = relprop::onnx::load(dir.join("model.onnx")).unwrap();
     let x: Value<f32> = relprop::io::read_npy(&dir.join("input_0.npy")).unwrap();
-    let targets: Vec<usize> = relprop::io::read_npy::<f32>(&dir.join("targets.npy"))
-        .unwrap()
-        .to_int()
-        .iter()
-        .map(|&t| t as usize)
-        .collect();
-    let reference = relprop::io::read_npy::<f64>(&dir.join(format!("zennit_{composite}.npy")))
-        .unwrap()
-        .to_float();
-    let params = Params {
-        epsilon: if composite == "epsilon" { 1e-9 } else { 1e-6 },
-        ..Params::default()
-    };
+    let targets: Vec<usize> =
+        relprop::io::read_npy::<f32>(&dir.join("targets.npy")).unwrap().to_int().iter().map(|&t| t as usize).collect();
+    let reference = relprop::io::read_npy::<f64>(&dir.join(format!("zennit_{composite}.npy"))).unwrap().to_float();
+    let params = Params { epsilon: if composite == "epsilon" { 1e-9 } else { 1e-6 }, ..Params::default() };
     let method = if composite == "gradient" {
         Method::Gradient
     } else {
@@ -50,10 +39,7 @@ fn compare(case: &str, composite: &str) -> Vec<(f64, f64, f64, f64)> {
     let s = Settings {
         method: method.clone(),
         canonize: Mode::Minimal,
-        opts: RuleOpts {
-            bounds: Some(imagenet_bounds()),
-            ..RuleOpts::default()
-        },
+        opts: RuleOpts { bounds: Some(imagenet_bounds()), ..RuleOpts::default() },
         tolerance: 1e-4,
     };
     let p = prepare(&g, std::slice::from_ref(&x), &s).unwrap();
@@ -61,29 +47,16 @@ fn compare(case: &str, composite: &str) -> Vec<(f64, f64, f64, f64)> {
     let ours = e.relevance[0].as_ref().unwrap();
     let n = ours.shape()[0];
     let per = ours.len() / n;
-    let (a, b): (Vec<f64>, Vec<f64>) = (
-        ours.iter().map(|&v| v as f64).collect(),
-        reference.iter().copied().collect(),
-    );
+    let (a, b): (Vec<f64>, Vec<f64>) = (ours.iter().map(|&v| v as f64).collect(), reference.iter().copied().collect());
     (0..n)
         .map(|i| {
             let (sa, sb) = (&a[i * per..(i + 1) * per], &b[i * per..(i + 1) * per]);
             let dot: f64 = sa.iter().zip(sb).map(|(x, y)| x * y).sum();
             let na = sa.iter().map(|x| x * x).sum::<f64>().sqrt();
             let nb = sb.iter().map(|x| x * x).sum::<f64>().sqrt();
-            let diff = sa
-                .iter()
-                .zip(sb)
-                .map(|(x, y)| (x - y) * (x - y))
-                .sum::<f64>()
-                .sqrt();
+            let diff = sa.iter().zip(sb).map(|(x, y)| (x - y) * (x - y)).sum::<f64>().sqrt();
             let logit = e.scores[i];
-            (
-                diff / nb,
-                dot / (na * nb),
-                sa.iter().sum::<f64>() / logit,
-                sb.iter().sum::<f64>() / logit,
-            )
+            (diff / nb, dot / (na * nb), sa.iter().sum::<f64>() / logit, sb.iter().sum::<f64>() / logit)
         })
         .collect()
 }
@@ -112,10 +85,11 @@ fn check_case(case: &str) {
             // own f64 run differs from ours by 8e-4 because its BN merge rounds differently from
             // the exporter's (measured with tools/reference), so that composite gets 2e-3.
             let tol = if comp == &"epsilon" { 2e-3 } else { 1e-3 };
-            let ratio_ok =
-                comp == &"gradient" || (ours - theirs).abs() <= tol * theirs.abs().max(1.0);
+            let ratio_ok = comp == &"gradient" || (ours - theirs).abs() <= tol * theirs.abs().max(1.0);
             if !(rl2 <= 1e-2 && cos >= 0.9999 && ratio_ok) {
-                failures.push(format!("{comp} sample {i}: rel L2 {rl2:.2e}, cosine {cos:.6}, ratio {ours:.5} vs {theirs:.5}"));
+                failures.push(format!(
+                    "{comp} sample {i}: rel L2 {rl2:.2e}, cosine {cos:.6}, ratio {ours:.5} vs {theirs:.5}"
+                ));
             }
         }
     }

@@ -28,11 +28,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 2)]
     threads: usize,
     /// LRP composites to time.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "epsilon_plus_flat,epsilon_gamma_box"
-    )]
+    #[arg(long, value_delimiter = ',', default_value = "epsilon_plus_flat,epsilon_gamma_box")]
     composites: Vec<String>,
     /// Timed repetitions per mode (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
@@ -61,30 +57,15 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 pub fn bench(a: BenchArgs) -> Result<ExitCode> {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(a.threads)
-        .build_global()
-        .ok();
-    let g =
-        relprop::onnx::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    rayon::ThreadPoolBuilder::new().num_threads(a.threads).build_global().ok();
+    let g = relprop::onnx::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     if g.inputs.len() != 1 || g.inputs[0].kind != ElemKind::Float {
         bail!("bench needs a model with one floating-point input");
     }
     let declared: Vec<usize> = g.inputs[0]
         .dims
         .as_ref()
-        .map(|d| {
-            d.iter()
-                .skip(1)
-                .map(|d| {
-                    if let relprop::graph::Dim::Fixed(n) = d {
-                        *n
-                    } else {
-                        0
-                    }
-                })
-                .collect()
-        })
+        .map(|d| d.iter().skip(1).map(|d| if let relprop::graph::Dim::Fixed(n) = d { *n } else { 0 }).collect())
         .unwrap_or_default();
     let shape = a.shape.clone().unwrap_or(declared);
     if shape.is_empty() || shape.contains(&0) {
@@ -95,62 +76,27 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         println!(
             "model {}  input [N, {}]  threads {}",
             a.model.display(),
-            shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", "),
             a.threads
         );
-        println!(
-            "{:>5} {:<28} {:>11} {:>8} {:>8} {:>10}",
-            "batch", "mode", "median ms", "÷ grad", "÷ fwd", "peak MiB"
-        );
+        println!("{:>5} {:<28} {:>11} {:>8} {:>8} {:>10}", "batch", "mode", "median ms", "÷ grad", "÷ fwd", "peak MiB");
     }
     for &n in &a.batch {
         let mut full = vec![n];
         full.extend(&shape);
         let len: usize = full.iter().product();
         // A deterministic input in [-1, 1).
-        let data: Vec<f32> = (0..len)
-            .map(|i| ((i * 2654435761) % 2000) as f32 / 1000.0 - 1.0)
-            .collect();
-        let x = Value::F(ndarray::ArrayD::from_shape_vec(
-            ndarray::IxDyn(&full),
-            data,
-        )?);
-        let opts = RuleOpts {
-            bounds: Some(Bounds {
-                low: vec![-1.0],
-                high: vec![1.0],
-            }),
-            ..RuleOpts::default()
-        };
-        let mut modes: Vec<(String, Option<(relprop::attribution::Prepared, Method)>)> =
-            vec![("forward".into(), None)];
+        let data: Vec<f32> = (0..len).map(|i| ((i * 2654435761) % 2000) as f32 / 1000.0 - 1.0).collect();
+        let x = Value::F(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&full), data)?);
+        let opts = RuleOpts { bounds: Some(Bounds { low: vec![-1.0], high: vec![1.0] }), ..RuleOpts::default() };
+        let mut modes: Vec<(String, Option<(relprop::attribution::Prepared, Method)>)> = vec![("forward".into(), None)];
         let grad = Method::Gradient;
-        let s = Settings {
-            method: grad.clone(),
-            canonize: Mode::Full,
-            opts: opts.clone(),
-            tolerance: 1e-4,
-        };
-        modes.push((
-            "gradient".into(),
-            Some((prepare(&g, std::slice::from_ref(&x), &s)?, grad)),
-        ));
+        let s = Settings { method: grad.clone(), canonize: Mode::Full, opts: opts.clone(), tolerance: 1e-4 };
+        modes.push(("gradient".into(), Some((prepare(&g, std::slice::from_ref(&x), &s)?, grad))));
         for c in &a.composites {
             let m = Method::Lrp(Box::new(Composite::named(c, &Params::default())?));
-            let s = Settings {
-                method: m.clone(),
-                canonize: Mode::Full,
-                opts: opts.clone(),
-                tolerance: 1e-4,
-            };
-            modes.push((
-                format!("lrp {c}"),
-                Some((prepare(&g, std::slice::from_ref(&x), &s)?, m)),
-            ));
+            let s = Settings { method: m.clone(), canonize: Mode::Full, opts: opts.clone(), tolerance: 1e-4 };
+            modes.push((format!("lrp {c}"), Some((prepare(&g, std::slice::from_ref(&x), &s)?, m))));
         }
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
         let mut peaks: Vec<f64> = vec![0.0; modes.len()];

@@ -17,23 +17,82 @@ use std::process::ExitCode;
 pub struct ExplainArgs {
     /// The ONNX model.
     pub model: PathBuf,
+    /// Pictures (PNG/JPEG) or directories of pictures (searched recursively, sorted).
+    pub inputs: Vec<PathBuf>,
     /// Input .npy for the first graph input, or NAME=FILE.npy (repeat for several inputs).
-    #[arg(long, short, required = true)]
+    #[arg(long, short)]
     pub input: Vec<String>,
+    /// Output directory for heatmaps, relevance and the summary (pictures).
+    #[arg(long, default_value = "relprop-out")]
+    pub out: PathBuf,
+    /// Preprocessing preset: imagenet (256/224/ImageNet mean, std) or efficientnet-lite (256/224/(p−127)/128).
+    #[arg(long)]
+    pub preprocess: Option<String>,
+    /// Resize the shorter side to N pixels (bilinear, as PIL).
+    #[arg(long)]
+    pub resize: Option<usize>,
+    /// Centre crop to N × N.
+    #[arg(long)]
+    pub crop: Option<usize>,
+    /// Pixel scale on 0..255 values (instead of --mean/--std).
+    #[arg(long, allow_hyphen_values = true)]
+    pub scale: Option<f64>,
+    /// Offset added after --scale.
+    #[arg(long, allow_hyphen_values = true)]
+    pub offset: Option<f64>,
+    /// Input layout: nchw or nhwc.
+    #[arg(long)]
+    pub layout: Option<String>,
+    /// Channel order: rgb or bgr.
+    #[arg(long)]
+    pub channels: Option<String>,
+    /// Class names, one per line (or ImageNet-style index<TAB>wnid<TAB>names).
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// One heatmap for each of the K best classes.
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    /// Contrastive: relevance for --target minus relevance for this class.
+    #[arg(long)]
+    pub versus: Option<String>,
+    /// Heatmap normalisation: symmetric, absolute or unaligned.
+    #[arg(long, default_value = "symmetric")]
+    pub relevance_norm: String,
+    /// Colour map: bwr, coldnhot, seismic, gray, hot, cold, wred, wblue, france, coolio, coleus, or a zennit colour-map source.
+    #[arg(long, default_value = "bwr")]
+    pub cmap: String,
+    /// Colour-map level (zennit's): below 1 narrows the colour range, above 1 saturates earlier.
+    #[arg(long, default_value_t = 1.0)]
+    pub level: f64,
+    /// Also write the heatmap blended onto the cropped picture.
+    #[arg(long)]
+    pub overlay: bool,
+    /// Also write grid.png with every heatmap.
+    #[arg(long)]
+    pub grid: bool,
+    /// Pictures per forward/backward batch.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Rewrite outputs that already exist.
+    #[arg(long)]
+    pub overwrite: bool,
     /// Attribution method: lrp, gradient or input_x_gradient.
     #[arg(long, default_value = "lrp")]
     pub method: String,
     /// LRP composite (epsilon_plus, epsilon_plus_flat, epsilon_alpha2_beta1, epsilon_alpha2_beta1_flat,
     /// epsilon_gamma_box, excitation_backprop, guided_backprop, deconvnet, epsilon, gradient).
-    #[arg(long, default_value = "epsilon_plus_flat")]
-    pub composite: String,
+    #[arg(long)]
+    pub composite: Option<String>,
     /// Rule override: OPTYPE=rule, name:GLOB=rule or #N=rule (repeatable; first match wins).
     #[arg(long = "rule")]
     pub rules: Vec<String>,
     /// TOML file with overrides ([[rule]] match = "...", rule = "...") and optionally composite = "...".
     #[arg(long)]
     pub rules_file: Option<PathBuf>,
-    /// Target class per sample, comma-separated (default: argmax); one value applies to all.
+    /// Target: argmax (default), a class index per sample (comma-separated), or a class name from --labels.
     #[arg(long)]
     pub target: Option<String>,
     /// Write the input relevance (same shape as the input) here.
@@ -74,10 +133,7 @@ pub struct ExplainArgs {
 /// z^B bounds from the flags.
 pub fn bounds(a: &ExplainArgs) -> Result<Option<Bounds>> {
     Ok(match (&a.low, &a.high, &a.mean, &a.std) {
-        (Some(l), Some(h), _, _) => Some(Bounds {
-            low: l.clone(),
-            high: h.clone(),
-        }),
+        (Some(l), Some(h), _, _) => Some(Bounds { low: l.clone(), high: h.clone() }),
         (None, None, Some(m), Some(s)) => {
             if m.len() != s.len() {
                 bail!("--mean has {} values, --std {}", m.len(), s.len());
@@ -93,50 +149,32 @@ pub fn bounds(a: &ExplainArgs) -> Result<Option<Bounds>> {
 }
 
 /// The settings the flags describe.
-pub fn settings(a: &ExplainArgs) -> Result<Settings> {
-    let mut name = a.composite.clone();
+pub fn settings(a: &ExplainArgs, default_composite: Option<&str>) -> Result<(Settings, String)> {
+    let mut name =
+        a.composite.clone().or(default_composite.map(str::to_string)).unwrap_or_else(|| "epsilon_plus_flat".into());
     let mut overrides: Vec<Override> = Vec::new();
     for r in &a.rules {
-        overrides.push(
-            r.parse()
-                .map_err(anyhow::Error::msg)
-                .with_context(|| format!("--rule {r}"))?,
-        );
+        overrides.push(r.parse().map_err(anyhow::Error::msg).with_context(|| format!("--rule {r}"))?);
     }
     if let Some(f) = &a.rules_file {
-        let text =
-            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-        let (base, ov) =
-            Composite::overrides_from_toml(&text).with_context(|| format!("in {}", f.display()))?;
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        let (base, ov) = Composite::overrides_from_toml(&text).with_context(|| format!("in {}", f.display()))?;
         if let Some(b) = base {
             name = b;
         }
         overrides.extend(ov);
     }
-    let mut comp = Composite::named(
-        &name,
-        &Params {
-            epsilon: a.epsilon,
-            gamma: a.gamma,
-        },
-    )?;
+    let mut comp = Composite::named(&name, &Params { epsilon: a.epsilon, gamma: a.gamma })?;
     comp.overrides = overrides;
     let method = Method::parse(&a.method, comp)?;
     let mode: Mode = a.canonize.parse().map_err(anyhow::Error::msg)?;
-    Ok(Settings {
+    let s = Settings {
         method,
         canonize: mode,
-        opts: RuleOpts {
-            ignore_bias: a.ignore_bias,
-            bounds: bounds(a)?,
-            ..RuleOpts::default()
-        },
-        tolerance: if a.precision == Precision::F64 {
-            1e-9
-        } else {
-            1e-4
-        },
-    })
+        opts: RuleOpts { ignore_bias: a.ignore_bias, bounds: bounds(a)?, ..RuleOpts::default() },
+        tolerance: if a.precision == Precision::F64 { 1e-9 } else { 1e-4 },
+    };
+    Ok((s, name))
 }
 
 /// Parses `--target`.
@@ -145,11 +183,7 @@ pub fn targets(spec: &Option<String>) -> Result<Option<Vec<usize>>> {
         None | Some("argmax") => Ok(None),
         Some(s) => Ok(Some(
             s.split(',')
-                .map(|t| {
-                    t.trim()
-                        .parse::<usize>()
-                        .with_context(|| format!("--target: '{t}' is not a class index"))
-                })
+                .map(|t| t.trim().parse::<usize>().with_context(|| format!("--target: '{t}' is not a class index")))
                 .collect::<Result<_>>()?,
         )),
     }
@@ -160,65 +194,35 @@ fn explain_typed<T: Float>(a: &ExplainArgs, g: &Graph) -> Result<()> {
     for w in input_warnings(g, &inputs) {
         eprintln!("warning: {w}");
     }
-    let s = settings(a)?;
+    let (s, _) = settings(a, None)?;
     let p = prepare(g, &inputs, &s)?;
     for line in &p.report {
         eprintln!("canonize: {line}");
     }
     eprintln!("canonize: forward deviation {:.2e} (relative)", p.deviation);
     let t0 = std::time::Instant::now();
-    let e = attribute(
-        &p,
-        &s.method,
-        inputs,
-        targets(&a.target)?.as_deref(),
-        &a.keep,
-    )?;
+    let e = attribute(&p, &s.method, inputs, targets(&a.target)?.as_deref(), &a.keep)?;
     let dt = t0.elapsed().as_secs_f64();
-    let rel = e
-        .relevance
-        .iter()
-        .flatten()
-        .next()
-        .context("the model has no floating-point input to explain")?;
+    let rel = e.relevance.iter().flatten().next().context("the model has no floating-point input to explain")?;
     let n = rel.shape()[0];
     let per = rel.len() / n.max(1);
     let flat: Vec<f64> = rel.iter().map(|v| v.f64()).collect();
-    println!(
-        "{:>6} {:>8} {:>12} {:>12} {:>9}",
-        "sample", "target", "logit", "sum R", "R/logit"
-    );
+    println!("{:>6} {:>8} {:>12} {:>12} {:>9}", "sample", "target", "logit", "sum R", "R/logit");
     for i in 0..n {
         let sr: f64 = flat[i * per..(i + 1) * per].iter().sum();
-        println!(
-            "{i:>6} {:>8} {:>12.5} {:>12.5} {:>9.4}",
-            e.targets[i],
-            e.scores[i],
-            sr,
-            sr / e.scores[i]
-        );
+        println!("{i:>6} {:>8} {:>12.5} {:>12.5} {:>9.4}", e.targets[i], e.scores[i], sr, sr / e.scores[i]);
     }
     if e.dropped != 0.0 {
-        eprintln!(
-            "note: relevance {:.4e} fell on padding and was dropped",
-            e.dropped
-        );
+        eprintln!("note: relevance {:.4e} fell on padding and was dropped", e.dropped);
     }
     eprintln!("explained in {:.1} ms ({})", dt * 1e3, T::NAME);
     if let Some(out) = &a.out_npy {
-        relprop::io::write_npy(out, &Value::F(rel.clone()))
-            .with_context(|| format!("writing {}", out.display()))?;
+        relprop::io::write_npy(out, &Value::F(rel.clone())).with_context(|| format!("writing {}", out.display()))?;
         println!("wrote {}", out.display());
         for (name, r) in &e.intermediate {
             let safe: String = name
                 .chars()
-                .map(|c| {
-                    if c.is_alphanumeric() || c == '.' || c == '_' || c == '-' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
+                .map(|c| if c.is_alphanumeric() || c == '.' || c == '_' || c == '-' { c } else { '_' })
                 .collect();
             let path = out.with_file_name(format!("{safe}.npy"));
             relprop::io::write_npy(&path, &Value::F(r.clone()))?;
@@ -229,8 +233,22 @@ fn explain_typed<T: Float>(a: &ExplainArgs, g: &Graph) -> Result<()> {
 }
 
 pub fn explain(a: ExplainArgs) -> Result<ExitCode> {
-    let g =
-        relprop::onnx::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    if let Some(t) = a.threads {
+        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().ok();
+    }
+    let g = relprop::onnx::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    if !a.inputs.is_empty() {
+        if !a.input.is_empty() {
+            bail!("give pictures or --input .npy files, not both");
+        }
+        let (side, side_path) = super::images::sidecar(&a.model)?;
+        let (s, name) = settings(&a, side.composite.as_deref())?;
+        let ok = super::images::explain_images(&a, &g, &s, &name, &side, side_path.as_deref())?;
+        return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) });
+    }
+    if a.input.is_empty() {
+        bail!("nothing to explain: give pictures, or --input FILE.npy");
+    }
     match a.precision {
         Precision::F32 => explain_typed::<f32>(&a, &g)?,
         Precision::F64 => explain_typed::<f64>(&a, &g)?,

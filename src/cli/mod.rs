@@ -3,6 +3,7 @@
 mod bench;
 mod demo;
 mod explain;
+mod images;
 mod run;
 
 use clap::{Parser, Subcommand};

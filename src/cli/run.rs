@@ -47,12 +47,8 @@ fn dummy_inputs(g: &Graph) -> Option<Vec<Value<f32>>> {
                 })
                 .collect();
             Some(match i.kind {
-                relprop::graph::ElemKind::Float => {
-                    Value::F(ndarray::ArrayD::zeros(ndarray::IxDyn(&dims)))
-                }
-                relprop::graph::ElemKind::Int => {
-                    Value::I(ndarray::ArrayD::zeros(ndarray::IxDyn(&dims)))
-                }
+                relprop::graph::ElemKind::Float => Value::F(ndarray::ArrayD::zeros(ndarray::IxDyn(&dims))),
+                relprop::graph::ElemKind::Int => Value::I(ndarray::ArrayD::zeros(ndarray::IxDyn(&dims))),
             })
         })
         .collect()
@@ -65,14 +61,9 @@ fn print_rules(g: &Graph, a: &InspectArgs, name: &str) -> Result<()> {
         _ => None,
     };
     let (cg, report) = relprop::canonize::canonize(g, mode, shapes.as_ref())?;
-    let mut comp =
-        relprop::composite::Composite::named(name, &relprop::composite::Params::default())?;
+    let mut comp = relprop::composite::Composite::named(name, &relprop::composite::Params::default())?;
     for r in &a.rules {
-        comp.overrides.push(
-            r.parse()
-                .map_err(anyhow::Error::msg)
-                .with_context(|| format!("--rule {r}"))?,
-        );
+        comp.overrides.push(r.parse().map_err(anyhow::Error::msg).with_context(|| format!("--rule {r}"))?);
     }
     let plan = relprop::propagate::Plan::new(cg, &comp, Default::default())?;
     println!("canonization ({}): {} change(s)", a.canonize, report.len());
@@ -81,10 +72,7 @@ fn print_rules(g: &Graph, a: &InspectArgs, name: &str) -> Result<()> {
     }
     println!("rules ({name}):");
     for (i, (n, r)) in plan.graph.nodes.iter().zip(&plan.rules).enumerate() {
-        let rule = r
-            .as_ref()
-            .map(|r| r.to_string())
-            .unwrap_or_else(|| "-".into());
+        let rule = r.as_ref().map(|r| r.to_string()).unwrap_or_else(|| "-".into());
         println!("  #{i:<4} {:<20} {:<22} {}", n.op_type, rule, n.name);
     }
     println!("explained value: {}", plan.graph.names[plan.explained]);
@@ -107,35 +95,19 @@ pub struct RunArgs {
 }
 
 pub fn inspect(a: InspectArgs) -> Result<ExitCode> {
-    let (g, unsupported) = relprop::onnx::load_lenient(&a.model)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let (g, unsupported) =
+        relprop::onnx::load_lenient(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     println!("model: {}", a.model.display());
-    println!(
-        "opset: {}   nodes: {}   parameters: {}",
-        g.opset,
-        g.nodes.len(),
-        g.parameter_count()
-    );
+    println!("opset: {}   nodes: {}   parameters: {}", g.opset, g.nodes.len(), g.parameter_count());
     println!("inputs:");
     for i in &g.inputs {
-        let dims = i
-            .dims
-            .as_ref()
-            .map(|d| format_dims(d))
-            .unwrap_or_else(|| "[?]".into());
-        let kind = if i.kind == relprop::graph::ElemKind::Float {
-            "float"
-        } else {
-            "int"
-        };
+        let dims = i.dims.as_ref().map(|d| format_dims(d)).unwrap_or_else(|| "[?]".into());
+        let kind = if i.kind == relprop::graph::ElemKind::Float { "float" } else { "int" };
         println!("  {:<24} {kind:<6} {dims}", g.names[i.id]);
     }
     println!("outputs:");
     for (o, d) in g.outputs.iter().zip(&g.output_dims) {
-        let dims = d
-            .as_ref()
-            .map(|d| format_dims(d))
-            .unwrap_or_else(|| "[?]".into());
+        let dims = d.as_ref().map(|d| format_dims(d)).unwrap_or_else(|| "[?]".into());
         println!("  {:<24} {dims}", g.names[*o]);
     }
     println!("ops:");
@@ -160,17 +132,14 @@ fn named(specs: &[String], names: &[String], what: &str) -> Result<Vec<(String, 
     let mut out = Vec::new();
     for (k, s) in specs.iter().enumerate() {
         match s.split_once('=') {
-            Some((n, f)) if names.iter().any(|x| x == n) => {
-                out.push((n.to_string(), PathBuf::from(f)))
+            Some((n, f)) if names.iter().any(|x| x == n) => out.push((n.to_string(), PathBuf::from(f))),
+            Some((n, _)) if !std::path::Path::new(s).exists() => {
+                bail!("the model has no {what} named '{n}'; it has: {}", names.join(", "))
             }
-            Some((n, _)) if !std::path::Path::new(s).exists() => bail!(
-                "the model has no {what} named '{n}'; it has: {}",
-                names.join(", ")
-            ),
             _ => {
-                let n = names.get(k).with_context(|| {
-                    format!("more {what} files than the model's {} {what}s", names.len())
-                })?;
+                let n = names
+                    .get(k)
+                    .with_context(|| format!("more {what} files than the model's {} {what}s", names.len()))?;
                 out.push((n.clone(), PathBuf::from(s)));
             }
         }
@@ -188,9 +157,7 @@ pub fn read_inputs<T: Float>(g: &Graph, specs: &[String]) -> Result<Vec<Value<T>
             .iter()
             .find(|(k, _)| k == n)
             .with_context(|| format!("no file given for input '{n}' (use --input {n}=FILE.npy)"))?;
-        vals.push(
-            relprop::io::read_npy::<T>(path).with_context(|| format!("reading input '{n}'"))?,
-        );
+        vals.push(relprop::io::read_npy::<T>(path).with_context(|| format!("reading input '{n}'"))?);
     }
     Ok(vals)
 }
@@ -218,8 +185,7 @@ fn run_typed<T: Float>(a: &RunArgs, g: &Graph) -> Result<()> {
 }
 
 pub fn run(a: RunArgs) -> Result<ExitCode> {
-    let g =
-        relprop::onnx::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let g = relprop::onnx::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     match a.precision {
         Precision::F32 => run_typed::<f32>(&a, &g)?,
         Precision::F64 => run_typed::<f64>(&a, &g)?,

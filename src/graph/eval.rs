@@ -44,21 +44,10 @@ pub fn check_inputs<T: Float>(g: &Graph, inputs: &[Value<T>]) -> Result<()> {
     }
     for (inp, v) in g.inputs.iter().zip(inputs) {
         let name = &g.names[inp.id];
-        let ok_kind = matches!(
-            (inp.kind, v),
-            (ElemKind::Float, Value::F(_)) | (ElemKind::Int, Value::I(_))
-        );
+        let ok_kind = matches!((inp.kind, v), (ElemKind::Float, Value::F(_)) | (ElemKind::Int, Value::I(_)));
         if !ok_kind {
-            let expected = if inp.kind == ElemKind::Float {
-                "floating-point"
-            } else {
-                "integer"
-            };
-            return Err(Error::InputDtype {
-                name: name.clone(),
-                expected: expected.into(),
-                got: v.dtype().into(),
-            });
+            let expected = if inp.kind == ElemKind::Float { "floating-point" } else { "integer" };
+            return Err(Error::InputDtype { name: name.clone(), expected: expected.into(), got: v.dtype().into() });
         }
         if let Some(dims) = &inp.dims {
             let matches = dims.len() == v.shape().len()
@@ -106,9 +95,7 @@ pub fn run<T: Float>(
     g.outputs
         .iter()
         .map(|&o| {
-            env.get(o)
-                .cloned()
-                .ok_or_else(|| Error::Invalid(format!("output '{}' was not computed", g.names[o])))
+            env.get(o).cloned().ok_or_else(|| Error::Invalid(format!("output '{}' was not computed", g.names[o])))
         })
         .collect()
 }
@@ -122,11 +109,7 @@ pub fn run_keep<'g, T: Float>(
     keep: &dyn Fn(ValueId) -> bool,
 ) -> Result<Env<'g, T>> {
     check_inputs(g, &inputs)?;
-    let mut env = Env {
-        graph: g,
-        consts,
-        values: vec![None; g.names.len()],
-    };
+    let mut env = Env { graph: g, consts, values: vec![None; g.names.len()] };
     for (inp, v) in g.inputs.iter().zip(inputs) {
         env.values[inp.id] = Some(v);
     }
@@ -138,18 +121,10 @@ pub fn run_keep<'g, T: Float>(
     for (ni, node) in g.nodes.iter().enumerate() {
         let t0 = profile.then(std::time::Instant::now);
         let outs = {
-            let ins: Vec<Option<&Value<T>>> = node
-                .inputs
-                .iter()
-                .map(|i| i.and_then(|id| env.get(id)))
-                .collect();
+            let ins: Vec<Option<&Value<T>>> = node.inputs.iter().map(|i| i.and_then(|id| env.get(id))).collect();
             for (k, (i, v)) in node.inputs.iter().zip(&ins).enumerate() {
                 if i.is_some() && v.is_none() {
-                    return Err(node_err(
-                        &node.name,
-                        &node.op_type,
-                        format!("input {k} has not been computed"),
-                    ));
+                    return Err(node_err(&node.name, &node.op_type, format!("input {k} has not been computed")));
                 }
             }
             eval_node(node, &ins)?
@@ -179,22 +154,13 @@ pub fn run_keep<'g, T: Float>(
         slow.sort_by(|a, b| b.0.total_cmp(&a.0));
         for (ms, ni) in slow.iter().take(12) {
             let n = &g.nodes[*ni];
-            let shapes: Vec<String> = n
-                .inputs
-                .iter()
-                .flatten()
-                .filter_map(|v| env.get(*v))
-                .map(|v| format!("{:?}", v.shape()))
-                .collect();
+            let shapes: Vec<String> =
+                n.inputs.iter().flatten().filter_map(|v| env.get(*v)).map(|v| format!("{:?}", v.shape())).collect();
             eprintln!(
                 "profile: {ms:>7.2} ms  {:<12} {} {}",
                 n.op_type,
                 shapes.join(" "),
-                if let Op::Conv { group, .. } = n.op {
-                    format!("group {group}")
-                } else {
-                    String::new()
-                }
+                if let Op::Conv { group, .. } = n.op { format!("group {group}") } else { String::new() }
             );
         }
     }
@@ -210,18 +176,11 @@ fn float<'a, T: Float>(ins: &[Option<&'a Value<T>>], i: usize) -> R<&'a ArrayD<T
 }
 
 fn value<'a, T: Float>(ins: &[Option<&'a Value<T>>], i: usize) -> R<&'a Value<T>> {
-    ins.get(i)
-        .copied()
-        .flatten()
-        .ok_or_else(|| format!("input {i} is required"))
+    ins.get(i).copied().flatten().ok_or_else(|| format!("input {i} is required"))
 }
 
 fn ints<T: Float>(ins: &[Option<&Value<T>>], i: usize) -> R<Option<Vec<i64>>> {
-    Ok(ins
-        .get(i)
-        .copied()
-        .flatten()
-        .map(|v| v.to_int().iter().copied().collect()))
+    Ok(ins.get(i).copied().flatten().map(|v| v.to_int().iter().copied().collect()))
 }
 
 fn scalar<T: Float>(ins: &[Option<&Value<T>>], i: usize) -> R<Option<T>> {
@@ -230,10 +189,7 @@ fn scalar<T: Float>(ins: &[Option<&Value<T>>], i: usize) -> R<Option<T>> {
         Some(v) => {
             let a = v.to_float();
             if a.len() != 1 {
-                return Err(format!(
-                    "input {i} must be a scalar, has shape {:?}",
-                    a.shape()
-                ));
+                return Err(format!("input {i} must be a scalar, has shape {:?}", a.shape()));
             }
             Ok(a.iter().next().copied())
         }
@@ -254,16 +210,8 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> R<Vec<usize>> {
     let n = a.len().max(b.len());
     let mut out = vec![0; n];
     for i in 0..n {
-        let da = if i + a.len() >= n {
-            a[i + a.len() - n]
-        } else {
-            1
-        };
-        let db = if i + b.len() >= n {
-            b[i + b.len() - n]
-        } else {
-            1
-        };
+        let da = if i + a.len() >= n { a[i + a.len() - n] } else { 1 };
+        let db = if i + b.len() >= n { b[i + b.len() - n] } else { 1 };
         out[i] = if da == db || db == 1 {
             da
         } else if da == 1 {
@@ -275,25 +223,14 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> R<Vec<usize>> {
     Ok(out)
 }
 
-fn zip2<A: Clone, B: Clone, C>(
-    a: &ArrayD<A>,
-    b: &ArrayD<B>,
-    f: impl Fn(A, B) -> C,
-) -> R<ArrayD<C>> {
+fn zip2<A: Clone, B: Clone, C>(a: &ArrayD<A>, b: &ArrayD<B>, f: impl Fn(A, B) -> C) -> R<ArrayD<C>> {
     let shape = broadcast_shape(a.shape(), b.shape())?;
     let av = a.broadcast(IxDyn(&shape)).ok_or("broadcast failed")?;
     let bv = b.broadcast(IxDyn(&shape)).ok_or("broadcast failed")?;
-    Ok(Zip::from(&av)
-        .and(&bv)
-        .map_collect(|x, y| f(x.clone(), y.clone())))
+    Ok(Zip::from(&av).and(&bv).map_collect(|x, y| f(x.clone(), y.clone())))
 }
 
-fn binary<T: Float>(
-    a: &Value<T>,
-    b: &Value<T>,
-    ff: fn(T, T) -> T,
-    fi: fn(i64, i64) -> i64,
-) -> R<Value<T>> {
+fn binary<T: Float>(a: &Value<T>, b: &Value<T>, ff: fn(T, T) -> T, fi: fn(i64, i64) -> i64) -> R<Value<T>> {
     Ok(match (a, b) {
         (Value::I(x), Value::I(y)) => Value::I(zip2(x, y, fi)?),
         _ => Value::F(zip2(&a.to_float(), &b.to_float(), ff)?),
@@ -318,12 +255,7 @@ fn map_value<T: Float>(
 fn reshape<A: Clone>(a: &ArrayD<A>, shape: &[usize]) -> R<ArrayD<A>> {
     let n: usize = shape.iter().product();
     if n != a.len() {
-        return Err(format!(
-            "cannot reshape {:?} ({} elements) to {:?}",
-            a.shape(),
-            a.len(),
-            shape
-        ));
+        return Err(format!("cannot reshape {:?} ({} elements) to {:?}", a.shape(), a.len(), shape));
     }
     let data: Vec<A> = a.iter().cloned().collect();
     Ok(array(shape, data))
@@ -338,11 +270,9 @@ fn reshape_target(input: &[usize], spec: &[i64], allowzero: bool) -> R<Vec<usize
                 infer = Some(i);
                 out.push(1);
             }
-            0 if !allowzero => out.push(
-                *input
-                    .get(i)
-                    .ok_or_else(|| format!("shape {spec:?} copies axis {i} of {input:?}"))?,
-            ),
+            0 if !allowzero => {
+                out.push(*input.get(i).ok_or_else(|| format!("shape {spec:?} copies axis {i} of {input:?}"))?)
+            }
             s if s >= 0 => out.push(s as usize),
             _ => return Err(format!("invalid target shape {spec:?}")),
         }
@@ -359,10 +289,7 @@ fn reshape_target(input: &[usize], spec: &[i64], allowzero: bool) -> R<Vec<usize
 }
 
 fn transpose<A: Clone>(a: &ArrayD<A>, perm: &[usize]) -> ArrayD<A> {
-    a.view()
-        .permuted_axes(IxDyn(perm))
-        .as_standard_layout()
-        .into_owned()
+    a.view().permuted_axes(IxDyn(perm)).as_standard_layout().into_owned()
 }
 
 fn slice_axis<A: Clone>(a: &ArrayD<A>, axis: usize, start: i64, end: i64, step: i64) -> ArrayD<A> {
@@ -370,11 +297,7 @@ fn slice_axis<A: Clone>(a: &ArrayD<A>, axis: usize, start: i64, end: i64, step: 
         Slice::new(start as isize, Some(end as isize), step as isize)
     } else {
         // ndarray walks a negative-step range from its end: [end+1, start+1) backwards.
-        Slice::new(
-            (end + 1) as isize,
-            Some((start + 1) as isize),
-            step as isize,
-        )
+        Slice::new((end + 1) as isize, Some((start + 1) as isize), step as isize)
     };
     if (step > 0 && start >= end) || (step < 0 && start <= end) {
         let mut shape = a.shape().to_vec();
@@ -389,11 +312,7 @@ fn clamp_slice(start: i64, end: i64, step: i64, len: usize) -> (i64, i64) {
     let l = len as i64;
     let fix = |v: i64| if v < 0 { v + l } else { v };
     let (s, e) = (fix(start), fix(end));
-    if step > 0 {
-        (s.clamp(0, l), e.clamp(0, l))
-    } else {
-        (s.clamp(-1, l - 1), e.clamp(-1, l - 1))
-    }
+    if step > 0 { (s.clamp(0, l), e.clamp(0, l)) } else { (s.clamp(-1, l - 1), e.clamp(-1, l - 1)) }
 }
 
 fn concat<A: Clone>(arrs: &[&ArrayD<A>], axis: usize) -> R<ArrayD<A>> {
@@ -407,9 +326,7 @@ fn gather<A: Clone>(a: &ArrayD<A>, idx: &ArrayD<i64>, axis: usize) -> R<ArrayD<A
     for &i in idx.iter() {
         let j = if i < 0 { i + len } else { i };
         if j < 0 || j >= len {
-            return Err(format!(
-                "index {i} is out of range for axis {axis} of size {len}"
-            ));
+            return Err(format!("index {i} is out of range for axis {axis} of size {len}"));
         }
         flat.push(j as usize);
     }
@@ -423,10 +340,7 @@ fn gather<A: Clone>(a: &ArrayD<A>, idx: &ArrayD<i64>, axis: usize) -> R<ArrayD<A
 fn pad_array<A: Clone>(a: &ArrayD<A>, pads: &[i64], mode: PadMode, fill: A) -> R<ArrayD<A>> {
     let r = a.ndim();
     if pads.len() != 2 * r {
-        return Err(format!(
-            "pads {pads:?} must have 2 × rank = {} entries",
-            2 * r
-        ));
+        return Err(format!("pads {pads:?} must have 2 × rank = {} entries", 2 * r));
     }
     let mut shape = Vec::with_capacity(r);
     for d in 0..r {
@@ -438,10 +352,7 @@ fn pad_array<A: Clone>(a: &ArrayD<A>, pads: &[i64], mode: PadMode, fill: A) -> R
             && (pads[d] >= a.shape()[d] as i64 || pads[d + r] >= a.shape()[d] as i64)
             && (pads[d] > 0 || pads[d + r] > 0)
         {
-            return Err(format!(
-                "reflect pads {pads:?} must be smaller than axis {d} ({})",
-                a.shape()[d]
-            ));
+            return Err(format!("reflect pads {pads:?} must be smaller than axis {d} ({})", a.shape()[d]));
         }
         shape.push(n as usize);
     }
@@ -481,14 +392,10 @@ struct Geom2 {
 fn window2(win: &Window, spatial: &[usize], kernel: &[usize]) -> R<Geom2> {
     let nd = spatial.len();
     if nd == 0 || nd > 2 || kernel.len() != nd {
-        return Err(format!(
-            "only 1-d and 2-d windows are supported (spatial shape {spatial:?}, kernel {kernel:?})"
-        ));
+        return Err(format!("only 1-d and 2-d windows are supported (spatial shape {spatial:?}, kernel {kernel:?})"));
     }
     let get = |v: &Vec<usize>, i: usize, d: usize| if v.is_empty() { d } else { v[i] };
-    if !win.strides.is_empty() && win.strides.len() != nd
-        || !win.dilations.is_empty() && win.dilations.len() != nd
-    {
+    if !win.strides.is_empty() && win.strides.len() != nd || !win.dilations.is_empty() && win.dilations.len() != nd {
         return Err("strides/dilations do not match the spatial rank".into());
     }
     let strides: Vec<usize> = (0..nd).map(|i| get(&win.strides, i, 1)).collect();
@@ -523,26 +430,16 @@ fn window2(win: &Window, spatial: &[usize], kernel: &[usize]) -> R<Geom2> {
         }
     }
     Ok(if nd == 1 {
-        Geom2 {
-            stride: [1, strides[0]],
-            dilation: [1, dil[0]],
-            pads: [0, pb[0], 0, pe[0]],
-        }
+        Geom2 { stride: [1, strides[0]], dilation: [1, dil[0]], pads: [0, pb[0], 0, pe[0]] }
     } else {
-        Geom2 {
-            stride: [strides[0], strides[1]],
-            dilation: [dil[0], dil[1]],
-            pads: [pb[0], pb[1], pe[0], pe[1]],
-        }
+        Geom2 { stride: [strides[0], strides[1]], dilation: [dil[0], dil[1]], pads: [pb[0], pb[1], pe[0], pe[1]] }
     })
 }
 
 /// The 2-d geometry of a Conv node for input shape `x` and weight shape `w`.
 pub fn conv_geom(win: &Window, group: usize, x: &[usize], w: &[usize]) -> R<ConvGeom> {
     if x.len() != w.len() || !(x.len() == 3 || x.len() == 4) {
-        return Err(format!(
-            "input {x:?} and weight {w:?} must both be rank 3 or both rank 4"
-        ));
+        return Err(format!("input {x:?} and weight {w:?} must both be rank 3 or both rank 4"));
     }
     let spatial = &x[2..];
     let kernel = &w[2..];
@@ -552,16 +449,9 @@ pub fn conv_geom(win: &Window, group: usize, x: &[usize], w: &[usize]) -> R<Conv
         return Err(format!("kernel_shape {k:?} does not match weight {w:?}"));
     }
     let g2 = window2(win, spatial, kernel)?;
-    let (h, wd, kh, kw) = if x.len() == 3 {
-        (1, x[2], 1, w[2])
-    } else {
-        (x[2], x[3], w[2], w[3])
-    };
+    let (h, wd, kh, kw) = if x.len() == 3 { (1, x[2], 1, w[2]) } else { (x[2], x[3], w[2], w[3]) };
     if group == 0 || x[1] != w[1] * group || !w[0].is_multiple_of(group) {
-        return Err(format!(
-            "input channels {} and weight {w:?} do not fit group = {group}",
-            x[1]
-        ));
+        return Err(format!("input channels {} and weight {w:?} do not fit group = {group}", x[1]));
     }
     let g = ConvGeom {
         n: x[0],
@@ -577,31 +467,19 @@ pub fn conv_geom(win: &Window, group: usize, x: &[usize], w: &[usize]) -> R<Conv
         group,
     };
     if g.out_hw().is_none() || kh == 0 || kw == 0 {
-        return Err(format!(
-            "kernel {kernel:?} does not fit input {x:?} with pads {:?}",
-            g.pads
-        ));
+        return Err(format!("kernel {kernel:?} does not fit input {x:?} with pads {:?}", g.pads));
     }
     Ok(g)
 }
 
 /// The 2-d geometry of a pooling node for input shape `x`.
-pub fn pool_geom(
-    win: &Window,
-    x: &[usize],
-    ceil_mode: bool,
-    count_include_pad: bool,
-) -> R<PoolGeom> {
+pub fn pool_geom(win: &Window, x: &[usize], ceil_mode: bool, count_include_pad: bool) -> R<PoolGeom> {
     if !(x.len() == 3 || x.len() == 4) {
         return Err(format!("pooling needs a rank 3 or 4 input, got {x:?}"));
     }
     let kernel = win.kernel.clone().ok_or("kernel_shape is required")?;
     let g2 = window2(win, &x[2..], &kernel)?;
-    let (h, w, k) = if x.len() == 3 {
-        (1, x[2], [1, kernel[0]])
-    } else {
-        (x[2], x[3], [kernel[0], kernel[1]])
-    };
+    let (h, w, k) = if x.len() == 3 { (1, x[2], [1, kernel[0]]) } else { (x[2], x[3], [kernel[0], kernel[1]]) };
     let g = PoolGeom {
         planes: x[0] * x[1],
         h,
@@ -620,11 +498,7 @@ pub fn pool_geom(
 }
 
 fn pool_out_shape(x: &[usize], oh: usize, ow: usize) -> Vec<usize> {
-    if x.len() == 3 {
-        vec![x[0], x[1], ow]
-    } else {
-        vec![x[0], x[1], oh, ow]
-    }
+    if x.len() == 3 { vec![x[0], x[1], ow] } else { vec![x[0], x[1], oh, ow] }
 }
 
 /// numpy-style matmul of float arrays.
@@ -632,45 +506,22 @@ pub fn matmul_nd<T: Float>(a: &ArrayD<T>, b: &ArrayD<T>) -> R<ArrayD<T>> {
     if a.ndim() == 0 || b.ndim() == 0 {
         return Err("MatMul operands must have rank ≥ 1".into());
     }
-    let a2 = if a.ndim() == 1 {
-        a.view().insert_axis(Axis(0)).to_owned()
-    } else {
-        a.clone()
-    };
-    let b2 = if b.ndim() == 1 {
-        b.view().insert_axis(Axis(1)).to_owned()
-    } else {
-        b.clone()
-    };
+    let a2 = if a.ndim() == 1 { a.view().insert_axis(Axis(0)).to_owned() } else { a.clone() };
+    let b2 = if b.ndim() == 1 { b.view().insert_axis(Axis(1)).to_owned() } else { b.clone() };
     let (m, k) = (a2.shape()[a2.ndim() - 2], a2.shape()[a2.ndim() - 1]);
     let (k2, n) = (b2.shape()[b2.ndim() - 2], b2.shape()[b2.ndim() - 1]);
     if k != k2 {
-        return Err(format!(
-            "MatMul shapes {:?} and {:?} do not align",
-            a.shape(),
-            b.shape()
-        ));
+        return Err(format!("MatMul shapes {:?} and {:?} do not align", a.shape(), b.shape()));
     }
     let batch = broadcast_shape(&a2.shape()[..a2.ndim() - 2], &b2.shape()[..b2.ndim() - 2])?;
     let mut sa = batch.clone();
     sa.extend([m, k]);
     let mut sb = batch.clone();
     sb.extend([k, n]);
-    let av = a2
-        .broadcast(IxDyn(&sa))
-        .ok_or("broadcast failed")?
-        .as_standard_layout()
-        .into_owned();
-    let bv = b2
-        .broadcast(IxDyn(&sb))
-        .ok_or("broadcast failed")?
-        .as_standard_layout()
-        .into_owned();
+    let av = a2.broadcast(IxDyn(&sa)).ok_or("broadcast failed")?.as_standard_layout().into_owned();
+    let bv = b2.broadcast(IxDyn(&sb)).ok_or("broadcast failed")?.as_standard_layout().into_owned();
     let nb: usize = batch.iter().product();
-    let (ad, bd) = (
-        av.as_slice().ok_or("layout")?,
-        bv.as_slice().ok_or("layout")?,
-    );
+    let (ad, bd) = (av.as_slice().ok_or("layout")?, bv.as_slice().ok_or("layout")?);
     let mut out = vec![T::zero(); nb * m * n];
     for i in 0..nb {
         matmul(
@@ -707,22 +558,15 @@ fn softmax<T: Float>(x: &ArrayD<T>, axis: usize, legacy: bool) -> ArrayD<T> {
         let o: usize = shape[..axis].iter().product();
         (o, shape[axis..].iter().product::<usize>(), 1)
     } else {
-        let o: usize =
-            shape[..axis].iter().product::<usize>() * shape[axis + 1..].iter().product::<usize>();
+        let o: usize = shape[..axis].iter().product::<usize>() * shape[axis + 1..].iter().product::<usize>();
         (o, shape[axis], shape[axis + 1..].iter().product::<usize>())
     };
     let data = std_slice(x);
     let mut out = data.to_vec();
     for o in 0..outer {
-        let base = if legacy {
-            o * inner_len
-        } else {
-            (o / stride) * inner_len * stride + o % stride
-        };
+        let base = if legacy { o * inner_len } else { (o / stride) * inner_len * stride + o % stride };
         let idx = |j: usize| base + j * stride;
-        let mx = (0..inner_len)
-            .map(|j| data[idx(j)])
-            .fold(T::neg_infinity(), T::max);
+        let mx = (0..inner_len).map(|j| data[idx(j)]).fold(T::neg_infinity(), T::max);
         let mut s = T::zero();
         for j in 0..inner_len {
             let e = (data[idx(j)] - mx).exp();
@@ -756,11 +600,7 @@ fn lstm<T: Float>(
         return Err("peephole weights (input P) are not supported".into());
     }
     let (seq, batch, isz) = (x.shape()[0], x.shape()[1], x.shape()[2]);
-    let dirs = if direction == Direction::Bidirectional {
-        2
-    } else {
-        1
-    };
+    let dirs = if direction == Direction::Bidirectional { 2 } else { 1 };
     let hs = hidden;
     if w.shape() != [dirs, 4 * hs, isz] || r.shape() != [dirs, 4 * hs, hs] {
         return Err(format!(
@@ -778,11 +618,7 @@ fn lstm<T: Float>(
         Some(_) => {
             let b = float(ins, 3)?;
             if b.shape() != [dirs, 8 * hs] {
-                return Err(format!(
-                    "B has shape {:?}, expected [{dirs}, {}]",
-                    b.shape(),
-                    8 * hs
-                ));
+                return Err(format!("B has shape {:?}, expected [{dirs}, {}]", b.shape(), 8 * hs));
             }
             b.clone()
         }
@@ -792,11 +628,7 @@ fn lstm<T: Float>(
         match ins.get(i).copied().flatten() {
             Some(_) => {
                 let s = float(ins, i)?;
-                let s = if batch_first {
-                    transpose(s, &[1, 0, 2])
-                } else {
-                    s.clone()
-                };
+                let s = if batch_first { transpose(s, &[1, 0, 2]) } else { s.clone() };
                 if s.shape() != [dirs, batch, hs] {
                     return Err(format!(
                         "initial state {i} has shape {:?}, expected [{dirs}, {batch}, {hs}]",
@@ -818,9 +650,7 @@ fn lstm<T: Float>(
         let rd = std_slice(r).to_vec();
         let bd = std_slice(&b).to_vec();
         let g4 = 4 * hs;
-        let bsum: Vec<T> = (0..g4)
-            .map(|k| bd[d * 8 * hs + k] + bd[d * 8 * hs + g4 + k])
-            .collect();
+        let bsum: Vec<T> = (0..g4).map(|k| bd[d * 8 * hs + k] + bd[d * 8 * hs + g4 + k]).collect();
         let wts = LstmWeights {
             w: &wd[d * g4 * isz..(d + 1) * g4 * isz],
             r: &rd[d * g4 * hs..(d + 1) * g4 * hs],
@@ -880,12 +710,7 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
                 None => None,
             };
             let per_channel = bias.as_ref().is_none_or(|b| b.len() == g.m);
-            let mut y = conv2d(
-                &g,
-                &std_slice(x),
-                &std_slice(w),
-                if per_channel { bias.as_deref() } else { None },
-            );
+            let mut y = conv2d(&g, &std_slice(x), &std_slice(w), if per_channel { bias.as_deref() } else { None });
             if let (false, Some(b)) = (per_channel, &bias) {
                 // A spatially varying bias [M, OH, OW] (made by canonization), added per sample.
                 for chunk in y.chunks_mut(b.len()) {
@@ -902,49 +727,20 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
                 y,
             )))
         }
-        Op::Gemm {
-            alpha,
-            beta,
-            trans_a,
-            trans_b,
-        } => {
+        Op::Gemm { alpha, beta, trans_a, trans_b } => {
             let a = float(ins, 0)?;
             let b = float(ins, 1)?;
             if a.ndim() != 2 || b.ndim() != 2 {
-                return Err(format!(
-                    "A {:?} and B {:?} must be 2-d",
-                    a.shape(),
-                    b.shape()
-                ));
+                return Err(format!("A {:?} and B {:?} must be 2-d", a.shape(), b.shape()));
             }
-            let (m, k) = if *trans_a {
-                (a.shape()[1], a.shape()[0])
-            } else {
-                (a.shape()[0], a.shape()[1])
-            };
-            let (k2, n) = if *trans_b {
-                (b.shape()[1], b.shape()[0])
-            } else {
-                (b.shape()[0], b.shape()[1])
-            };
+            let (m, k) = if *trans_a { (a.shape()[1], a.shape()[0]) } else { (a.shape()[0], a.shape()[1]) };
+            let (k2, n) = if *trans_b { (b.shape()[1], b.shape()[0]) } else { (b.shape()[0], b.shape()[1]) };
             if k != k2 {
-                return Err(format!(
-                    "A {:?} and B {:?} do not align",
-                    a.shape(),
-                    b.shape()
-                ));
+                return Err(format!("A {:?} and B {:?} do not align", a.shape(), b.shape()));
             }
             let (ad, bd) = (std_slice(a), std_slice(b));
-            let am = if *trans_a {
-                Mat::rows_t(&ad, m)
-            } else {
-                Mat::rows(&ad, k)
-            };
-            let bm = if *trans_b {
-                Mat::rows_t(&bd, k)
-            } else {
-                Mat::rows(&bd, n)
-            };
+            let am = if *trans_a { Mat::rows_t(&ad, m) } else { Mat::rows(&ad, k) };
+            let bm = if *trans_b { Mat::rows_t(&bd, k) } else { Mat::rows(&bd, n) };
             let mut out = vec![T::zero(); m * n];
             matmul(m, n, k, am, bm, &mut out, false, Threads::Pool);
             let mut y = array(&[m, n], out);
@@ -964,9 +760,8 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
         Op::MatMul => one(Value::F(matmul_nd(float(ins, 0)?, float(ins, 1)?)?)),
         Op::BatchNorm { epsilon } => {
             let x = float(ins, 0)?;
-            let params: Vec<Vec<T>> = (1..5)
-                .map(|i| float(ins, i).map(|a| std_slice(a).into_owned()))
-                .collect::<R<_>>()?;
+            let params: Vec<Vec<T>> =
+                (1..5).map(|i| float(ins, i).map(|a| std_slice(a).into_owned())).collect::<R<_>>()?;
             if x.ndim() < 2 {
                 return Err(format!("input must have rank ≥ 2, got {:?}", x.shape()));
             }
@@ -999,9 +794,7 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
                 None => max.map(T::of).unwrap_or(T::infinity()),
             };
             match value(ins, 0)? {
-                Value::I(a) => one(Value::I(
-                    a.mapv(|v| v.clamp(lo.f64() as i64, hi.f64() as i64)),
-                )),
+                Value::I(a) => one(Value::I(a.mapv(|v| v.clamp(lo.f64() as i64, hi.f64() as i64)))),
                 Value::F(_) => unary(ins, |v| v.max(lo).min(hi)),
             }
         }
@@ -1024,24 +817,9 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             let ax = norm_axis(*axis, x.ndim())?;
             one(Value::F(softmax(x, ax, *legacy)))
         }
-        Op::Add => one(binary(
-            value(ins, 0)?,
-            value(ins, 1)?,
-            |a, b| a + b,
-            |a, b| a.wrapping_add(b),
-        )?),
-        Op::Sub => one(binary(
-            value(ins, 0)?,
-            value(ins, 1)?,
-            |a, b| a - b,
-            |a, b| a.wrapping_sub(b),
-        )?),
-        Op::Mul => one(binary(
-            value(ins, 0)?,
-            value(ins, 1)?,
-            |a, b| a * b,
-            |a, b| a.wrapping_mul(b),
-        )?),
+        Op::Add => one(binary(value(ins, 0)?, value(ins, 1)?, |a, b| a + b, |a, b| a.wrapping_add(b))?),
+        Op::Sub => one(binary(value(ins, 0)?, value(ins, 1)?, |a, b| a - b, |a, b| a.wrapping_sub(b))?),
+        Op::Mul => one(binary(value(ins, 0)?, value(ins, 1)?, |a, b| a * b, |a, b| a.wrapping_mul(b))?),
         Op::Div => {
             let (a, b) = (value(ins, 0)?, value(ins, 1)?);
             if let (Value::I(_), Value::I(y)) = (a, b)
@@ -1051,13 +829,9 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             }
             one(binary(a, b, |a, b| a / b, |a, b| a / b)?)
         }
-        Op::Pow => one(Value::F(zip2(
-            &value(ins, 0)?.to_float(),
-            &value(ins, 1)?.to_float(),
-            |a: T, b: T| {
-                if b == T::of(2.0) { a * a } else { a.powf(b) }
-            },
-        )?)),
+        Op::Pow => one(Value::F(zip2(&value(ins, 0)?.to_float(), &value(ins, 1)?.to_float(), |a: T, b: T| {
+            if b == T::of(2.0) { a * a } else { a.powf(b) }
+        })?)),
         Op::Sqrt => unary(ins, |v| v.sqrt()),
         Op::MaxPool { win, ceil_mode } => {
             if node.outputs.get(1).copied().flatten().is_some() {
@@ -1069,11 +843,7 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             let (oh, ow) = g.out_hw().ok_or("geometry")?;
             one(Value::F(array(&pool_out_shape(x.shape(), oh, ow), y)))
         }
-        Op::AveragePool {
-            win,
-            ceil_mode,
-            count_include_pad,
-        } => {
+        Op::AveragePool { win, ceil_mode, count_include_pad } => {
             let x = float(ins, 0)?;
             if win.dilations.iter().any(|&d| d != 1) {
                 return Err("dilated average pooling is not supported".into());
@@ -1091,10 +861,8 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             let (n, c) = (x.shape()[0], x.shape()[1]);
             let inner: usize = x.shape()[2..].iter().product();
             let xs = std_slice(x);
-            let out: Vec<T> = xs
-                .chunks(inner.max(1))
-                .map(|p| p.iter().copied().sum::<T>() / T::of(inner as f64))
-                .collect();
+            let out: Vec<T> =
+                xs.chunks(inner.max(1)).map(|p| p.iter().copied().sum::<T>() / T::of(inner as f64)).collect();
             let mut shape = vec![n, c];
             shape.extend(std::iter::repeat_n(1, x.ndim() - 2));
             one(Value::F(array(&shape, out)))
@@ -1108,21 +876,13 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             }
             let outer: usize = v.shape()[..ax as usize].iter().product();
             let inner: usize = v.shape()[ax as usize..].iter().product();
-            one(map_value(
-                v,
-                |a| reshape(a, &[outer, inner]),
-                |a| reshape(a, &[outer, inner]),
-            )?)
+            one(map_value(v, |a| reshape(a, &[outer, inner]), |a| reshape(a, &[outer, inner]))?)
         }
         Op::Reshape { allowzero } => {
             let v = value(ins, 0)?;
             let spec = ints(ins, 1)?.ok_or("the shape input is required")?;
             let target = reshape_target(v.shape(), &spec, *allowzero)?;
-            one(map_value(
-                v,
-                |a| reshape(a, &target),
-                |a| reshape(a, &target),
-            )?)
+            one(map_value(v, |a| reshape(a, &target), |a| reshape(a, &target))?)
         }
         Op::Transpose { perm } => {
             let v = value(ins, 0)?;
@@ -1133,11 +893,7 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             if sorted != (0..r).collect::<Vec<_>>() {
                 return Err(format!("perm {p:?} is not a permutation of rank {r}"));
             }
-            one(map_value(
-                v,
-                |a| Ok(transpose(a, &p)),
-                |a| Ok(transpose(a, &p)),
-            )?)
+            one(map_value(v, |a| Ok(transpose(a, &p)), |a| Ok(transpose(a, &p)))?)
         }
         Op::Squeeze { axes } => {
             let v = value(ins, 0)?;
@@ -1151,20 +907,10 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
                 None => (0..r).filter(|&i| v.shape()[i] == 1).collect(),
             };
             if drop.iter().any(|&i| v.shape()[i] != 1) {
-                return Err(format!(
-                    "cannot squeeze axes {drop:?} of shape {:?}",
-                    v.shape()
-                ));
+                return Err(format!("cannot squeeze axes {drop:?} of shape {:?}", v.shape()));
             }
-            let shape: Vec<usize> = (0..r)
-                .filter(|i| !drop.contains(i))
-                .map(|i| v.shape()[i])
-                .collect();
-            one(map_value(
-                v,
-                |a| reshape(a, &shape),
-                |a| reshape(a, &shape),
-            )?)
+            let shape: Vec<usize> = (0..r).filter(|i| !drop.contains(i)).map(|i| v.shape()[i]).collect();
+            one(map_value(v, |a| reshape(a, &shape), |a| reshape(a, &shape))?)
         }
         Op::Unsqueeze { axes } => {
             let v = value(ins, 0)?;
@@ -1179,11 +925,7 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             for a in ax {
                 shape.insert(a, 1);
             }
-            one(map_value(
-                v,
-                |a| reshape(a, &shape),
-                |a| reshape(a, &shape),
-            )?)
+            one(map_value(v, |a| reshape(a, &shape), |a| reshape(a, &shape))?)
         }
         Op::Concat { axis } => {
             let vals: Vec<&Value<T>> = ins.iter().flatten().copied().collect();
@@ -1240,34 +982,22 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
                 Some(s) => s.iter().map(|&x| x.max(0) as usize).collect(),
                 None => {
                     let chunk = len.div_ceil(nout.max(1));
-                    (0..nout)
-                        .map(|i| chunk.min(len.saturating_sub(i * chunk)))
-                        .collect()
+                    (0..nout).map(|i| chunk.min(len.saturating_sub(i * chunk))).collect()
                 }
             };
             if sizes.iter().sum::<usize>() != len || sizes.len() != nout {
-                return Err(format!(
-                    "split sizes {sizes:?} do not cover axis {ax} of length {len} in {nout} outputs"
-                ));
+                return Err(format!("split sizes {sizes:?} do not cover axis {ax} of length {len} in {nout} outputs"));
             }
             let mut start = 0;
             let mut outs = Vec::new();
             for s in sizes {
                 let (a, b) = (start as i64, (start + s) as i64);
-                outs.push(map_value(
-                    v,
-                    |x| Ok(slice_axis(x, ax, a, b, 1)),
-                    |x| Ok(slice_axis(x, ax, a, b, 1)),
-                )?);
+                outs.push(map_value(v, |x| Ok(slice_axis(x, ax, a, b, 1)), |x| Ok(slice_axis(x, ax, a, b, 1)))?);
                 start += s;
             }
             Ok(outs)
         }
-        Op::Pad {
-            mode,
-            pads,
-            value: fill,
-        } => {
+        Op::Pad { mode, pads, value: fill } => {
             let v = value(ins, 0)?;
             let r = v.shape().len();
             let mut p = match pads {
@@ -1291,36 +1021,20 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
                 }
                 p = full;
             }
-            one(map_value(
-                v,
-                |a| pad_array(a, &p, *mode, T::of(fill)),
-                |a| pad_array(a, &p, *mode, fill as i64),
-            )?)
+            one(map_value(v, |a| pad_array(a, &p, *mode, T::of(fill)), |a| pad_array(a, &p, *mode, fill as i64))?)
         }
         Op::Gather { axis } => {
             let v = value(ins, 0)?;
             let idx = value(ins, 1)?.to_int();
             let ax = norm_axis(*axis, v.shape().len())?;
-            one(map_value(
-                v,
-                |a| gather(a, &idx, ax),
-                |a| gather(a, &idx, ax),
-            )?)
+            one(map_value(v, |a| gather(a, &idx, ax), |a| gather(a, &idx, ax))?)
         }
-        Op::Lstm {
-            hidden,
-            direction,
-            batch_first,
-        } => lstm(node, ins, *hidden, *direction, *batch_first),
+        Op::Lstm { hidden, direction, batch_first } => lstm(node, ins, *hidden, *direction, *batch_first),
         Op::Identity => one(value(ins, 0)?.clone()),
         Op::ThreshRelu { thresholds, dirs } => {
             let x = float(ins, 0)?;
             if x.ndim() < 2 || x.shape()[1] != thresholds.len() {
-                return Err(format!(
-                    "input {:?} does not have {} channels",
-                    x.shape(),
-                    thresholds.len()
-                ));
+                return Err(format!("input {:?} does not have {} channels", x.shape(), thresholds.len()));
             }
             let c = thresholds.len();
             let inner: usize = x.shape()[2..].iter().product();
@@ -1346,36 +1060,23 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             let r = s.len() as i64;
             let fix = |v: i64| (if v < 0 { v + r } else { v }).clamp(0, r) as usize;
             let (a, b) = (fix(*start), fix(end.unwrap_or(r)));
-            let dims: Vec<i64> = if a < b {
-                s[a..b].iter().map(|&d| d as i64).collect()
-            } else {
-                vec![]
-            };
+            let dims: Vec<i64> = if a < b { s[a..b].iter().map(|&d| d as i64).collect() } else { vec![] };
             one(Value::I(array(&[dims.len()], dims)))
         }
         Op::Cast { to_float } => {
             let v = value(ins, 0)?;
-            one(if *to_float {
-                Value::F(v.to_float())
-            } else {
-                Value::I(v.to_int())
-            })
+            one(if *to_float { Value::F(v.to_float()) } else { Value::I(v.to_int()) })
         }
         Op::ConstantOfShape { value: c } => {
-            let shape: Vec<usize> = ints(ins, 0)?
-                .ok_or("shape input is required")?
-                .iter()
-                .map(|&d| d.max(0) as usize)
-                .collect();
+            let shape: Vec<usize> =
+                ints(ins, 0)?.ok_or("shape input is required")?.iter().map(|&d| d.max(0) as usize).collect();
             one(match c {
-                crate::tensor::Const::F(a) => Value::F(ArrayD::from_elem(
-                    IxDyn(&shape),
-                    T::of(a.iter().next().copied().unwrap_or(0.0)),
-                )),
-                crate::tensor::Const::I(a) => Value::I(ArrayD::from_elem(
-                    IxDyn(&shape),
-                    a.iter().next().copied().unwrap_or(0),
-                )),
+                crate::tensor::Const::F(a) => {
+                    Value::F(ArrayD::from_elem(IxDyn(&shape), T::of(a.iter().next().copied().unwrap_or(0.0))))
+                }
+                crate::tensor::Const::I(a) => {
+                    Value::I(ArrayD::from_elem(IxDyn(&shape), a.iter().next().copied().unwrap_or(0)))
+                }
             })
         }
         Op::Range => {
@@ -1393,14 +1094,7 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
                 let v: Vec<i64> = (0..n as i64).map(|i| s + i * d).collect();
                 one(Value::I(array(&[n], v)))
             } else {
-                let f = |v: &Value<T>| {
-                    v.to_float()
-                        .iter()
-                        .next()
-                        .copied()
-                        .unwrap_or(T::zero())
-                        .f64()
-                };
+                let f = |v: &Value<T>| v.to_float().iter().next().copied().unwrap_or(T::zero()).f64();
                 let (s, l, d) = (f(s), f(l), f(d));
                 if d == 0.0 {
                     return Err("delta is 0".into());
@@ -1412,24 +1106,13 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
         }
         Op::Expand => {
             let v = value(ins, 0)?;
-            let shape: Vec<usize> = ints(ins, 1)?
-                .ok_or("shape input is required")?
-                .iter()
-                .map(|&d| d.max(0) as usize)
-                .collect();
+            let shape: Vec<usize> =
+                ints(ins, 1)?.ok_or("shape input is required")?.iter().map(|&d| d.max(0) as usize).collect();
             let target = broadcast_shape(v.shape(), &shape)?;
             one(map_value(
                 v,
-                |a| {
-                    Ok(a.broadcast(IxDyn(&target))
-                        .ok_or("broadcast failed")?
-                        .to_owned())
-                },
-                |a| {
-                    Ok(a.broadcast(IxDyn(&target))
-                        .ok_or("broadcast failed")?
-                        .to_owned())
-                },
+                |a| Ok(a.broadcast(IxDyn(&target)).ok_or("broadcast failed")?.to_owned()),
+                |a| Ok(a.broadcast(IxDyn(&target)).ok_or("broadcast failed")?.to_owned()),
             )?)
         }
     }

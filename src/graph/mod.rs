@@ -3,7 +3,5 @@
 pub mod eval;
 pub mod ir;
 
-pub use eval::{
-    Env, check_inputs, eval_node, format_dims, input_warnings, prepare_consts, run, run_keep,
-};
+pub use eval::{Env, check_inputs, eval_node, format_dims, input_warnings, prepare_consts, run, run_keep};
 pub use ir::*;

@@ -10,21 +10,13 @@ pub fn fold_constants(g: &mut Graph) -> Result<()> {
     let nodes = std::mem::take(&mut g.nodes);
     let mut kept = Vec::with_capacity(nodes.len());
     for node in nodes {
-        let all_const = node
-            .inputs
-            .iter()
-            .flatten()
-            .all(|v| g.consts.contains_key(v))
+        let all_const = node.inputs.iter().flatten().all(|v| g.consts.contains_key(v))
             && node.inputs.iter().flatten().next().is_some();
         if !all_const {
             kept.push(node);
             continue;
         }
-        let vals: Vec<Option<Value<f64>>> = node
-            .inputs
-            .iter()
-            .map(|i| i.map(|id| g.consts[&id].to_value()))
-            .collect();
+        let vals: Vec<Option<Value<f64>>> = node.inputs.iter().map(|i| i.map(|id| g.consts[&id].to_value())).collect();
         let refs: Vec<Option<&Value<f64>>> = vals.iter().map(Option::as_ref).collect();
         let outs = eval_node(&node, &refs)?;
         for (o, v) in node.outputs.iter().zip(outs) {

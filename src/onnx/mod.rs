@@ -35,15 +35,9 @@ pub fn load_lenient(path: impl AsRef<Path>) -> Result<(Graph, Vec<String>)> {
 }
 
 fn load_with(path: &Path, strict: bool) -> Result<(Graph, Vec<String>)> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Io {
-        path: path.to_path_buf(),
-        source: e,
-    })?;
+    let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    let model = decode(&bytes).map_err(|reason| Error::NotOnnx {
-        path: path.to_path_buf(),
-        reason,
-    })?;
+    let model = decode(&bytes).map_err(|reason| Error::NotOnnx { path: path.to_path_buf(), reason })?;
     let (mut g, unsupported) = convert(&model, &dir, strict)?;
     if unsupported.is_empty() {
         fold_constants(&mut g)?;
@@ -53,10 +47,7 @@ fn load_with(path: &Path, strict: bool) -> Result<(Graph, Vec<String>)> {
 
 /// Loads a model from bytes; external data is resolved relative to `dir`.
 pub fn load_bytes(bytes: &[u8], dir: &Path) -> Result<Graph> {
-    let model = decode(bytes).map_err(|reason| Error::NotOnnx {
-        path: dir.join("<bytes>"),
-        reason,
-    })?;
+    let model = decode(bytes).map_err(|reason| Error::NotOnnx { path: dir.join("<bytes>"), reason })?;
     let (mut g, _) = convert(&model, dir, true)?;
     fold_constants(&mut g)?;
     Ok(g)
@@ -66,9 +57,8 @@ fn decode(bytes: &[u8]) -> std::result::Result<ModelProto, String> {
     if bytes.is_empty() {
         return Err("the file is empty".into());
     }
-    let m = ModelProto::decode(bytes).map_err(|e| {
-        format!("protobuf decoding failed ({e}); the file may be truncated or not an ONNX model")
-    })?;
+    let m = ModelProto::decode(bytes)
+        .map_err(|e| format!("protobuf decoding failed ({e}); the file may be truncated or not an ONNX model"))?;
     if m.ir_version.unwrap_or(0) <= 0 {
         return Err("it has no ir_version".into());
     }
@@ -86,19 +76,11 @@ struct Attrs<'a> {
 
 impl<'a> Attrs<'a> {
     fn new(node: &'a NodeProto) -> Self {
-        let map = node
-            .attribute
-            .iter()
-            .map(|a| (a.name.as_deref().unwrap_or(""), a))
-            .collect();
+        let map = node.attribute.iter().map(|a| (a.name.as_deref().unwrap_or(""), a)).collect();
         Attrs { node, map }
     }
     fn err(&self, msg: String) -> Error {
-        crate::error::node_err(
-            self.node.name.as_deref().unwrap_or(""),
-            self.node.op_type.as_deref().unwrap_or(""),
-            msg,
-        )
+        crate::error::node_err(self.node.name.as_deref().unwrap_or(""), self.node.op_type.as_deref().unwrap_or(""), msg)
     }
     fn has(&self, k: &str) -> bool {
         self.map.contains_key(k)
@@ -107,28 +89,18 @@ impl<'a> Attrs<'a> {
         self.map.get(k).and_then(|a| a.i).unwrap_or(d)
     }
     fn float(&self, k: &str, d: f64) -> f64 {
-        self.map
-            .get(k)
-            .and_then(|a| a.f)
-            .map(f64::from)
-            .unwrap_or(d)
+        self.map.get(k).and_then(|a| a.f).map(f64::from).unwrap_or(d)
     }
     fn ints(&self, k: &str) -> Option<Vec<i64>> {
         self.map.get(k).map(|a| a.ints.clone())
     }
     fn string(&self, k: &str) -> Option<String> {
-        self.map
-            .get(k)
-            .and_then(|a| a.s.as_ref())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
+        self.map.get(k).and_then(|a| a.s.as_ref()).map(|s| String::from_utf8_lossy(s).into_owned())
     }
     fn usizes(&self, k: &str) -> Result<Vec<usize>> {
         let v = self.ints(k).unwrap_or_default();
         v.iter()
-            .map(|&x| {
-                usize::try_from(x)
-                    .map_err(|_| self.err(format!("attribute {k} has a negative entry: {v:?}")))
-            })
+            .map(|&x| usize::try_from(x).map_err(|_| self.err(format!("attribute {k} has a negative entry: {v:?}"))))
             .collect()
     }
     fn window(&self, with_kernel: bool) -> Result<Window> {
@@ -139,11 +111,7 @@ impl<'a> Attrs<'a> {
             Some("VALID") => AutoPad::Valid,
             Some(o) => return Err(self.err(format!("unknown auto_pad '{o}'"))),
         };
-        let kernel = if self.has("kernel_shape") {
-            Some(self.usizes("kernel_shape")?)
-        } else {
-            None
-        };
+        let kernel = if self.has("kernel_shape") { Some(self.usizes("kernel_shape")?) } else { None };
         if with_kernel && kernel.is_none() {
             return Err(self.err("kernel_shape is required".into()));
         }
@@ -160,15 +128,10 @@ impl<'a> Attrs<'a> {
 /// Converts a tensor to a constant, reading external data relative to `dir`.
 pub fn tensor_to_const(t: &TensorProto, dir: &Path) -> Result<Const> {
     let name = t.name.clone().unwrap_or_default();
-    let terr = |msg: String| Error::Tensor {
-        tensor: name.clone(),
-        msg,
-    };
+    let terr = |msg: String| Error::Tensor { tensor: name.clone(), msg };
     let mut dims = Vec::with_capacity(t.dims.len());
     for &d in &t.dims {
-        dims.push(
-            usize::try_from(d).map_err(|_| terr(format!("negative dimension in {:?}", t.dims)))?,
-        );
+        dims.push(usize::try_from(d).map_err(|_| terr(format!("negative dimension in {:?}", t.dims)))?);
     }
     let n: usize = dims.iter().product();
     let dt = t.data_type.unwrap_or(0);
@@ -177,28 +140,14 @@ pub fn tensor_to_const(t: &TensorProto, dir: &Path) -> Result<Const> {
         let kv: HashMap<&str, &str> = t
             .external_data
             .iter()
-            .map(|e| {
-                (
-                    e.key.as_deref().unwrap_or(""),
-                    e.value.as_deref().unwrap_or(""),
-                )
-            })
+            .map(|e| (e.key.as_deref().unwrap_or(""), e.value.as_deref().unwrap_or("")))
             .collect();
-        let loc = kv
-            .get("location")
-            .ok_or_else(|| terr("external data without a location".into()))?;
+        let loc = kv.get("location").ok_or_else(|| terr("external data without a location".into()))?;
         let file = dir.join(loc);
-        let bytes = std::fs::read(&file).map_err(|e| {
-            terr(format!(
-                "external data file {} is missing or unreadable: {e}",
-                file.display()
-            ))
-        })?;
+        let bytes = std::fs::read(&file)
+            .map_err(|e| terr(format!("external data file {} is missing or unreadable: {e}", file.display())))?;
         let off: usize = kv.get("offset").and_then(|s| s.parse().ok()).unwrap_or(0);
-        let len: usize = kv
-            .get("length")
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(bytes.len().saturating_sub(off));
+        let len: usize = kv.get("length").and_then(|s| s.parse().ok()).unwrap_or(bytes.len().saturating_sub(off));
         if off + len > bytes.len() {
             return Err(terr(format!(
                 "external data file {} is shorter than offset {off} + length {len}",
@@ -216,19 +165,12 @@ pub fn tensor_to_const(t: &TensorProto, dir: &Path) -> Result<Const> {
         4 | 5 | 10 | 16 => 2,
         7 | 11 | 13 => 8,
         _ => {
-            return Err(terr(format!(
-                "unsupported element type {dt} ({})",
-                dtype_name(dt)
-            )));
+            return Err(terr(format!("unsupported element type {dt} ({})", dtype_name(dt))));
         }
     };
     if let Some(raw) = raw {
         if raw.len() != n * width {
-            return Err(terr(format!(
-                "holds {} bytes, expected {} for shape {dims:?}",
-                raw.len(),
-                n * width
-            )));
+            return Err(terr(format!("holds {} bytes, expected {} for shape {dims:?}", raw.len(), n * width)));
         }
         let chunks = raw.chunks_exact(width);
         let le = |c: &[u8]| {
@@ -237,54 +179,23 @@ pub fn tensor_to_const(t: &TensorProto, dir: &Path) -> Result<Const> {
             u64::from_le_bytes(b)
         };
         return Ok(match dt {
-            1 => Const::F(array(
-                &dims,
-                chunks
-                    .map(|c| f32::from_bits(le(c) as u32) as f64)
-                    .collect(),
-            )),
-            11 => Const::F(array(
-                &dims,
-                chunks.map(|c| f64::from_bits(le(c))).collect(),
-            )),
-            10 => Const::F(array(
-                &dims,
-                chunks.map(|c| f16_to_f64(le(c) as u16)).collect(),
-            )),
-            16 => Const::F(array(
-                &dims,
-                chunks
-                    .map(|c| f32::from_bits((le(c) as u32) << 16) as f64)
-                    .collect(),
-            )),
+            1 => Const::F(array(&dims, chunks.map(|c| f32::from_bits(le(c) as u32) as f64).collect())),
+            11 => Const::F(array(&dims, chunks.map(|c| f64::from_bits(le(c))).collect())),
+            10 => Const::F(array(&dims, chunks.map(|c| f16_to_f64(le(c) as u16)).collect())),
+            16 => Const::F(array(&dims, chunks.map(|c| f32::from_bits((le(c) as u32) << 16) as f64).collect())),
             3 => Const::I(array(&dims, chunks.map(|c| c[0] as i8 as i64).collect())),
-            5 => Const::I(array(
-                &dims,
-                chunks.map(|c| le(c) as u16 as i16 as i64).collect(),
-            )),
-            6 => Const::I(array(
-                &dims,
-                chunks.map(|c| le(c) as u32 as i32 as i64).collect(),
-            )),
+            5 => Const::I(array(&dims, chunks.map(|c| le(c) as u16 as i16 as i64).collect())),
+            6 => Const::I(array(&dims, chunks.map(|c| le(c) as u32 as i32 as i64).collect())),
             _ => Const::I(array(&dims, chunks.map(|c| le(c) as i64).collect())),
         });
     }
     let check = |len: usize| {
-        if len == n {
-            Ok(())
-        } else {
-            Err(terr(format!(
-                "holds {len} values, expected {n} for shape {dims:?}"
-            )))
-        }
+        if len == n { Ok(()) } else { Err(terr(format!("holds {len} values, expected {n} for shape {dims:?}"))) }
     };
     Ok(match dt {
         1 => {
             check(t.float_data.len())?;
-            Const::F(array(
-                &dims,
-                t.float_data.iter().map(|&v| v as f64).collect(),
-            ))
+            Const::F(array(&dims, t.float_data.iter().map(|&v| v as f64).collect()))
         }
         11 => {
             check(t.double_data.len())?;
@@ -293,16 +204,9 @@ pub fn tensor_to_const(t: &TensorProto, dir: &Path) -> Result<Const> {
         10 | 16 => {
             check(t.int32_data.len())?;
             let conv = |v: i32| {
-                if dt == 10 {
-                    f16_to_f64(v as u16)
-                } else {
-                    f32::from_bits((v as u32) << 16) as f64
-                }
+                if dt == 10 { f16_to_f64(v as u16) } else { f32::from_bits((v as u32) << 16) as f64 }
             };
-            Const::F(array(
-                &dims,
-                t.int32_data.iter().map(|&v| conv(v)).collect(),
-            ))
+            Const::F(array(&dims, t.int32_data.iter().map(|&v| conv(v)).collect()))
         }
         7 => {
             check(t.int64_data.len())?;
@@ -310,17 +214,11 @@ pub fn tensor_to_const(t: &TensorProto, dir: &Path) -> Result<Const> {
         }
         12 | 13 => {
             check(t.uint64_data.len())?;
-            Const::I(array(
-                &dims,
-                t.uint64_data.iter().map(|&v| v as i64).collect(),
-            ))
+            Const::I(array(&dims, t.uint64_data.iter().map(|&v| v as i64).collect()))
         }
         _ => {
             check(t.int32_data.len())?;
-            Const::I(array(
-                &dims,
-                t.int32_data.iter().map(|&v| v as i64).collect(),
-            ))
+            Const::I(array(&dims, t.int32_data.iter().map(|&v| v as i64).collect()))
         }
     })
 }
@@ -369,10 +267,7 @@ fn is_float_type(dt: i32) -> bool {
 }
 
 fn convert(model: &ModelProto, dir: &Path, strict: bool) -> Result<(Graph, Vec<String>)> {
-    let gp = model
-        .graph
-        .as_ref()
-        .ok_or_else(|| Error::Invalid("model has no graph".into()))?;
+    let gp = model.graph.as_ref().ok_or_else(|| Error::Invalid("model has no graph".into()))?;
     let opset = model
         .opset_import
         .iter()
@@ -380,14 +275,9 @@ fn convert(model: &ModelProto, dir: &Path, strict: bool) -> Result<(Graph, Vec<S
         .and_then(|o| o.version)
         .unwrap_or(1);
     if !(7..=23).contains(&opset) {
-        return Err(Error::Invalid(format!(
-            "opset {opset} of the default domain is not supported (7 to 23 are)"
-        )));
+        return Err(Error::Invalid(format!("opset {opset} of the default domain is not supported (7 to 23 are)")));
     }
-    let mut g = Graph {
-        opset,
-        ..Default::default()
-    };
+    let mut g = Graph { opset, ..Default::default() };
     let mut ids: HashMap<String, usize> = HashMap::new();
     let mut id_of = |g: &mut Graph, name: &str| -> usize {
         if let Some(&i) = ids.get(name) {
@@ -412,18 +302,9 @@ fn convert(model: &ModelProto, dir: &Path, strict: bool) -> Result<(Graph, Vec<S
                 let dims = value_dims(vi);
                 let et = tt.elem_type.unwrap_or(1);
                 if et == 8 {
-                    return Err(Error::Invalid(format!(
-                        "input '{name}' is a string tensor, which is not supported"
-                    )));
+                    return Err(Error::Invalid(format!("input '{name}' is a string tensor, which is not supported")));
                 }
-                (
-                    dims,
-                    if is_float_type(et) {
-                        ElemKind::Float
-                    } else {
-                        ElemKind::Int
-                    },
-                )
+                (dims, if is_float_type(et) { ElemKind::Float } else { ElemKind::Int })
             }
             _ => return Err(Error::Invalid(format!("input '{name}' is not a tensor"))),
         };
@@ -437,10 +318,7 @@ fn convert(model: &ModelProto, dir: &Path, strict: bool) -> Result<(Graph, Vec<S
             _ => format!("{op_type}_{k}"),
         };
         if !matches!(np.domain.as_deref(), None | Some("") | Some("ai.onnx")) {
-            unsupported.push(format!(
-                "{}:{op_type} (node '{name}')",
-                np.domain.as_deref().unwrap_or("")
-            ));
+            unsupported.push(format!("{}:{op_type} (node '{name}')", np.domain.as_deref().unwrap_or("")));
             continue;
         }
         if op_type == "Constant" {
@@ -458,41 +336,12 @@ fn convert(model: &ModelProto, dir: &Path, strict: bool) -> Result<(Graph, Vec<S
                 continue;
             }
         };
-        let inputs = np
-            .input
-            .iter()
-            .map(|s| {
-                if s.is_empty() {
-                    None
-                } else {
-                    Some(id_of(&mut g, s))
-                }
-            })
-            .collect();
-        let outputs = np
-            .output
-            .iter()
-            .map(|s| {
-                if s.is_empty() {
-                    None
-                } else {
-                    Some(id_of(&mut g, s))
-                }
-            })
-            .collect();
-        g.nodes.push(Node {
-            name,
-            op,
-            op_type,
-            inputs,
-            outputs,
-        });
+        let inputs = np.input.iter().map(|s| if s.is_empty() { None } else { Some(id_of(&mut g, s)) }).collect();
+        let outputs = np.output.iter().map(|s| if s.is_empty() { None } else { Some(id_of(&mut g, s)) }).collect();
+        g.nodes.push(Node { name, op, op_type, inputs, outputs });
     }
     if strict && !unsupported.is_empty() {
-        return Err(Error::Unsupported {
-            ops: unsupported.join(", "),
-            supported: Op::SUPPORTED.join(", "),
-        });
+        return Err(Error::Unsupported { ops: unsupported.join(", "), supported: Op::SUPPORTED.join(", ") });
     }
     for vi in &gp.output {
         let name = vi.name.clone().unwrap_or_default();
@@ -500,9 +349,7 @@ fn convert(model: &ModelProto, dir: &Path, strict: bool) -> Result<(Graph, Vec<S
             Some(&id) => id,
             None if !strict => continue,
             None => {
-                return Err(Error::Invalid(format!(
-                    "graph output '{name}' is produced by no node"
-                )));
+                return Err(Error::Invalid(format!("graph output '{name}' is produced by no node")));
             }
         };
         g.outputs.push(id);
@@ -520,12 +367,8 @@ fn value_dims(vi: &proto::ValueInfoProto) -> Option<Vec<Dim>> {
             s.dim
                 .iter()
                 .map(|d| match &d.value {
-                    Some(proto::tensor_shape_proto::dimension::Value::DimValue(v)) if *v > 0 => {
-                        Dim::Fixed(*v as usize)
-                    }
-                    Some(proto::tensor_shape_proto::dimension::Value::DimParam(p)) => {
-                        Dim::Free(p.clone())
-                    }
+                    Some(proto::tensor_shape_proto::dimension::Value::DimValue(v)) if *v > 0 => Dim::Fixed(*v as usize),
+                    Some(proto::tensor_shape_proto::dimension::Value::DimParam(p)) => Dim::Free(p.clone()),
                     _ => Dim::Free(String::new()),
                 })
                 .collect()
@@ -547,10 +390,7 @@ fn constant_node(np: &NodeProto, dir: &Path) -> Result<Const> {
         return Ok(Const::I(array(&[], vec![v])));
     }
     if let Some(x) = at("value_floats") {
-        return Ok(Const::F(array(
-            &[x.floats.len()],
-            x.floats.iter().map(|&v| v as f64).collect(),
-        )));
+        return Ok(Const::F(array(&[x.floats.len()], x.floats.iter().map(|&v| v as f64).collect())));
     }
     if let Some(x) = at("value_ints") {
         return Ok(Const::I(array(&[x.ints.len()], x.ints.clone())));
@@ -562,10 +402,7 @@ fn constant_node(np: &NodeProto, dir: &Path) -> Result<Const> {
 fn parse_op(np: &NodeProto, op_type: &str, opset: i64) -> Result<Option<Op>> {
     let a = Attrs::new(np);
     let op = match op_type {
-        "Conv" => Op::Conv {
-            win: a.window(false)?,
-            group: a.int("group", 1).max(1) as usize,
-        },
+        "Conv" => Op::Conv { win: a.window(false)?, group: a.int("group", 1).max(1) as usize },
         "Gemm" => Op::Gemm {
             alpha: a.float("alpha", 1.0),
             beta: a.float("beta", 1.0),
@@ -573,37 +410,21 @@ fn parse_op(np: &NodeProto, op_type: &str, opset: i64) -> Result<Option<Op>> {
             trans_b: a.int("transB", 0) != 0,
         },
         "MatMul" => Op::MatMul,
-        "BatchNormalization" => Op::BatchNorm {
-            epsilon: a.float("epsilon", 1e-5),
-        },
+        "BatchNormalization" => Op::BatchNorm { epsilon: a.float("epsilon", 1e-5) },
         "Relu" => Op::Relu,
         "Clip" => {
             if opset < 11 {
-                Op::Clip {
-                    min: Some(a.float("min", f32::MIN as f64)),
-                    max: Some(a.float("max", f32::MAX as f64)),
-                }
+                Op::Clip { min: Some(a.float("min", f32::MIN as f64)), max: Some(a.float("max", f32::MAX as f64)) }
             } else {
-                Op::Clip {
-                    min: None,
-                    max: None,
-                }
+                Op::Clip { min: None, max: None }
             }
         }
-        "LeakyRelu" => Op::LeakyRelu {
-            alpha: a.float("alpha", 0.01),
-        },
+        "LeakyRelu" => Op::LeakyRelu { alpha: a.float("alpha", 0.01) },
         "Sigmoid" => Op::Sigmoid,
         "Tanh" => Op::Tanh,
-        "HardSigmoid" => Op::HardSigmoid {
-            alpha: a.float("alpha", 0.2),
-            beta: a.float("beta", 0.5),
-        },
+        "HardSigmoid" => Op::HardSigmoid { alpha: a.float("alpha", 0.2), beta: a.float("beta", 0.5) },
         "HardSwish" => Op::HardSwish,
-        "Softmax" => Op::Softmax {
-            axis: a.int("axis", if opset < 13 { 1 } else { -1 }),
-            legacy: opset < 13,
-        },
+        "Softmax" => Op::Softmax { axis: a.int("axis", if opset < 13 { 1 } else { -1 }), legacy: opset < 13 },
         "Add" => Op::Add,
         "Sub" => Op::Sub,
         "Mul" => Op::Mul,
@@ -614,10 +435,7 @@ fn parse_op(np: &NodeProto, op_type: &str, opset: i64) -> Result<Option<Op>> {
             if a.int("storage_order", 0) != 0 {
                 return Err(a.err("storage_order = 1 is not supported".into()));
             }
-            Op::MaxPool {
-                win: a.window(true)?,
-                ceil_mode: a.int("ceil_mode", 0) != 0,
-            }
+            Op::MaxPool { win: a.window(true)?, ceil_mode: a.int("ceil_mode", 0) != 0 }
         }
         "AveragePool" => Op::AveragePool {
             win: a.window(true)?,
@@ -625,34 +443,17 @@ fn parse_op(np: &NodeProto, op_type: &str, opset: i64) -> Result<Option<Op>> {
             count_include_pad: a.int("count_include_pad", 0) != 0,
         },
         "GlobalAveragePool" => Op::GlobalAveragePool,
-        "Flatten" => Op::Flatten {
-            axis: a.int("axis", 1),
-        },
-        "Reshape" => Op::Reshape {
-            allowzero: a.int("allowzero", 0) != 0,
-        },
-        "Transpose" => Op::Transpose {
-            perm: if a.has("perm") {
-                Some(a.usizes("perm")?)
-            } else {
-                None
-            },
-        },
-        "Squeeze" => Op::Squeeze {
-            axes: if opset < 13 { a.ints("axes") } else { None },
-        },
+        "Flatten" => Op::Flatten { axis: a.int("axis", 1) },
+        "Reshape" => Op::Reshape { allowzero: a.int("allowzero", 0) != 0 },
+        "Transpose" => Op::Transpose { perm: if a.has("perm") { Some(a.usizes("perm")?) } else { None } },
+        "Squeeze" => Op::Squeeze { axes: if opset < 13 { a.ints("axes") } else { None } },
         "Unsqueeze" => {
             if opset < 13 && !a.has("axes") {
                 return Err(a.err("the axes attribute is required before opset 13".into()));
             }
-            Op::Unsqueeze {
-                axes: if opset < 13 { a.ints("axes") } else { None },
-            }
+            Op::Unsqueeze { axes: if opset < 13 { a.ints("axes") } else { None } }
         }
-        "Concat" => Op::Concat {
-            axis: a.int("axis", if opset < 4 { 1 } else { i64::MIN }),
-        }
-        .require_axis(&a)?,
+        "Concat" => Op::Concat { axis: a.int("axis", if opset < 4 { 1 } else { i64::MIN }) }.require_axis(&a)?,
         "Slice" => {
             if opset < 10 {
                 Op::Slice {
@@ -661,17 +462,10 @@ fn parse_op(np: &NodeProto, op_type: &str, opset: i64) -> Result<Option<Op>> {
                     axes: a.ints("axes"),
                 }
             } else {
-                Op::Slice {
-                    starts: None,
-                    ends: None,
-                    axes: None,
-                }
+                Op::Slice { starts: None, ends: None, axes: None }
             }
         }
-        "Split" => Op::Split {
-            axis: a.int("axis", 0),
-            split: if opset < 13 { a.ints("split") } else { None },
-        },
+        "Split" => Op::Split { axis: a.int("axis", 0), split: if opset < 13 { a.ints("split") } else { None } },
         "Pad" => {
             let mode = match a.string("mode").as_deref() {
                 None | Some("constant") => PadMode::Constant,
@@ -680,22 +474,12 @@ fn parse_op(np: &NodeProto, op_type: &str, opset: i64) -> Result<Option<Op>> {
                 Some(m) => return Err(a.err(format!("pad mode '{m}' is not supported"))),
             };
             if opset < 11 {
-                Op::Pad {
-                    mode,
-                    pads: Some(a.ints("pads").unwrap_or_default()),
-                    value: a.float("value", 0.0),
-                }
+                Op::Pad { mode, pads: Some(a.ints("pads").unwrap_or_default()), value: a.float("value", 0.0) }
             } else {
-                Op::Pad {
-                    mode,
-                    pads: None,
-                    value: 0.0,
-                }
+                Op::Pad { mode, pads: None, value: 0.0 }
             }
         }
-        "Gather" => Op::Gather {
-            axis: a.int("axis", 0),
-        },
+        "Gather" => Op::Gather { axis: a.int("axis", 0) },
         "LSTM" => {
             let direction = match a.string("direction").as_deref() {
                 None | Some("forward") => Direction::Forward,
@@ -707,45 +491,27 @@ fn parse_op(np: &NodeProto, op_type: &str, opset: i64) -> Result<Option<Op>> {
                 return Err(a.err("the clip and input_forget attributes are not supported".into()));
             }
             if let Some(acts) = a.map.get("activations") {
-                let names: Vec<String> = acts
-                    .strings
-                    .iter()
-                    .map(|s| String::from_utf8_lossy(s).to_lowercase())
-                    .collect();
+                let names: Vec<String> =
+                    acts.strings.iter().map(|s| String::from_utf8_lossy(s).to_lowercase()).collect();
                 if names.chunks(3).any(|c| c != ["sigmoid", "tanh", "tanh"]) {
-                    return Err(a.err(format!(
-                        "activations {names:?} are not supported (only Sigmoid, Tanh, Tanh)"
-                    )));
+                    return Err(a.err(format!("activations {names:?} are not supported (only Sigmoid, Tanh, Tanh)")));
                 }
             }
             let hidden = a.int("hidden_size", 0);
             if hidden <= 0 {
                 return Err(a.err("hidden_size is required".into()));
             }
-            Op::Lstm {
-                hidden: hidden as usize,
-                direction,
-                batch_first: a.int("layout", 0) != 0,
-            }
+            Op::Lstm { hidden: hidden as usize, direction, batch_first: a.int("layout", 0) != 0 }
         }
         "Identity" => Op::Identity,
         "Dropout" => Op::Dropout,
-        "Shape" => Op::Shape {
-            start: a.int("start", 0),
-            end: if a.has("end") {
-                Some(a.int("end", 0))
-            } else {
-                None
-            },
-        },
+        "Shape" => Op::Shape { start: a.int("start", 0), end: if a.has("end") { Some(a.int("end", 0)) } else { None } },
         "Cast" => {
             let to = a.int("to", 1) as i32;
             if to == 8 {
                 return Err(a.err("casting to string is not supported".into()));
             }
-            Op::Cast {
-                to_float: is_float_type(to),
-            }
+            Op::Cast { to_float: is_float_type(to) }
         }
         "ConstantOfShape" => {
             let value = match a.map.get("value").and_then(|x| x.t.as_ref()) {
@@ -779,18 +545,14 @@ fn toposort(g: &mut Graph) -> Result<()> {
             producer.insert(*o, i);
         }
     }
-    let available =
-        |v: usize, g: &Graph| g.consts.contains_key(&v) || g.inputs.iter().any(|x| x.id == v);
+    let available = |v: usize, g: &Graph| g.consts.contains_key(&v) || g.inputs.iter().any(|x| x.id == v);
     for node in &g.nodes {
         for &v in node.inputs.iter().flatten() {
             if !producer.contains_key(&v) && !available(v, g) {
                 return Err(crate::error::node_err(
                     &node.name,
                     &node.op_type,
-                    format!(
-                        "input '{}' is produced by no node and is not an input or initializer",
-                        g.names[v]
-                    ),
+                    format!("input '{}' is produced by no node and is not an input or initializer", g.names[v]),
                 ));
             }
         }

@@ -43,10 +43,7 @@ impl ConvGeom {
         if ph < eh || pw < ew || self.stride[0] == 0 || self.stride[1] == 0 {
             return None;
         }
-        Some((
-            (ph - eh) / self.stride[0] + 1,
-            (pw - ew) / self.stride[1] + 1,
-        ))
+        Some(((ph - eh) / self.stride[0] + 1, (pw - ew) / self.stride[1] + 1))
     }
 
     fn cg(&self) -> usize {
@@ -90,11 +87,7 @@ fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T], oh: usize, ow: usize) 
                     let off = (kj * dw) as isize - pl;
                     for (ox, v) in d.iter_mut().enumerate() {
                         let ix = (ox * sw) as isize + off;
-                        *v = if ix >= 0 && ix < w as isize {
-                            src[ix as usize]
-                        } else {
-                            T::zero()
-                        };
+                        *v = if ix >= 0 && ix < w as isize { src[ix as usize] } else { T::zero() };
                     }
                 }
             }
@@ -151,16 +144,8 @@ fn depthwise_plane<T: Float>(g: &ConvGeom, x: &[T], k: &[T], out: &mut [T], oh: 
                 let dst = &mut out[oy * ow..(oy + 1) * ow];
                 // Valid ox range: 0 <= ox*sw + off_x < w.
                 let sw = g.stride[1] as isize;
-                let lo = if off_x < 0 {
-                    ((-off_x) + sw - 1) / sw
-                } else {
-                    0
-                };
-                let hi = if w - off_x <= 0 {
-                    0
-                } else {
-                    ((w - off_x - 1) / sw + 1).min(ow as isize)
-                };
+                let lo = if off_x < 0 { ((-off_x) + sw - 1) / sw } else { 0 };
+                let hi = if w - off_x <= 0 { 0 } else { ((w - off_x - 1) / sw + 1).min(ow as isize) };
                 if hi <= lo {
                     continue;
                 }
@@ -169,14 +154,10 @@ fn depthwise_plane<T: Float>(g: &ConvGeom, x: &[T], k: &[T], out: &mut [T], oh: 
                 if sw == 1 {
                     // Contiguous rows: the compiler vectorises this.
                     let len = d.len();
-                    d.iter_mut()
-                        .zip(&src[start..start + len])
-                        .for_each(|(a, b)| *a += wv * *b);
+                    d.iter_mut().zip(&src[start..start + len]).for_each(|(a, b)| *a += wv * *b);
                 } else {
                     let sw = sw as usize;
-                    d.iter_mut()
-                        .enumerate()
-                        .for_each(|(i, a)| *a += wv * src[start + i * sw]);
+                    d.iter_mut().enumerate().for_each(|(i, a)| *a += wv * src[start + i * sw]);
                 }
             }
         }
@@ -184,14 +165,7 @@ fn depthwise_plane<T: Float>(g: &ConvGeom, x: &[T], k: &[T], out: &mut [T], oh: 
 }
 
 /// Depthwise input-VJP for one channel: `dx_plane += convᵀ(dy_plane, k)`.
-fn depthwise_plane_t<T: Float>(
-    g: &ConvGeom,
-    dy: &[T],
-    k: &[T],
-    dx: &mut [T],
-    oh: usize,
-    ow: usize,
-) {
+fn depthwise_plane_t<T: Float>(g: &ConvGeom, dy: &[T], k: &[T], dx: &mut [T], oh: usize, ow: usize) {
     let (h, w) = (g.h as isize, g.w as isize);
     let (pt, pl) = (g.pads[0] as isize, g.pads[1] as isize);
     for ki in 0..g.kh {
@@ -199,16 +173,8 @@ fn depthwise_plane_t<T: Float>(
             let wv = k[ki * g.kw + kj];
             let off_x = (kj * g.dilation[1]) as isize - pl;
             let sw = g.stride[1] as isize;
-            let lo = if off_x < 0 {
-                ((-off_x) + sw - 1) / sw
-            } else {
-                0
-            };
-            let hi = if w - off_x <= 0 {
-                0
-            } else {
-                ((w - off_x - 1) / sw + 1).min(ow as isize)
-            };
+            let lo = if off_x < 0 { ((-off_x) + sw - 1) / sw } else { 0 };
+            let hi = if w - off_x <= 0 { 0 } else { ((w - off_x - 1) / sw + 1).min(ow as isize) };
             for oy in 0..oh {
                 let iy = (oy * g.stride[0] + ki * g.dilation[0]) as isize - pt;
                 if iy < 0 || iy >= h {
@@ -222,15 +188,10 @@ fn depthwise_plane_t<T: Float>(
                 let sv = &src[lo as usize..hi as usize];
                 let start = (lo * sw + off_x) as usize;
                 if sw == 1 {
-                    dst[start..start + sv.len()]
-                        .iter_mut()
-                        .zip(sv)
-                        .for_each(|(a, b)| *a += wv * *b);
+                    dst[start..start + sv.len()].iter_mut().zip(sv).for_each(|(a, b)| *a += wv * *b);
                 } else {
                     let sw = sw as usize;
-                    sv.iter()
-                        .enumerate()
-                        .for_each(|(i, b)| dst[start + i * sw] += wv * *b);
+                    sv.iter().enumerate().for_each(|(i, b)| dst[start + i * sw] += wv * *b);
                 }
             }
         }
@@ -288,21 +249,12 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
                 depthwise_plane(g, xp, k, yplane, oh, ow);
             };
             let per = channels_per_task(g.m, ohw * g.kh * g.kw, threads);
-            ys.par_chunks_mut(ohw * per)
-                .enumerate()
-                .for_each(|(t, block)| {
-                    block
-                        .chunks_mut(ohw)
-                        .enumerate()
-                        .for_each(|(k, plane)| work((t * per + k, plane)))
-                });
+            ys.par_chunks_mut(ohw * per).enumerate().for_each(|(t, block)| {
+                block.chunks_mut(ohw).enumerate().for_each(|(k, plane)| work((t * per + k, plane)))
+            });
             return;
         }
-        let mut col = if g.is_pointwise() {
-            Vec::new()
-        } else {
-            vec![T::zero(); kdim * ohw]
-        };
+        let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::zero(); kdim * ohw] };
         for gi in 0..g.group {
             let xg = &xs[gi * cg * g.h * g.w..(gi + 1) * cg * g.h * g.w];
             let b = if g.is_pointwise() {
@@ -312,24 +264,13 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
                 Mat::rows(&col[..], ohw)
             };
             let a = Mat::rows(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
-            matmul(
-                mg,
-                ohw,
-                kdim,
-                a,
-                b,
-                &mut ys[gi * mg * ohw..(gi + 1) * mg * ohw],
-                true,
-                threads,
-            );
+            matmul(mg, ohw, kdim, a, b, &mut ys[gi * mg * ohw..(gi + 1) * mg * ohw], true, threads);
         }
     };
     let xsz = g.c * g.h * g.w;
     let ysz = g.m * ohw;
     if g.n > 1 {
-        out.par_chunks_mut(ysz)
-            .zip(x.par_chunks(xsz))
-            .for_each(|(ys, xs)| sample(xs, ys, Threads::One));
+        out.par_chunks_mut(ysz).zip(x.par_chunks(xsz)).for_each(|(ys, xs)| sample(xs, ys, Threads::One));
     } else if g.n == 1 {
         sample(&x[..xsz], &mut out[..], Threads::Pool);
     }
@@ -358,21 +299,12 @@ pub fn conv2d_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T]) -> Vec<T> {
                 }
             };
             let per = channels_per_task(g.c, ohw * mg * g.kh * g.kw, threads);
-            dxs.par_chunks_mut(hw * per)
-                .enumerate()
-                .for_each(|(t, block)| {
-                    block
-                        .chunks_mut(hw)
-                        .enumerate()
-                        .for_each(|(k, plane)| work((t * per + k, plane)))
-                });
+            dxs.par_chunks_mut(hw * per).enumerate().for_each(|(t, block)| {
+                block.chunks_mut(hw).enumerate().for_each(|(k, plane)| work((t * per + k, plane)))
+            });
             return;
         }
-        let mut col = if g.is_pointwise() {
-            Vec::new()
-        } else {
-            vec![T::zero(); kdim * ohw]
-        };
+        let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::zero(); kdim * ohw] };
         for gi in 0..g.group {
             let a = Mat::rows_t(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
             let b = Mat::rows(&dys[gi * mg * ohw..(gi + 1) * mg * ohw], ohw);
@@ -388,9 +320,7 @@ pub fn conv2d_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T]) -> Vec<T> {
     let xsz = g.c * hw;
     let ysz = g.m * ohw;
     if g.n > 1 {
-        dx.par_chunks_mut(xsz)
-            .zip(dy.par_chunks(ysz))
-            .for_each(|(dxs, dys)| sample(dys, dxs, Threads::One));
+        dx.par_chunks_mut(xsz).zip(dy.par_chunks(ysz)).for_each(|(dxs, dys)| sample(dys, dxs, Threads::One));
     } else if g.n == 1 {
         sample(&dy[..ysz], &mut dx[..], Threads::Pool);
     }
@@ -401,13 +331,7 @@ pub fn conv2d_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T]) -> Vec<T> {
 /// that the inner loop runs over channels: contiguous and vectorisable whatever the stride or
 /// the plane size (late layers have thousands of 7×7 planes, where row loops are all overhead).
 /// `x` is [c, h, w]; returns [c, oh, ow], starting from `bias`.
-fn depthwise_cl<T: Float>(
-    g: &ConvGeom,
-    x: &[T],
-    wt: &[T],
-    bias: Option<&[T]>,
-    threads: Threads,
-) -> Vec<T> {
+fn depthwise_cl<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>, threads: Threads) -> Vec<T> {
     let (oh, ow) = g.out_hw().expect("geometry checked by caller");
     let c = g.c;
     let (hp, wp) = (g.h + g.pads[0] + g.pads[2], g.w + g.pads[1] + g.pads[3]);
@@ -470,16 +394,9 @@ fn depthwise_cl_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T], threads: Threads
     let c = g.c;
     let (hp, wp) = (g.h + g.pads[0] + g.pads[2], g.w + g.pads[1] + g.pads[3]);
     let kk = g.kh * g.kw;
-    let nthreads = if threads == Threads::Pool {
-        rayon::current_num_threads()
-    } else {
-        1
-    };
+    let nthreads = if threads == Threads::Pool { rayon::current_num_threads() } else { 1 };
     let block = c.div_ceil(nthreads).div_ceil(8).max(1) * 8;
-    let blocks: Vec<(usize, usize)> = (0..c)
-        .step_by(block)
-        .map(|s| (s, (s + block).min(c)))
-        .collect();
+    let blocks: Vec<(usize, usize)> = (0..c).step_by(block).map(|s| (s, (s + block).min(c))).collect();
     let work = |&(c0, c1): &(usize, usize)| -> Vec<T> {
         let cb = c1 - c0;
         let mut dyt = vec![T::zero(); oh * ow * cb];
@@ -552,17 +469,10 @@ mod tests {
                             let ci = gi * cg + cc;
                             for ki in 0..g.kh {
                                 for kj in 0..g.kw {
-                                    let iy = (oy * g.stride[0] + ki * g.dilation[0]) as isize
-                                        - g.pads[0] as isize;
-                                    let ix = (ox * g.stride[1] + kj * g.dilation[1]) as isize
-                                        - g.pads[1] as isize;
-                                    if iy >= 0
-                                        && ix >= 0
-                                        && (iy as usize) < g.h
-                                        && (ix as usize) < g.w
-                                    {
-                                        s += x[((n * g.c + ci) * g.h + iy as usize) * g.w
-                                            + ix as usize]
+                                    let iy = (oy * g.stride[0] + ki * g.dilation[0]) as isize - g.pads[0] as isize;
+                                    let ix = (ox * g.stride[1] + kj * g.dilation[1]) as isize - g.pads[1] as isize;
+                                    if iy >= 0 && ix >= 0 && (iy as usize) < g.h && (ix as usize) < g.w {
+                                        s += x[((n * g.c + ci) * g.h + iy as usize) * g.w + ix as usize]
                                             * wt[((oc * cg + cc) * g.kh + ki) * g.kw + kj];
                                     }
                                 }
@@ -577,9 +487,7 @@ mod tests {
     }
 
     fn data(len: usize, seed: usize) -> Vec<f64> {
-        (0..len)
-            .map(|i| (((i * 37 + seed * 11) % 29) as f64 - 14.0) / 7.0)
-            .collect()
+        (0..len).map(|i| (((i * 37 + seed * 11) % 29) as f64 - 14.0) / 7.0).collect()
     }
 
     fn geoms() -> Vec<ConvGeom> {
@@ -598,63 +506,13 @@ mod tests {
         };
         vec![
             base,
-            ConvGeom {
-                n: 2,
-                stride: [2, 2],
-                pads: [0, 0, 1, 1],
-                ..base
-            },
-            ConvGeom {
-                stride: [2, 3],
-                pads: [2, 0, 1, 3],
-                dilation: [2, 1],
-                ..base
-            },
-            ConvGeom {
-                kh: 1,
-                kw: 1,
-                pads: [0; 4],
-                n: 3,
-                ..base
-            },
-            ConvGeom {
-                c: 6,
-                m: 6,
-                group: 6,
-                n: 2,
-                kh: 5,
-                kw: 5,
-                pads: [2, 1, 2, 3],
-                stride: [2, 2],
-                ..base
-            },
-            ConvGeom {
-                c: 4,
-                m: 8,
-                group: 4,
-                kh: 3,
-                kw: 2,
-                ..base
-            },
-            ConvGeom {
-                c: 6,
-                m: 4,
-                group: 2,
-                h: 1,
-                kh: 1,
-                kw: 4,
-                pads: [0, 2, 0, 1],
-                ..base
-            },
-            ConvGeom {
-                h: 5,
-                w: 5,
-                kh: 5,
-                kw: 5,
-                pads: [0; 4],
-                stride: [3, 3],
-                ..base
-            },
+            ConvGeom { n: 2, stride: [2, 2], pads: [0, 0, 1, 1], ..base },
+            ConvGeom { stride: [2, 3], pads: [2, 0, 1, 3], dilation: [2, 1], ..base },
+            ConvGeom { kh: 1, kw: 1, pads: [0; 4], n: 3, ..base },
+            ConvGeom { c: 6, m: 6, group: 6, n: 2, kh: 5, kw: 5, pads: [2, 1, 2, 3], stride: [2, 2], ..base },
+            ConvGeom { c: 4, m: 8, group: 4, kh: 3, kw: 2, ..base },
+            ConvGeom { c: 6, m: 4, group: 2, h: 1, kh: 1, kw: 4, pads: [0, 2, 0, 1], ..base },
+            ConvGeom { h: 5, w: 5, kh: 5, kw: 5, pads: [0; 4], stride: [3, 3], ..base },
         ]
     }
 
@@ -688,10 +546,7 @@ mod tests {
             let dx = conv2d_vjp(&g, &dy, &wt);
             let lhs: f64 = y.iter().zip(&dy).map(|(a, b)| a * b).sum();
             let rhs: f64 = x.iter().zip(&dx).map(|(a, b)| a * b).sum();
-            assert!(
-                (lhs - rhs).abs() < 1e-9 * (1.0 + lhs.abs()),
-                "{g:?}: {lhs} vs {rhs}"
-            );
+            assert!((lhs - rhs).abs() < 1e-9 * (1.0 + lhs.abs()), "{g:?}: {lhs} vs {rhs}");
             // And elementwise against the naive Jacobian-transpose (one-hot probes).
             for probe in [0, dx.len() / 2, dx.len() - 1] {
                 let mut e = vec![0.0; x.len()];

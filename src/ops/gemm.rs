@@ -16,19 +16,11 @@ pub struct Mat<'a, T> {
 impl<'a, T> Mat<'a, T> {
     /// Row-major matrix with `cols` columns.
     pub fn rows(data: &'a [T], cols: usize) -> Self {
-        Mat {
-            data,
-            rs: cols,
-            cs: 1,
-        }
+        Mat { data, rs: cols, cs: 1 }
     }
     /// The transpose of a row-major matrix with `cols` columns.
     pub fn rows_t(data: &'a [T], cols: usize) -> Self {
-        Mat {
-            data,
-            rs: 1,
-            cs: cols,
-        }
+        Mat { data, rs: 1, cs: cols }
     }
 }
 
@@ -66,15 +58,10 @@ pub fn matmul<T: Float>(
     }
     let last_a = (m - 1) * a.rs + (k - 1) * a.cs;
     let last_b = (k - 1) * b.rs + (n - 1) * b.cs;
-    assert!(
-        last_a < a.data.len() && last_b < b.data.len(),
-        "matmul operand too small"
-    );
+    assert!(last_a < a.data.len() && last_b < b.data.len(), "matmul operand too small");
     let par = match threads {
         Threads::One => gemm::Parallelism::None,
-        Threads::Pool if m * n * k >= 1 << 15 => {
-            gemm::Parallelism::Rayon(rayon::current_num_threads())
-        }
+        Threads::Pool if m * n * k >= 1 << 15 => gemm::Parallelism::Rayon(rayon::current_num_threads()),
         Threads::Pool => gemm::Parallelism::None,
     };
     // SAFETY: the asserts above bound every index the kernel touches; `c` is exclusively borrowed.
@@ -123,36 +110,18 @@ mod tests {
     fn matmul_matches_naive_with_transposes() {
         for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (17, 33, 65), (64, 1, 9)] {
             let a: Vec<f64> = (0..m * k).map(|i| ((i * 7 % 13) as f64) - 6.0).collect();
-            let b: Vec<f64> = (0..k * n)
-                .map(|i| ((i * 5 % 11) as f64) * 0.5 - 2.0)
-                .collect();
+            let b: Vec<f64> = (0..k * n).map(|i| ((i * 5 % 11) as f64) * 0.5 - 2.0).collect();
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-                let am = if ta {
-                    Mat::rows_t(&a, m)
-                } else {
-                    Mat::rows(&a, k)
-                };
-                let bm = if tb {
-                    Mat::rows_t(&b, k)
-                } else {
-                    Mat::rows(&b, n)
-                };
+                let am = if ta { Mat::rows_t(&a, m) } else { Mat::rows(&a, k) };
+                let bm = if tb { Mat::rows_t(&b, k) } else { Mat::rows(&b, n) };
                 let mut c = vec![1.0; m * n];
                 matmul(m, n, k, am, bm, &mut c, false, Threads::Pool);
                 assert_eq!(c, naive(m, n, k, am, bm));
                 let mut c32 = vec![0.0f32; m * n];
                 let a32: Vec<f32> = a.iter().map(|&x| x as f32).collect();
                 let b32: Vec<f32> = b.iter().map(|&x| x as f32).collect();
-                let am32 = Mat {
-                    data: &a32[..],
-                    rs: am.rs,
-                    cs: am.cs,
-                };
-                let bm32 = Mat {
-                    data: &b32[..],
-                    rs: bm.rs,
-                    cs: bm.cs,
-                };
+                let am32 = Mat { data: &a32[..], rs: am.rs, cs: am.cs };
+                let bm32 = Mat { data: &b32[..], rs: bm.rs, cs: bm.cs };
                 matmul(m, n, k, am32, bm32, &mut c32, true, Threads::One);
                 for (x, y) in c32.iter().zip(naive(m, n, k, am, bm)) {
                     assert!((*x as f64 - y).abs() < 1e-3);

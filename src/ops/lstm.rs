@@ -65,16 +65,7 @@ pub fn lstm_direction<T: Float>(
     for step in 0..seq {
         let t = if reverse { seq - 1 - step } else { step };
         let mut z = xw[t * batch * g4..(t + 1) * batch * g4].to_vec();
-        matmul(
-            batch,
-            g4,
-            hs,
-            Mat::rows(&h, hs),
-            Mat::rows_t(wts.r, hs),
-            &mut z,
-            true,
-            Threads::One,
-        );
+        matmul(batch, g4, hs, Mat::rows(&h, hs), Mat::rows_t(wts.r, hs), &mut z, true, Threads::One);
         for bi in 0..batch {
             let zb = &mut z[bi * g4..(bi + 1) * g4];
             for (k, (z, b)) in zb.iter_mut().zip(wts.b).enumerate() {
@@ -106,13 +97,7 @@ mod tests {
         let w = [1.0, 2.0, 3.0, 4.0];
         let r = [0.0; 4];
         let b = [0.0; 4];
-        let wts = LstmWeights {
-            w: &w,
-            r: &r,
-            b: &b,
-            hidden: 1,
-            input: 1,
-        };
+        let wts = LstmWeights { w: &w, r: &r, b: &b, hidden: 1, input: 1 };
         let tr = lstm_direction(&[0.5f64], 1, 1, &wts, &[0.0], &[1.0], false);
         let s = |v: f64| 1.0 / (1.0 + (-v).exp());
         let c = s(1.5) * 1.0 + s(0.5) * 2.0f64.tanh();

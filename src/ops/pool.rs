@@ -26,26 +26,14 @@ pub struct PoolGeom {
     pub count_include_pad: bool,
 }
 
-fn out_len(
-    len: usize,
-    k: usize,
-    s: usize,
-    d: usize,
-    pb: usize,
-    pe: usize,
-    ceil: bool,
-) -> Option<usize> {
+fn out_len(len: usize, k: usize, s: usize, d: usize, pb: usize, pe: usize, ceil: bool) -> Option<usize> {
     let eff = d * (k - 1) + 1;
     let total = len + pb + pe;
     if total < eff || s == 0 {
         return None;
     }
     let span = total - eff;
-    let mut o = if ceil {
-        span.div_ceil(s) + 1
-    } else {
-        span / s + 1
-    };
+    let mut o = if ceil { span.div_ceil(s) + 1 } else { span / s + 1 };
     // A window that would start inside the trailing padding is dropped (PyTorch and onnxruntime).
     if ceil && (o - 1) * s >= len + pb {
         o -= 1;
@@ -87,41 +75,36 @@ pub fn max_pool<T: Float>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
     let ohw = oh * ow;
     let mut out = vec![T::neg_infinity(); g.planes * ohw];
     let mut idx = vec![u32::MAX; g.planes * ohw];
-    out.par_chunks_mut(ohw)
-        .zip(idx.par_chunks_mut(ohw))
-        .enumerate()
-        .for_each(|(p, (o, ix))| {
-            let plane = &x[p * g.h * g.w..(p + 1) * g.h * g.w];
-            for oy in 0..oh {
-                for ox in 0..ow {
-                    let mut best = T::neg_infinity();
-                    let mut bi = u32::MAX;
-                    for ki in 0..g.kernel[0] {
-                        let iy =
-                            (oy * g.stride[0] + ki * g.dilation[0]) as isize - g.pads[0] as isize;
-                        if iy < 0 || iy >= g.h as isize {
+    out.par_chunks_mut(ohw).zip(idx.par_chunks_mut(ohw)).enumerate().for_each(|(p, (o, ix))| {
+        let plane = &x[p * g.h * g.w..(p + 1) * g.h * g.w];
+        for oy in 0..oh {
+            for ox in 0..ow {
+                let mut best = T::neg_infinity();
+                let mut bi = u32::MAX;
+                for ki in 0..g.kernel[0] {
+                    let iy = (oy * g.stride[0] + ki * g.dilation[0]) as isize - g.pads[0] as isize;
+                    if iy < 0 || iy >= g.h as isize {
+                        continue;
+                    }
+                    for kj in 0..g.kernel[1] {
+                        let ix = (ox * g.stride[1] + kj * g.dilation[1]) as isize - g.pads[1] as isize;
+                        if ix < 0 || ix >= g.w as isize {
                             continue;
                         }
-                        for kj in 0..g.kernel[1] {
-                            let ix = (ox * g.stride[1] + kj * g.dilation[1]) as isize
-                                - g.pads[1] as isize;
-                            if ix < 0 || ix >= g.w as isize {
-                                continue;
-                            }
-                            let k = iy as usize * g.w + ix as usize;
-                            let v = plane[k];
-                            // NaN propagates like PyTorch: a NaN wins.
-                            if v > best || bi == u32::MAX || v.is_nan() && !best.is_nan() {
-                                best = v;
-                                bi = k as u32;
-                            }
+                        let k = iy as usize * g.w + ix as usize;
+                        let v = plane[k];
+                        // NaN propagates like PyTorch: a NaN wins.
+                        if v > best || bi == u32::MAX || v.is_nan() && !best.is_nan() {
+                            best = v;
+                            bi = k as u32;
                         }
                     }
-                    o[oy * ow + ox] = best;
-                    ix[oy * ow + ox] = bi;
                 }
+                o[oy * ow + ox] = best;
+                ix[oy * ow + ox] = bi;
             }
-        });
+        }
+    });
     (out, idx)
 }
 
@@ -172,11 +155,7 @@ pub fn avg_pool<T: Float>(g: &PoolGeom, x: &[T]) -> Vec<T> {
                         s += plane[iy as usize * g.w + ix as usize];
                     }
                 }
-                o[oy * ow + ox] = if div == 0 {
-                    T::zero()
-                } else {
-                    s / T::of(div as f64)
-                };
+                o[oy * ow + ox] = if div == 0 { T::zero() } else { s / T::of(div as f64) };
             }
         }
     });

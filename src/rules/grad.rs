@@ -23,11 +23,7 @@ pub struct RuleOpts {
 
 impl Default for RuleOpts {
     fn default() -> Self {
-        RuleOpts {
-            ignore_bias: false,
-            stabilizer: 1e-6,
-            bounds: None,
-        }
+        RuleOpts { ignore_bias: false, stabilizer: 1e-6, bounds: None }
     }
 }
 
@@ -78,37 +74,14 @@ pub fn linear_layer<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<(Line
     match &node.op {
         Op::Conv { win, group } => {
             let g = conv_geom(win, *group, x.shape(), w.shape())?;
-            let bias = ins
-                .get(2)
-                .copied()
-                .flatten()
-                .map(|b| b.to_float().iter().copied().collect());
-            Ok((
-                LinearLayer {
-                    kind: LinearKind::Conv(g),
-                    w: slice(w).into_owned(),
-                    bias,
-                },
-                false,
-            ))
+            let bias = ins.get(2).copied().flatten().map(|b| b.to_float().iter().copied().collect());
+            Ok((LinearLayer { kind: LinearKind::Conv(g), w: slice(w).into_owned(), bias }, false))
         }
-        Op::Gemm {
-            alpha,
-            beta,
-            trans_a,
-            trans_b,
-        } => {
-            let (m, k) = if *trans_a {
-                (x.shape()[1], x.shape()[0])
-            } else {
-                (x.shape()[0], x.shape()[1])
-            };
+        Op::Gemm { alpha, beta, trans_a, trans_b } => {
+            let (m, k) = if *trans_a { (x.shape()[1], x.shape()[0]) } else { (x.shape()[0], x.shape()[1]) };
             let n = if *trans_b { w.shape()[0] } else { w.shape()[1] };
-            let wk = if *trans_b {
-                w.t().as_standard_layout().into_owned()
-            } else {
-                w.as_standard_layout().into_owned()
-            };
+            let wk =
+                if *trans_b { w.t().as_standard_layout().into_owned() } else { w.as_standard_layout().into_owned() };
             let wv: Vec<T> = wk.iter().map(|&v| v * T::of(*alpha)).collect();
             let bias = match ins.get(2).copied().flatten() {
                 None => None,
@@ -124,14 +97,7 @@ pub fn linear_layer<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<(Line
                     Some(cb.iter().map(|&v| v * T::of(*beta)).collect())
                 }
             };
-            Ok((
-                LinearLayer {
-                    kind: LinearKind::Dense { m, k, n },
-                    w: wv,
-                    bias,
-                },
-                *trans_a,
-            ))
+            Ok((LinearLayer { kind: LinearKind::Dense { m, k, n }, w: wv, bias }, *trans_a))
         }
         Op::MatMul => {
             if w.ndim() != 2 || x.ndim() < 2 {
@@ -144,14 +110,7 @@ pub fn linear_layer<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<(Line
             let k = w.shape()[0];
             let n = w.shape()[1];
             let m = x.len() / k;
-            Ok((
-                LinearLayer {
-                    kind: LinearKind::Dense { m, k, n },
-                    w: slice(w).into_owned(),
-                    bias: None,
-                },
-                false,
-            ))
+            Ok((LinearLayer { kind: LinearKind::Dense { m, k, n }, w: slice(w).into_owned(), bias: None }, false))
         }
         _ => Err("not a linear layer".into()),
     }
@@ -184,9 +143,7 @@ fn route<T: Float>(
         if data_inputs.contains(&i) {
             let len: usize = v.shape().iter().product();
             let base = if i == input { 0 } else { n + 1 };
-            let a: Vec<i64> = (0..len as i64)
-                .map(|j| if i == input { j } else { base })
-                .collect();
+            let a: Vec<i64> = (0..len as i64).map(|j| if i == input { j } else { base }).collect();
             idx_vals.push(Some(Value::I(array(v.shape(), a))));
         } else {
             idx_vals.push(Some(v.clone()));
@@ -194,11 +151,7 @@ fn route<T: Float>(
     }
     let mut n2 = node.clone();
     if let Op::Pad { mode, pads, .. } = &node.op {
-        n2.op = Op::Pad {
-            mode: *mode,
-            pads: pads.clone(),
-            value: -1.0,
-        };
+        n2.op = Op::Pad { mode: *mode, pads: pads.clone(), value: -1.0 };
         if idx_vals.len() > 2 {
             idx_vals[2] = Some(Value::I(array(&[], vec![-1])));
         }
@@ -244,12 +197,7 @@ pub fn backward<T: Float>(
 ) -> R<Backward<T>> {
     let mut res: Vec<Option<ArrayD<T>>> = vec![None; ins.len()];
     let mut dropped = 0.0;
-    let r0 = || {
-        r.first()
-            .copied()
-            .flatten()
-            .ok_or_else(|| "no relevance on output 0".to_string())
-    };
+    let r0 = || r.first().copied().flatten().ok_or_else(|| "no relevance on output 0".to_string());
     let y0 = || match outs.first().copied().flatten() {
         Some(Value::F(a)) => Ok(a),
         _ => Err("output 0 is not available".to_string()),
@@ -258,17 +206,12 @@ pub fn backward<T: Float>(
     match &node.op {
         Op::Conv { .. } | Op::Gemm { .. } | Op::MatMul => {
             if var.get(1).copied().unwrap_or(false) || var.get(2).copied().unwrap_or(false) {
-                return Err(
-                    "weights and biases must be constants for relevance propagation".into(),
-                );
+                return Err("weights and biases must be constants for relevance propagation".into());
             }
             let (layer, trans_a) = linear_layer(node, ins)?;
             let x = fin(ins, 0)?;
-            let xs = if trans_a {
-                x.t().as_standard_layout().into_owned()
-            } else {
-                x.as_standard_layout().into_owned()
-            };
+            let xs =
+                if trans_a { x.t().as_standard_layout().into_owned() } else { x.as_standard_layout().into_owned() };
             let rr = r0()?.as_standard_layout().into_owned();
             let xsl = slice(&xs);
             let rsl = slice(&rr);
@@ -296,41 +239,22 @@ pub fn backward<T: Float>(
         Op::Add | Op::Sub if var.iter().filter(|v| **v).count() == 2 && !gradient_like => {
             let rr = r0()?;
             let (a, b) = (fin(ins, 0)?, fin(ins, 1)?);
-            let sign = if matches!(node.op, Op::Sub) {
-                -T::one()
-            } else {
-                T::one()
-            };
+            let sign = if matches!(node.op, Op::Sub) { -T::one() } else { T::one() };
             match rule {
                 Rule::Norm | Rule::Epsilon(_) => {
-                    let eps = if let Rule::Epsilon(e) = rule {
-                        *e
-                    } else {
-                        opts.stabilizer
-                    };
+                    let eps = if let Rule::Epsilon(e) = rule { *e } else { opts.stabilizer };
                     let z = y0()?;
                     let gq = zip_map(rr, z, |rv, zv| rv / stabilize(zv, eps))?;
                     res[0] = Some(unbroadcast(&zip_map(&gq, a, |g, x| g * x)?, a.shape()));
-                    res[1] = Some(unbroadcast(
-                        &zip_map(&gq, b, |g, x| sign * g * x)?,
-                        b.shape(),
-                    ));
+                    res[1] = Some(unbroadcast(&zip_map(&gq, b, |g, x| sign * g * x)?, b.shape()));
                 }
                 _ => {
-                    return Err(format!(
-                        "rule {rule} does not apply to a sum of two tensors (use norm)"
-                    ));
+                    return Err(format!("rule {rule} does not apply to a sum of two tensors (use norm)"));
                 }
             }
         }
-        Op::AveragePool { .. } | Op::GlobalAveragePool
-            if matches!(rule, Rule::Norm | Rule::Epsilon(_)) =>
-        {
-            let eps = if let Rule::Epsilon(e) = rule {
-                *e
-            } else {
-                opts.stabilizer
-            };
+        Op::AveragePool { .. } | Op::GlobalAveragePool if matches!(rule, Rule::Norm | Rule::Epsilon(_)) => {
+            let eps = if let Rule::Epsilon(e) = rule { *e } else { opts.stabilizer };
             let x = fin(ins, 0)?;
             let z = y0()?;
             let gq = zip_map(r0()?, z, |rv, zv| rv / stabilize(zv, eps))?;
@@ -339,66 +263,38 @@ pub fn backward<T: Float>(
         }
         Op::Mul if matches!(rule, Rule::SignalTakesAll) => {
             let rr = r0()?;
-            let signal = (0..2)
-                .find(|&i| var.get(i).copied().unwrap_or(false))
-                .ok_or("no variable operand")?;
+            let signal = (0..2).find(|&i| var.get(i).copied().unwrap_or(false)).ok_or("no variable operand")?;
             let s = fin(ins, signal)?;
             res[signal] = Some(unbroadcast(rr, s.shape()));
         }
         _ if matches!(rule, Rule::Pass) => {
             let rr = r0()?;
-            let vars: Vec<usize> = (0..ins.len())
-                .filter(|&i| var.get(i).copied().unwrap_or(false))
-                .collect();
+            let vars: Vec<usize> = (0..ins.len()).filter(|&i| var.get(i).copied().unwrap_or(false)).collect();
             if vars.len() != 1 {
-                return Err(format!(
-                    "pass needs exactly one variable input, this node has {}",
-                    vars.len()
-                ));
+                return Err(format!("pass needs exactly one variable input, this node has {}", vars.len()));
             }
             let x = fin(ins, vars[0])?;
             if x.len() != rr.len() && unbroadcast(rr, x.shape()).shape() != x.shape() {
-                return Err(format!(
-                    "pass cannot map relevance of shape {:?} to input {:?}",
-                    rr.shape(),
-                    x.shape()
-                ));
+                return Err(format!("pass cannot map relevance of shape {:?} to input {:?}", rr.shape(), x.shape()));
             }
-            res[vars[0]] = Some(if x.shape() == rr.shape() {
-                rr.clone()
-            } else {
-                unbroadcast(rr, x.shape())
-            });
+            res[vars[0]] = Some(if x.shape() == rr.shape() { rr.clone() } else { unbroadcast(rr, x.shape()) });
         }
         _ => {
             // The gradient (possibly modified on ReLU), for every remaining op and rule.
-            if !matches!(
-                rule,
-                Rule::Gradient | Rule::GuidedBackprop | Rule::DeconvNet | Rule::Norm
-            ) {
+            if !matches!(rule, Rule::Gradient | Rule::GuidedBackprop | Rule::DeconvNet | Rule::Norm) {
                 return Err(format!("rule {rule} does not apply to {}", node.op_type));
             }
             dropped = vjp(node, rule, ins, outs, r, var, &mut res)?;
         }
     }
-    Ok(Backward {
-        inputs: res,
-        dropped,
-    })
+    Ok(Backward { inputs: res, dropped })
 }
 
 fn pool_vjp<T: Float>(node: &Node, x: &ArrayD<T>, g: &ArrayD<T>) -> R<ArrayD<T>> {
     match &node.op {
-        Op::AveragePool {
-            win,
-            ceil_mode,
-            count_include_pad,
-        } => {
+        Op::AveragePool { win, ceil_mode, count_include_pad } => {
             let geom = pool_geom(win, x.shape(), *ceil_mode, *count_include_pad)?;
-            Ok(array(
-                x.shape(),
-                avg_pool_vjp(&geom, &slice(&g.as_standard_layout().into_owned())),
-            ))
+            Ok(array(x.shape(), avg_pool_vjp(&geom, &slice(&g.as_standard_layout().into_owned()))))
         }
         Op::GlobalAveragePool => {
             let inner: usize = x.shape()[2..].iter().product();
@@ -421,12 +317,7 @@ fn vjp<T: Float>(
     var: &[bool],
     res: &mut [Option<ArrayD<T>>],
 ) -> R<f64> {
-    let g = || {
-        r.first()
-            .copied()
-            .flatten()
-            .ok_or_else(|| "no relevance on output 0".to_string())
-    };
+    let g = || r.first().copied().flatten().ok_or_else(|| "no relevance on output 0".to_string());
     let y = || match outs.first().copied().flatten() {
         Some(Value::F(a)) => Ok(a),
         _ => Err("output 0 is not available".to_string()),
@@ -436,10 +327,7 @@ fn vjp<T: Float>(
         let yv = y()?;
         let gv = g()?;
         let mut out = gv.clone();
-        Zip::from(&mut out)
-            .and(x)
-            .and(yv)
-            .for_each(|o, &xv, &yy| *o = f(*o, xv, yy));
+        Zip::from(&mut out).and(x).and(yv).for_each(|o, &xv, &yy| *o = f(*o, xv, yy));
         Ok(out)
     };
     let is = |i: usize| var.get(i).copied().unwrap_or(false);
@@ -447,11 +335,7 @@ fn vjp<T: Float>(
         Op::Relu => {
             res[0] = Some(match rule {
                 Rule::GuidedBackprop => unary(&|gv, xv, _| {
-                    if xv > T::zero() && gv > T::zero() {
-                        gv
-                    } else {
-                        T::zero()
-                    }
+                    if xv > T::zero() && gv > T::zero() { gv } else { T::zero() }
                 })?,
                 Rule::DeconvNet => unary(&|gv, _, _| gv.max(T::zero()))?,
                 _ => unary(&|gv, xv, _| if xv > T::zero() { gv } else { T::zero() })?,
@@ -488,11 +372,7 @@ fn vjp<T: Float>(
             let (a, b) = (T::of(*alpha), T::of(*beta));
             res[0] = Some(unary(&|gv, xv, _| {
                 let t = a * xv + b;
-                if t > T::zero() && t < T::one() {
-                    gv * a
-                } else {
-                    T::zero()
-                }
+                if t > T::zero() && t < T::one() { gv * a } else { T::zero() }
             })?);
         }
         Op::HardSwish => {
@@ -519,8 +399,7 @@ fn vjp<T: Float>(
                 .enumerate()
                 .map(|(i, (&gg, &xv))| {
                     let ch = (i / inner) % c;
-                    let keep = dirs[ch] != 0
-                        && (xv - T::of(thresholds[ch])) * T::of(dirs[ch] as f64) > T::zero();
+                    let keep = dirs[ch] != 0 && (xv - T::of(thresholds[ch])) * T::of(dirs[ch] as f64) > T::zero();
                     if keep { gg } else { T::zero() }
                 })
                 .collect();
@@ -533,15 +412,9 @@ fn vjp<T: Float>(
             let var_ = fin(ins, 4)?;
             let c = x.shape()[1];
             let inner: usize = x.shape()[2..].iter().product();
-            let f: Vec<T> = (0..c)
-                .map(|ch| scale[[ch]] / (var_[[ch]] + T::of(*epsilon)).sqrt())
-                .collect();
+            let f: Vec<T> = (0..c).map(|ch| scale[[ch]] / (var_[[ch]] + T::of(*epsilon)).sqrt()).collect();
             let gv = g()?.as_standard_layout().into_owned();
-            let v: Vec<T> = gv
-                .iter()
-                .enumerate()
-                .map(|(i, &gg)| gg * f[(i / inner.max(1)) % c])
-                .collect();
+            let v: Vec<T> = gv.iter().enumerate().map(|(i, &gg)| gg * f[(i / inner.max(1)) % c]).collect();
             res[0] = Some(array(x.shape(), v));
         }
         Op::Add | Op::Sub => {
@@ -576,17 +449,12 @@ fn vjp<T: Float>(
             }
             if is(1) {
                 let q = zip_map(gv, &a, |gg, aa| gg * aa)?;
-                res[1] = Some(unbroadcast(
-                    &zip_map(&q, &b, |qq, bb| -qq / (bb * bb))?,
-                    b.shape(),
-                ));
+                res[1] = Some(unbroadcast(&zip_map(&q, &b, |qq, bb| -qq / (bb * bb))?, b.shape()));
             }
         }
         Op::Pow => {
             if is(1) {
-                return Err(
-                    "the gradient of Pow with respect to its exponent is not supported".into(),
-                );
+                return Err("the gradient of Pow with respect to its exponent is not supported".into());
             }
             let x = fin(ins, 0)?;
             let e = ins[1].ok_or("missing exponent")?.to_float();
@@ -643,10 +511,7 @@ fn vjp<T: Float>(
             }
         }
         _ => {
-            return Err(format!(
-                "{} has no defined relevance behaviour",
-                node.op_type
-            ));
+            return Err(format!("{} has no defined relevance behaviour", node.op_type));
         }
     }
     Ok(0.0)

@@ -60,16 +60,7 @@ impl<T: Float> LinearLayer<T> {
             },
             LinearKind::Dense { m, k, n } => {
                 let mut y = vec![T::zero(); m * n];
-                matmul(
-                    *m,
-                    *n,
-                    *k,
-                    Mat::rows(x, *k),
-                    Mat::rows(w, *n),
-                    &mut y,
-                    false,
-                    Threads::Pool,
-                );
+                matmul(*m, *n, *k, Mat::rows(x, *k), Mat::rows(w, *n), &mut y, false, Threads::Pool);
                 if let Some(b) = bias {
                     for row in y.chunks_mut(*n) {
                         row.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
@@ -86,16 +77,7 @@ impl<T: Float> LinearLayer<T> {
             LinearKind::Conv(geom) => conv2d_vjp(geom, g, w),
             LinearKind::Dense { m, k, n } => {
                 let mut dx = vec![T::zero(); m * k];
-                matmul(
-                    *m,
-                    *k,
-                    *n,
-                    Mat::rows(g, *n),
-                    Mat::rows_t(w, *n),
-                    &mut dx,
-                    false,
-                    Threads::Pool,
-                );
+                matmul(*m, *k, *n, Mat::rows(g, *n), Mat::rows_t(w, *n), &mut dx, false, Threads::Pool);
                 dx
             }
         }
@@ -107,9 +89,7 @@ impl<T: Float> LinearLayer<T> {
             LinearKind::Conv(g) => (g.c, g.h * g.w),
             LinearKind::Dense { k, .. } => (*k, 1),
         };
-        (0..len)
-            .map(|i| T::of(per_channel[((i / block) % c) % per_channel.len()]))
-            .collect()
+        (0..len).map(|i| T::of(per_channel[((i / block) % c) % per_channel.len()])).collect()
     }
 }
 
@@ -138,9 +118,7 @@ fn sum2<T: Float>(a: &[T], b: &[T]) -> Vec<T> {
 
 /// `acc += scale · x ⊙ v`.
 fn acc_mul<T: Float>(acc: &mut [T], x: &[T], v: &[T], scale: T) {
-    acc.iter_mut()
-        .zip(x.iter().zip(v))
-        .for_each(|(a, (xv, vv))| *a += scale * *xv * *vv);
+    acc.iter_mut().zip(x.iter().zip(v)).for_each(|(a, (xv, vv))| *a += scale * *xv * *vv);
 }
 
 /// Relevance at the input of `layer` for upper relevance `r`, given its input `x` and cached
@@ -158,17 +136,8 @@ pub fn relevance<T: Float>(
     bounds: Option<&Bounds>,
 ) -> Result<Vec<T>, String> {
     let w = &layer.w[..];
-    let b = if ignore_bias {
-        None
-    } else {
-        layer.bias.as_deref()
-    };
-    let div = |z: &[T], eps: f64| -> Vec<T> {
-        z.iter()
-            .zip(r)
-            .map(|(&zv, &rv)| rv / stabilize(zv, eps))
-            .collect()
-    };
+    let b = if ignore_bias { None } else { layer.bias.as_deref() };
+    let div = |z: &[T], eps: f64| -> Vec<T> { z.iter().zip(r).map(|(&zv, &rv)| rv / stabilize(zv, eps)).collect() };
     let bm = |f: fn(T) -> T| b.map(|b| map(b, f));
     let mut out = vec![T::zero(); x.len()];
     match rule {
@@ -183,11 +152,7 @@ pub fn relevance<T: Float>(
             };
             let g: Vec<T> = match rule {
                 Rule::Epsilon(eps) => div(z, *eps),
-                _ => z
-                    .iter()
-                    .zip(r)
-                    .map(|(&zv, &rv)| if zv == T::zero() { T::zero() } else { rv / zv })
-                    .collect(),
+                _ => z.iter().zip(r).map(|(&zv, &rv)| if zv == T::zero() { T::zero() } else { rv / zv }).collect(),
             };
             acc_mul(&mut out, x, &layer.vjp(&g, w), T::one());
         }
@@ -200,8 +165,7 @@ pub fn relevance<T: Float>(
             let (wp, wn) = (map(w, pos), map(w, neg));
             let has_neg = xn.iter().any(|v| *v != T::zero());
             // Positive part: x⁺w⁺ + x⁻w⁻ (+ b⁺); negative part: x⁺w⁻ + x⁻w⁺ (+ b⁻).
-            let parts: [Part<T, f64, Vec<T>>; 2] =
-                [(alpha, &wp, &wn, bm(pos)), (-beta, &wn, &wp, bm(neg))];
+            let parts: [Part<T, f64, Vec<T>>; 2] = [(alpha, &wp, &wn, bm(pos)), (-beta, &wn, &wp, bm(neg))];
             for (scale, w_for_pos, w_for_neg, bias) in parts {
                 if scale == 0.0 {
                     continue;
@@ -226,10 +190,8 @@ pub fn relevance<T: Float>(
             let bgn = b.map(|b| b.iter().map(|&v| v + gm * neg(v)).collect::<Vec<T>>());
             let has_neg = xn.iter().any(|v| *v != T::zero());
             // Outputs with z > 0 use (x⁺, w+γw⁺) + (x⁻, w+γw⁻); those with z < 0 the mirror image.
-            let parts: [Part<T, bool, &Vec<T>>; 2] = [
-                (true, &wgp, &wgn, bgp.as_ref()),
-                (false, &wgn, &wgp, bgn.as_ref()),
-            ];
+            let parts: [Part<T, bool, &Vec<T>>; 2] =
+                [(true, &wgp, &wgn, bgp.as_ref()), (false, &wgn, &wgp, bgn.as_ref())];
             for (positive, w_for_pos, w_for_neg, bias) in parts {
                 let mut z = layer.fwd(&xp, w_for_pos, bias.map(|v| &v[..]));
                 if has_neg {
@@ -239,16 +201,8 @@ pub fn relevance<T: Float>(
                     .iter()
                     .zip(r.iter().zip(y))
                     .map(|(&zv, (&rv, &yv))| {
-                        let on = if positive {
-                            yv > T::zero()
-                        } else {
-                            yv < T::zero()
-                        };
-                        if on {
-                            rv / stabilize(zv, stabilizer)
-                        } else {
-                            T::zero()
-                        }
+                        let on = if positive { yv > T::zero() } else { yv < T::zero() };
+                        if on { rv / stabilize(zv, stabilizer) } else { T::zero() }
                     })
                     .collect();
                 acc_mul(&mut out, &xp, &layer.vjp(&g, w_for_pos), T::one());
@@ -258,40 +212,23 @@ pub fn relevance<T: Float>(
             }
         }
         Rule::ZBox => {
-            let bd =
-                bounds.ok_or("the zbox rule needs input bounds (--mean/--std or --low/--high)")?;
+            let bd = bounds.ok_or("the zbox rule needs input bounds (--mean/--std or --low/--high)")?;
             let low = layer.fill_channels(x.len(), &bd.low);
             let high = layer.fill_channels(x.len(), &bd.high);
             let (wp, wn) = (map(w, pos), map(w, neg));
-            let z0 = if ignore_bias && layer.bias.is_some() {
-                layer.fwd(x, w, None)
-            } else {
-                y.to_vec()
-            };
+            let z0 = if ignore_bias && layer.bias.is_some() { layer.fwd(x, w, None) } else { y.to_vec() };
             let zl = layer.fwd(&low, &wp, bm(pos).as_deref());
             let zh = layer.fwd(&high, &wn, bm(neg).as_deref());
-            let z: Vec<T> = z0
-                .iter()
-                .zip(zl.iter().zip(&zh))
-                .map(|(a, (l, h))| *a - *l - *h)
-                .collect();
+            let z: Vec<T> = z0.iter().zip(zl.iter().zip(&zh)).map(|(a, (l, h))| *a - *l - *h).collect();
             let g = div(&z, stabilizer);
             acc_mul(&mut out, x, &layer.vjp(&g, w), T::one());
             acc_mul(&mut out, &low, &layer.vjp(&g, &wp), -T::one());
             acc_mul(&mut out, &high, &layer.vjp(&g, &wn), -T::one());
         }
         Rule::Flat | Rule::WSquare => {
-            let wm: Vec<T> = if matches!(rule, Rule::Flat) {
-                map(w, ones)
-            } else {
-                map(w, |v| v * v)
-            };
+            let wm: Vec<T> = if matches!(rule, Rule::Flat) { map(w, ones) } else { map(w, |v| v * v) };
             // zennit: flat zeroes the bias; w² squares it unless it is ignored.
-            let bias = if matches!(rule, Rule::Flat) {
-                None
-            } else {
-                bm(|v| v * v)
-            };
+            let bias = if matches!(rule, Rule::Flat) { None } else { bm(|v| v * v) };
             let one = vec![T::one(); x.len()];
             let z = layer.fwd(&one, &wm, bias.as_deref());
             out = layer.vjp(&div(&z, stabilizer), &wm);

@@ -51,10 +51,7 @@ pub enum Rule {
 impl Rule {
     /// Whether the rule is a modified-gradient rule (the seed is one-hot, not one-hot × output).
     pub fn is_gradient_like(&self) -> bool {
-        matches!(
-            self,
-            Rule::Gradient | Rule::GuidedBackprop | Rule::DeconvNet
-        )
+        matches!(self, Rule::Gradient | Rule::GuidedBackprop | Rule::DeconvNet)
     }
 }
 
@@ -87,28 +84,16 @@ impl FromStr for Rule {
         let s = s.trim();
         let (name, args) = match s.split_once('(') {
             Some((n, rest)) => {
-                let inner = rest
-                    .strip_suffix(')')
-                    .ok_or_else(|| format!("rule '{s}': missing ')'"))?;
-                let args: Result<Vec<f64>, _> = inner
-                    .split(',')
-                    .filter(|a| !a.trim().is_empty())
-                    .map(|a| a.trim().parse::<f64>())
-                    .collect();
-                (
-                    n.trim(),
-                    args.map_err(|e| format!("rule '{s}': bad number ({e})"))?,
-                )
+                let inner = rest.strip_suffix(')').ok_or_else(|| format!("rule '{s}': missing ')'"))?;
+                let args: Result<Vec<f64>, _> =
+                    inner.split(',').filter(|a| !a.trim().is_empty()).map(|a| a.trim().parse::<f64>()).collect();
+                (n.trim(), args.map_err(|e| format!("rule '{s}': bad number ({e})"))?)
             }
             None => (s, vec![]),
         };
         let arg = |i: usize, d: f64| args.get(i).copied().unwrap_or(d);
         let nargs = |max: usize| {
-            if args.len() > max {
-                Err(format!("rule '{name}' takes at most {max} argument(s)"))
-            } else {
-                Ok(())
-            }
+            if args.len() > max { Err(format!("rule '{name}' takes at most {max} argument(s)")) } else { Ok(()) }
         };
         let rule = match name {
             "epsilon" => {
@@ -120,10 +105,7 @@ impl FromStr for Rule {
             "alpha_beta" => {
                 nargs(2)?;
                 let alpha = arg(0, 2.0);
-                Rule::AlphaBeta {
-                    alpha,
-                    beta: arg(1, alpha - 1.0),
-                }
+                Rule::AlphaBeta { alpha, beta: arg(1, alpha - 1.0) }
             }
             "gamma" => {
                 nargs(1)?;
@@ -145,12 +127,7 @@ impl FromStr for Rule {
                 ));
             }
         };
-        if !args.is_empty()
-            && !matches!(
-                rule,
-                Rule::Epsilon(_) | Rule::AlphaBeta { .. } | Rule::Gamma(_)
-            )
-        {
+        if !args.is_empty() && !matches!(rule, Rule::Epsilon(_) | Rule::AlphaBeta { .. } | Rule::Gamma(_)) {
             return Err(format!("rule '{name}' takes no arguments"));
         }
         Ok(rule)
@@ -160,11 +137,7 @@ impl FromStr for Rule {
 /// zennit's stabiliser: `z + ε·sign(z)` with sign(0) = +1.
 #[inline]
 pub fn stabilize<T: Float>(z: T, eps: f64) -> T {
-    if z >= T::zero() {
-        z + T::of(eps)
-    } else {
-        z - T::of(eps)
-    }
+    if z >= T::zero() { z + T::of(eps) } else { z - T::of(eps) }
 }
 
 #[cfg(test)]
@@ -173,25 +146,11 @@ mod tests {
 
     #[test]
     fn rules_parse_and_print() {
-        for s in [
-            "epsilon(1e-9)",
-            "gamma(0.5)",
-            "alpha_beta(2,1)",
-            "zplus",
-            "flat",
-            "zbox",
-            "pass",
-        ] {
+        for s in ["epsilon(1e-9)", "gamma(0.5)", "alpha_beta(2,1)", "zplus", "flat", "zbox", "pass"] {
             let r: Rule = s.parse().unwrap();
             assert_eq!(r.to_string().parse::<Rule>().unwrap(), r);
         }
-        assert_eq!(
-            "alpha_beta(3)".parse::<Rule>().unwrap(),
-            Rule::AlphaBeta {
-                alpha: 3.0,
-                beta: 2.0
-            }
-        );
+        assert_eq!("alpha_beta(3)".parse::<Rule>().unwrap(), Rule::AlphaBeta { alpha: 3.0, beta: 2.0 });
         assert!("gamma(x)".parse::<Rule>().is_err());
         assert!("flat(1)".parse::<Rule>().is_err());
         assert!("nope".parse::<Rule>().unwrap_err().contains("zplus"));
