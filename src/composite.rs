@@ -259,6 +259,7 @@ impl Composite {
                     ref r => r.clone(),
                 },
                 Op::AveragePool { .. } | Op::GlobalAveragePool => self.sum.clone(),
+                Op::Lstm { .. } if !self.is_gradient() => Rule::Lstm,
                 Op::MaxPool { .. }
                 | Op::Flatten { .. }
                 | Op::Reshape { .. }

@@ -242,10 +242,17 @@ pub fn explain<T: Float>(
         let Some(rule) = rule else { continue };
         let ins: Vec<Option<&Value<T>>> = n.inputs.iter().map(|i| i.and_then(|id| env.get(id))).collect();
         let outs: Vec<Option<&Value<T>>> = n.outputs.iter().map(|o| o.and_then(|id| env.get(id))).collect();
+        // Variables that carry relevance: float tensors, and the integer indices of an embedding lookup.
         let var: Vec<bool> = n
             .inputs
             .iter()
-            .map(|i| i.is_some_and(|v| plan.variable[v] && matches!(env.get(v), Some(Value::F(_)))))
+            .enumerate()
+            .map(|(slot, i)| {
+                i.is_some_and(|v| {
+                    plan.variable[v]
+                        && (matches!(env.get(v), Some(Value::F(_))) || (matches!(n.op, Op::Gather { .. }) && slot == 1))
+                })
+            })
             .collect();
         let b = backward(n, rule, &plan.opts, &ins, &outs, &r_out, &var)
             .map_err(|m| node_err(&n.name, &n.op_type, format!("{rule}: {m}")))?;
@@ -280,7 +287,8 @@ pub fn explain<T: Float>(
         .iter()
         .map(|i| match env.get(i.id) {
             Some(Value::F(x)) => Some(rel[i.id].take().unwrap_or_else(|| ArrayD::zeros(x.raw_dim()))),
-            _ => None,
+            Some(Value::I(x)) => Some(rel[i.id].take().unwrap_or_else(|| ArrayD::zeros(x.raw_dim()))),
+            None => None,
         })
         .collect();
     for &k in &keep_ids {

@@ -159,7 +159,8 @@ fn pictures_with_one_corrupt_file_give_heatmaps_for_the_others_and_fail_at_the_e
     assert!(out.join("a_chelsea_282_epsilon_plus_flat_overlay.png").exists());
     assert!(out.join("c_coffee_967_epsilon_plus_flat.npy").exists());
     assert!(out.join("grid.png").exists());
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
     let rows = summary.as_array().unwrap();
     assert_eq!(rows.len(), 3);
     let bad = rows.iter().find(|r| r["file"].as_str().unwrap().ends_with("b_broken.png")).unwrap();
@@ -168,7 +169,13 @@ fn pictures_with_one_corrupt_file_give_heatmaps_for_the_others_and_fail_at_the_e
     assert_eq!(cat["label"], "tiger cat");
     assert!(std::fs::read_to_string(out.join("summary.csv")).unwrap().lines().count() == 4);
     // A second run skips what exists.
-    let (_, _, stderr) = relprop(&["explain", "assets/models/efficientnet_lite0.onnx", dir.join("a_chelsea.png").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    let (_, _, stderr) = relprop(&[
+        "explain",
+        "assets/models/efficientnet_lite0.onnx",
+        dir.join("a_chelsea.png").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     assert!(stderr.contains("skip"), "{stderr}");
 }
 
@@ -191,11 +198,27 @@ fn targets_by_name_and_contrastive() {
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("285"), "{stdout}");
     assert!(out.join("chelsea_285_vs282_epsilon_gamma_box.png").exists());
-    let (code, _, stderr) = relprop(&["explain", "assets/models/efficientnet_lite0.onnx", "assets/images/chelsea.png", "--out", out.to_str().unwrap(), "--target", "unicorn"]);
+    let (code, _, stderr) = relprop(&[
+        "explain",
+        "assets/models/efficientnet_lite0.onnx",
+        "assets/images/chelsea.png",
+        "--out",
+        out.to_str().unwrap(),
+        "--target",
+        "unicorn",
+    ]);
     assert_ne!(code, 0);
     assert!(stderr.contains("no class named 'unicorn'"), "{stderr}");
     // A wrong crop size is caught against the model's input shape.
-    let (code, _, stderr) = relprop(&["explain", "assets/models/efficientnet_lite0.onnx", "assets/images/chelsea.png", "--out", out.to_str().unwrap(), "--crop", "200"]);
+    let (code, _, stderr) = relprop(&[
+        "explain",
+        "assets/models/efficientnet_lite0.onnx",
+        "assets/images/chelsea.png",
+        "--out",
+        out.to_str().unwrap(),
+        "--crop",
+        "200",
+    ]);
     assert_ne!(code, 0);
     assert!(stderr.contains("[1, 3, 200, 200]") && stderr.contains("[1, 3, 224, 224]"), "{stderr}");
 }
@@ -207,7 +230,13 @@ fn demo_writes_its_heatmaps_and_finds_the_cat() {
     assert_eq!(code, 0, "{stderr}");
     let top = stdout.lines().nth(1).unwrap();
     assert!(top.trim_start().starts_with("282") && top.contains("tiger cat"), "{stdout}");
-    for f in ["chelsea_epsilon_plus_flat.png", "chelsea_epsilon_gamma_box.png", "chelsea_epsilon_alpha2_beta1_flat.png", "chelsea_gradient.png", "chelsea_epsilon_plus_flat_overlay.png"] {
+    for f in [
+        "chelsea_epsilon_plus_flat.png",
+        "chelsea_epsilon_gamma_box.png",
+        "chelsea_epsilon_alpha2_beta1_flat.png",
+        "chelsea_gradient.png",
+        "chelsea_epsilon_plus_flat_overlay.png",
+    ] {
         assert!(out.join(f).exists(), "{f}");
     }
 }

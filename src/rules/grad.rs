@@ -2,7 +2,7 @@
 //! the proportional (norm) split; activations pass or take their (modified) gradient; data
 //! movement (reshape, slice, concat, pad, max-pool ...) routes relevance like its gradient.
 
-use super::linear::{Bounds, LinearKind, LinearLayer, relevance as linear_relevance};
+use super::linear::{Bounds, LinearKind, LinearLayer, relevance_bf as linear_relevance};
 use super::{Rule, stabilize};
 use crate::graph::eval::{broadcast_shape, conv_geom, eval_node, pool_geom};
 use crate::graph::{Node, Op};
@@ -19,11 +19,16 @@ pub struct RuleOpts {
     pub stabilizer: f64,
     /// Input bounds for z^B.
     pub bounds: Option<Bounds>,
+    /// ε of the LSTM rule (Arras et al.: 1e-3).
+    pub lstm_epsilon: f64,
+    /// Share of bias and stabiliser spread over the inputs by the LSTM rule and by the ε rule on
+    /// dense layers: 0 (they absorb it) or 1 (relevance is conserved), as Arras et al.
+    pub bias_factor: f64,
 }
 
 impl Default for RuleOpts {
     fn default() -> Self {
-        RuleOpts { ignore_bias: false, stabilizer: 1e-6, bounds: None }
+        RuleOpts { ignore_bias: false, stabilizer: 1e-6, bounds: None, lstm_epsilon: 1e-3, bias_factor: 0.0 }
     }
 }
 
@@ -228,6 +233,7 @@ pub fn backward<T: Float>(
                     opts.ignore_bias,
                     opts.stabilizer,
                     opts.bounds.as_ref(),
+                    opts.bias_factor,
                 )?
             };
             let mut a = array(xs.shape(), rin);
@@ -260,6 +266,37 @@ pub fn backward<T: Float>(
             let gq = zip_map(r0()?, z, |rv, zv| rv / stabilize(zv, eps))?;
             let back = pool_vjp(node, x, &gq)?;
             res[0] = Some(zip_map(&back, x, |g, xv| g * xv)?);
+        }
+        Op::Lstm { .. } if matches!(rule, Rule::Lstm) => {
+            let l = super::lstm::relevance(node, ins, r, opts.lstm_epsilon, opts.bias_factor)?;
+            res[0] = Some(l.x);
+            // Relevance reaching constant initial states is reported as dropped.
+            for (slot, rel) in [(5, l.h0), (6, l.c0)] {
+                if var.get(slot).copied().unwrap_or(false) {
+                    res[slot] = Some(rel);
+                } else {
+                    dropped += rel.iter().map(|v| v.f64()).sum::<f64>();
+                }
+            }
+        }
+        Op::Gather { axis } if !var.first().copied().unwrap_or(false) && var.get(1).copied().unwrap_or(false) => {
+            // Embedding lookup: each index gets the relevance of its row, summed over the row.
+            let data = ins.first().copied().flatten().ok_or("missing data")?;
+            if *axis != 0 {
+                return Err("relevance to Gather indices needs axis 0 (an embedding lookup)".into());
+            }
+            let idx = ins.get(1).copied().flatten().ok_or("missing indices")?;
+            let rr = r0()?;
+            let trailing = data.shape().len() - 1;
+            let mut s = rr.clone();
+            for _ in 0..trailing {
+                s = s.sum_axis(ndarray::Axis(s.ndim() - 1));
+            }
+            if s.shape() != idx.shape() {
+                return Err(format!("relevance {:?} does not reduce to the index shape {:?}", rr.shape(), idx.shape()));
+            }
+
+            res[1] = Some(s);
         }
         Op::Mul if matches!(rule, Rule::SignalTakesAll) => {
             let rr = r0()?;

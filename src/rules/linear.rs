@@ -135,6 +135,23 @@ pub fn relevance<T: Float>(
     stabilizer: f64,
     bounds: Option<&Bounds>,
 ) -> Result<Vec<T>, String> {
+    relevance_bf(layer, rule, x, y, r, ignore_bias, stabilizer, bounds, 0.0)
+}
+
+/// [`relevance`] with Arras et al.'s bias factor for the ε rule on dense layers: a share
+/// `bias_factor · (b_k + ε·sign z_k) / K` of each output's relevance goes to each of its K inputs.
+#[allow(clippy::too_many_arguments)]
+pub fn relevance_bf<T: Float>(
+    layer: &LinearLayer<T>,
+    rule: &Rule,
+    x: &[T],
+    y: &[T],
+    r: &[T],
+    ignore_bias: bool,
+    stabilizer: f64,
+    bounds: Option<&Bounds>,
+    bias_factor: f64,
+) -> Result<Vec<T>, String> {
     let w = &layer.w[..];
     let b = if ignore_bias { None } else { layer.bias.as_deref() };
     let div = |z: &[T], eps: f64| -> Vec<T> { z.iter().zip(r).map(|(&zv, &rv)| rv / stabilize(zv, eps)).collect() };
@@ -155,6 +172,20 @@ pub fn relevance<T: Float>(
                 _ => z.iter().zip(r).map(|(&zv, &rv)| if zv == T::zero() { T::zero() } else { rv / zv }).collect(),
             };
             acc_mul(&mut out, x, &layer.vjp(&g, w), T::one());
+            if let (Rule::Epsilon(eps), true, LinearKind::Dense { m, k, n }) = (rule, bias_factor != 0.0, &layer.kind) {
+                let (m, k, n) = (*m, *k, *n);
+                for row in 0..m {
+                    let mut share = T::zero();
+                    for col in 0..n {
+                        let zv = z[row * n + col];
+                        let bv = b.map(|b| b[col]).unwrap_or(T::zero());
+                        let s = if zv >= T::zero() { T::of(*eps) } else { -T::of(*eps) };
+                        share += (bv + s) * g[row * n + col];
+                    }
+                    let add = T::of(bias_factor) * share / T::of(k as f64);
+                    out[row * k..(row + 1) * k].iter_mut().for_each(|o| *o += add);
+                }
+            }
         }
         Rule::ZPlus | Rule::AlphaBeta { .. } => {
             let (alpha, beta) = match rule {

@@ -3,6 +3,7 @@
 
 pub mod grad;
 pub mod linear;
+pub mod lstm;
 
 use crate::tensor::Float;
 use std::fmt;
@@ -46,6 +47,8 @@ pub enum Rule {
     DeconvNet,
     /// For a product of a signal and a gate: the signal takes all relevance.
     SignalTakesAll,
+    /// Arras et al.'s rules through an LSTM node (ε and bias factor from the rule options).
+    Lstm,
 }
 
 impl Rule {
@@ -72,6 +75,7 @@ impl fmt::Display for Rule {
             Rule::GuidedBackprop => write!(f, "guided_backprop"),
             Rule::DeconvNet => write!(f, "deconvnet"),
             Rule::SignalTakesAll => write!(f, "signal_takes_all"),
+            Rule::Lstm => write!(f, "lstm"),
         }
     }
 }
@@ -120,10 +124,11 @@ impl FromStr for Rule {
             "guided_backprop" => Rule::GuidedBackprop,
             "deconvnet" => Rule::DeconvNet,
             "signal_takes_all" => Rule::SignalTakesAll,
+            "lstm" => Rule::Lstm,
             _ => {
                 return Err(format!(
                     "unknown rule '{name}'; rules: epsilon(eps), zero, zplus, alpha_beta(alpha,beta), gamma(gamma), zbox, \
-                     wsquare, flat, norm, pass, gradient, guided_backprop, deconvnet, signal_takes_all"
+                     wsquare, flat, norm, pass, gradient, guided_backprop, deconvnet, signal_takes_all, lstm"
                 ));
             }
         };

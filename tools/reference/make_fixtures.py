@@ -16,6 +16,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(__file__))
 import models  # noqa: E402
 import zennit_refs  # noqa: E402
+import arras_lstm  # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 FIX = os.path.join(ROOT, "tests", "fixtures")
@@ -92,11 +93,12 @@ def references(model_path, inputs, out_dir):
         print(f"  output {k} {y.shape}: |ort - f64| = {d:.2e}")
 
 
-def export(name, model, x, folding=True, input_names=("input",), dynamic=True):
+def export(name, model, x, folding=True, input_names=("input",), dynamic=True, axes=None):
     out_dir = os.path.join(FIX, name)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "model.onnx")
-    axes = {n: {0: "batch"} for n in input_names} if dynamic else None
+    if axes is None:
+        axes = {n: {0: "batch"} for n in input_names} if dynamic else None
     if axes is not None:
         axes["output"] = {0: "batch"}
     torch.onnx.export(model, (x,), path, input_names=list(input_names), output_names=["output"],
@@ -143,7 +145,11 @@ def main():
         for p in m.parameters():
             p.data.copy_(torch.randn(p.shape, generator=gen) * 0.5)
         ids = torch.randint(0, 50, (2, 7), generator=gen)
-        export(name, m, ids, input_names=("ids",), dynamic=False)
+        export(name, m, ids, input_names=("ids",), axes={"ids": {0: "batch", 1: "seq"}, "output": {0: "batch"}})
+    arras_lstm.write_all(FIX)
+    print("lstm_reverse:")
+    rev = os.path.join(FIX, "lstm_reverse")
+    references(os.path.join(rev, "model.onnx"), [np.load(os.path.join(rev, "input_0.npy"))], rev)
 
     zennit_refs.palettes(os.path.join(FIX, "cmap"))
 
