@@ -127,13 +127,13 @@ pub fn relevance<T: Float>(
                 // g = tanh(z_g): relevance passes to z_g, which the ε-rule splits onto x_t and h_{t−1}.
                 let xt = &xs[(t * batch + bi) * isz..(t * batch + bi + 1) * isz];
                 let hp = &h_prev[bi * hs..(bi + 1) * hs];
-                for k in 0..hs {
+                for (k, &rgk) in rg.iter().enumerate() {
                     let row = 3 * hs + k;
                     let zk = (0..isz).map(|j| xt[j] * wd[row * isz + j]).sum::<T>()
                         + (0..hs).map(|j| hp[j] * rd[row * hs + j]).sum::<T>()
                         + bsum[row];
                     let den = zk + e * sign(zk);
-                    let q = rg[k] / den;
+                    let q = rgk / den;
                     let spread = bf * (bsum[row] + e * sign(zk)) / nin * q;
                     for j in 0..isz {
                         rx[(t * batch + bi) * isz + j] += xt[j] * wd[row * isz + j] * q + spread;
