@@ -54,3 +54,29 @@ pub fn write_npy<T: Float>(path: &Path, v: &Value<T>) -> Result<()> {
     };
     r.map_err(|e| Error::Invalid(format!("cannot write {}: {e}", path.display())))
 }
+
+/// Reads a 16 kHz mono WAV file (16-bit integer or 32-bit float) as samples in [-1, 1].
+pub fn read_wav(path: &Path, rate: u32) -> Result<Vec<f32>> {
+    let r =
+        hound::WavReader::open(path).map_err(|e| Error::Invalid(format!("cannot read WAV {}: {e}", path.display())))?;
+    let spec = r.spec();
+    if spec.sample_rate != rate || spec.channels != 1 {
+        return Err(Error::Invalid(format!(
+            "{}: {} Hz with {} channel(s); the model needs {rate} Hz mono (e.g. sox IN.wav -r {rate} -c 1 OUT.wav)",
+            path.display(),
+            spec.sample_rate,
+            spec.channels
+        )));
+    }
+    let bad = |e: hound::Error| Error::Invalid(format!("{}: {e}", path.display()));
+    match spec.sample_format {
+        hound::SampleFormat::Float => r.into_samples::<f32>().collect::<std::result::Result<_, _>>().map_err(bad),
+        hound::SampleFormat::Int => {
+            let scale = (1i64 << (spec.bits_per_sample - 1)) as f32;
+            r.into_samples::<i32>()
+                .map(|s| s.map(|v| v as f32 / scale))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(bad)
+        }
+    }
+}

@@ -232,3 +232,25 @@ impl Preprocess {
         crate::rules::Bounds { low: a, high: b }
     }
 }
+
+/// Splits audio into Silero-VAD style frames: chunk k holds the `context` samples before it and
+/// its `chunk` samples (zeros outside the signal); returns `[chunks, context + chunk]`.
+pub fn audio_frames(samples: &[f32], chunk: usize, context: usize) -> ndarray::Array2<f32> {
+    let n = samples.len().div_ceil(chunk).max(1);
+    ndarray::Array2::from_shape_fn((n, context + chunk), |(k, j)| {
+        let pos = (k * chunk + j) as isize - context as isize;
+        if pos >= 0 && (pos as usize) < samples.len() { samples[pos as usize] } else { 0.0 }
+    })
+}
+
+/// Maps relevance of [`audio_frames`] back onto the samples (overlapping context adds up).
+pub fn audio_relevance(frames: ndarray::ArrayView2<f64>, len: usize, chunk: usize, context: usize) -> Vec<f64> {
+    let mut out = vec![0.0; len];
+    for ((k, j), &v) in frames.indexed_iter() {
+        let pos = (k * chunk + j) as isize - context as isize;
+        if pos >= 0 && (pos as usize) < len {
+            out[pos as usize] += v;
+        }
+    }
+    out
+}

@@ -53,16 +53,34 @@ pub fn variables(g: &Graph) -> Vec<bool> {
     var
 }
 
-/// The value to explain: output 0, or the input of a final Softmax (explaining a probability
-/// with LRP is ill-defined; the logit is what zennit users explain).
+/// The value to explain: output 0, or the logits before a final Softmax or Sigmoid (possibly
+/// followed by reshapes): explaining a probability with LRP is ill-defined, and the logit is what
+/// zennit users explain.
 pub fn explained_value(g: &Graph) -> Result<ValueId> {
     let out = *g.outputs.first().ok_or_else(|| Error::Invalid("the graph has no outputs".into()))?;
-    for n in &g.nodes {
-        if n.outputs.first().copied().flatten() == Some(out)
-            && matches!(n.op, Op::Softmax { .. })
-            && let Some(x) = n.input(0)
-        {
-            return Ok(x);
+    let producers = g.producers();
+    let mut v = out;
+    let mut passed = Vec::new();
+    while let Some(p) = producers[v] {
+        let n = &g.nodes[p];
+        match n.op {
+            Op::Softmax { .. } | Op::Sigmoid => {
+                let x = n.input(0).unwrap_or(out);
+                // Only if the reshapes after the activation keep one value per logit.
+                return Ok(if passed.iter().all(|&q: &usize| g.nodes[q].inputs.iter().flatten().count() <= 2) {
+                    x
+                } else {
+                    out
+                });
+            }
+            Op::Reshape { .. } | Op::Flatten { .. } | Op::Squeeze { .. } | Op::Identity => {
+                passed.push(p);
+                match n.input(0) {
+                    Some(x) => v = x,
+                    None => break,
+                }
+            }
+            _ => break,
         }
     }
     Ok(out)

@@ -251,3 +251,110 @@ mod tests {
         assert_eq!(normalize(r.view(), Norm::Unaligned), ndarray::array![[0.0, 0.5], [0.75, 1.0]]);
     }
 }
+
+fn escape_html(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Background colour of a token: red for positive, blue for negative, stronger with |r| / max.
+fn token_rgb(r: f64, max: f64) -> [u8; 3] {
+    let a = if max > 0.0 { (r.abs() / max).min(1.0) } else { 0.0 };
+    let fade = (255.0 * (1.0 - a)).round() as u8;
+    if r >= 0.0 { [255, fade, fade] } else { [fade, fade, 255] }
+}
+
+/// An HTML page with the tokens coloured by relevance, the numbers on hover, and a legend.
+pub fn text_html(title: &str, tokens: &[String], relevance: &[f64]) -> String {
+    let max = relevance.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    let mut body = String::new();
+    for (t, &r) in tokens.iter().zip(relevance) {
+        let [cr, cg, cb] = token_rgb(r, max);
+        body.push_str(&format!(
+            "<span class=\"tok\" style=\"background: rgb({cr},{cg},{cb})\" title=\"relevance {r:+.6}\">{}</span> ",
+            escape_html(t)
+        ));
+    }
+    let legend: String = (0..=10)
+        .map(|k| {
+            let v = -1.0 + 0.2 * k as f64;
+            let [cr, cg, cb] = token_rgb(v, 1.0);
+            format!("<span style=\"background: rgb({cr},{cg},{cb})\">{:+.1}</span>", v * max)
+        })
+        .collect();
+    format!(
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{t}</title><style>\
+         body {{ font-family: sans-serif; margin: 2em; }} .tok {{ padding: 0.15em 0.25em; border-radius: 3px; \
+         line-height: 2em; font-size: 1.3em; }} .legend span {{ display: inline-block; width: 4.5em; \
+         text-align: center; font-size: 0.8em; }}</style></head>\n<body><h2>{t}</h2>\n<p>{body}</p>\n\
+         <p class=\"legend\">{legend}</p>\n<p>Red: evidence for the target, blue: against. Hover a token for its relevance. \
+         Σ R = {sum:.6}</p></body></html>\n",
+        t = escape_html(title),
+        sum = relevance.iter().sum::<f64>()
+    )
+}
+
+/// Tokens with their relevance for a terminal: 24-bit colour backgrounds when `color`.
+pub fn text_terminal(tokens: &[String], relevance: &[f64], color: bool) -> String {
+    let max = relevance.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+    let mut s = String::new();
+    for (t, &r) in tokens.iter().zip(relevance) {
+        if color {
+            let [cr, cg, cb] = token_rgb(r, max);
+            s.push_str(&format!("\x1b[48;2;{cr};{cg};{cb}m\x1b[38;2;0;0;0m {t} \x1b[0m"));
+        } else {
+            s.push_str(&format!("{t}({r:+.4}) "));
+        }
+    }
+    s.trim_end().to_string()
+}
+
+/// A plot of a 1-d signal (top, grey) with its relevance per pixel column below (red positive,
+/// blue negative), and optionally a per-segment score curve (green) over the signal.
+pub fn signal_plot(signal: &[f32], relevance: &[f64], scores: Option<&[f64]>, width: usize) -> Array3<u8> {
+    let (h_sig, h_rel, gap) = (160usize, 120usize, 6usize);
+    let height = h_sig + gap + h_rel;
+    let mut img = Array3::from_elem((height, width, 3), 255u8);
+    let n = signal.len().max(1);
+    let col = |x: usize| (x * n / width, ((x + 1) * n / width).max(x * n / width + 1).min(n));
+    let smax = signal.iter().fold(0.0f32, |a, v| a.max(v.abs())).max(1e-9);
+    let rsum: Vec<f64> = (0..width)
+        .map(|x| {
+            let (a, b) = col(x);
+            relevance.get(a..b.min(relevance.len())).map(|s| s.iter().sum()).unwrap_or(0.0)
+        })
+        .collect();
+    let rmax = rsum.iter().fold(0.0f64, |a, v| a.max(v.abs())).max(1e-30);
+    let mid = h_sig / 2;
+    for x in 0..width {
+        let (a, b) = col(x);
+        let seg = &signal[a.min(signal.len())..b.min(signal.len())];
+        let lo = seg.iter().fold(0.0f32, |m, v| m.min(*v));
+        let hi = seg.iter().fold(0.0f32, |m, v| m.max(*v));
+        let y0 = (mid as f32 - hi / smax * (mid as f32 - 2.0)) as usize;
+        let y1 = (mid as f32 - lo / smax * (mid as f32 - 2.0)) as usize;
+        for y in y0.min(h_sig - 1)..=y1.min(h_sig - 1) {
+            img.slice_mut(ndarray::s![y, x, ..]).assign(&ndarray::arr1(&[90u8, 90, 90]));
+        }
+        let r = rsum[x] / rmax;
+        let base = h_sig + gap + h_rel / 2;
+        let len = (r.abs() * (h_rel / 2 - 1) as f64) as usize;
+        let c = if r >= 0.0 { [214u8, 39, 40] } else { [31u8, 119, 180] };
+        for k in 0..=len {
+            let y = if r >= 0.0 { base - k } else { base + k };
+            img.slice_mut(ndarray::s![y, x, ..]).assign(&ndarray::arr1(&c));
+        }
+        img.slice_mut(ndarray::s![base, x, ..]).assign(&ndarray::arr1(&[180u8, 180, 180]));
+    }
+    if let Some(sc) = scores
+        && !sc.is_empty()
+    {
+        for x in 0..width {
+            let k = (x * sc.len() / width).min(sc.len() - 1);
+            let y = ((1.0 - sc[k].clamp(0.0, 1.0)) * (h_sig - 1) as f64) as usize;
+            for dy in 0..2 {
+                img.slice_mut(ndarray::s![(y + dy).min(h_sig - 1), x, ..]).assign(&ndarray::arr1(&[44u8, 160, 44]));
+            }
+        }
+    }
+    img
+}

@@ -79,6 +79,34 @@ pub struct ExplainArgs {
     /// Rewrite outputs that already exist.
     #[arg(long)]
     pub overwrite: bool,
+    /// Explain a sentence (whitespace-tokenised with --vocab) instead of pictures or tensors.
+    #[arg(long)]
+    pub text: Option<String>,
+    /// Vocabulary for --text: one token per line, the line number (from 0) is the id.
+    #[arg(long)]
+    pub vocab: Option<PathBuf>,
+    /// Lower-case --text before looking words up.
+    #[arg(long)]
+    pub lowercase: bool,
+    /// Id for words missing from the vocabulary (default: reject them, naming the word).
+    #[arg(long)]
+    pub unk_id: Option<i64>,
+    /// Explain a 16 kHz mono WAV file cut into Silero-VAD frames (--chunk samples plus --context before).
+    #[arg(long)]
+    pub wav: Option<PathBuf>,
+    /// Samples per audio frame (without context).
+    #[arg(long, default_value_t = 512)]
+    pub chunk: usize,
+    /// Context samples before each audio frame.
+    #[arg(long, default_value_t = 64)]
+    pub context: usize,
+    /// ε of the LSTM rule (Arras et al.).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lstm_epsilon: f64,
+    /// Bias factor of the LSTM rule and of ε on dense layers: 0 (bias and stabiliser absorb their
+    /// share) or 1 (their share is spread over the inputs, conserving relevance).
+    #[arg(long, default_value_t = 0.0)]
+    pub lstm_bias_factor: f64,
     /// Attribution method: lrp, gradient or input_x_gradient.
     #[arg(long, default_value = "lrp")]
     pub method: String,
@@ -171,7 +199,13 @@ pub fn settings(a: &ExplainArgs, default_composite: Option<&str>) -> Result<(Set
     let s = Settings {
         method,
         canonize: mode,
-        opts: RuleOpts { ignore_bias: a.ignore_bias, bounds: bounds(a)?, ..RuleOpts::default() },
+        opts: RuleOpts {
+            ignore_bias: a.ignore_bias,
+            bounds: bounds(a)?,
+            lstm_epsilon: a.lstm_epsilon,
+            bias_factor: a.lstm_bias_factor,
+            ..RuleOpts::default()
+        },
         tolerance: if a.precision == Precision::F64 { 1e-9 } else { 1e-4 },
     };
     Ok((s, name))
@@ -237,6 +271,12 @@ pub fn explain(a: ExplainArgs) -> Result<ExitCode> {
         rayon::ThreadPoolBuilder::new().num_threads(t).build_global().ok();
     }
     let g = relprop::onnx::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    if a.text.is_some() {
+        return super::sequence::explain_text(&a, &g);
+    }
+    if a.wav.is_some() {
+        return super::sequence::explain_audio(&a, &g);
+    }
     if !a.inputs.is_empty() {
         if !a.input.is_empty() {
             bail!("give pictures or --input .npy files, not both");

@@ -5,6 +5,7 @@ mod demo;
 mod explain;
 mod images;
 mod run;
+mod sequence;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
