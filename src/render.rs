@@ -229,29 +229,6 @@ pub fn write_png(path: &Path, img: &Array3<u8>) -> Result<()> {
         .map_err(|e| Error::Invalid(format!("cannot write {}: {e}", path.display())))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bwr_ends_and_middle() {
-        let p = ColorMap::get("bwr").unwrap().palette(1.0);
-        assert_eq!(p[0], [0, 0, 255]);
-        assert_eq!(p[255], [255, 0, 0]);
-        assert!(p[128][0] >= 250 && p[128][1] >= 250);
-        assert!(ColorMap::get("nope").is_err());
-        assert!(ColorMap::get("00f,x").is_err());
-    }
-
-    #[test]
-    fn normalisations() {
-        let r = ndarray::array![[-2.0, 0.0], [1.0, 2.0]];
-        assert_eq!(normalize(r.view(), Norm::Symmetric), ndarray::array![[0.0, 0.5], [0.75, 1.0]]);
-        assert_eq!(normalize(r.view(), Norm::Absolute), ndarray::array![[1.0, 0.0], [0.5, 1.0]]);
-        assert_eq!(normalize(r.view(), Norm::Unaligned), ndarray::array![[0.0, 0.5], [0.75, 1.0]]);
-    }
-}
-
 fn escape_html(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
@@ -325,7 +302,7 @@ pub fn signal_plot(signal: &[f32], relevance: &[f64], scores: Option<&[f64]>, wi
         .collect();
     let rmax = rsum.iter().fold(0.0f64, |a, v| a.max(v.abs())).max(1e-30);
     let mid = h_sig / 2;
-    for x in 0..width {
+    for (x, &rs) in rsum.iter().enumerate() {
         let (a, b) = col(x);
         let seg = &signal[a.min(signal.len())..b.min(signal.len())];
         let lo = seg.iter().fold(0.0f32, |m, v| m.min(*v));
@@ -335,7 +312,7 @@ pub fn signal_plot(signal: &[f32], relevance: &[f64], scores: Option<&[f64]>, wi
         for y in y0.min(h_sig - 1)..=y1.min(h_sig - 1) {
             img.slice_mut(ndarray::s![y, x, ..]).assign(&ndarray::arr1(&[90u8, 90, 90]));
         }
-        let r = rsum[x] / rmax;
+        let r = rs / rmax;
         let base = h_sig + gap + h_rel / 2;
         let len = (r.abs() * (h_rel / 2 - 1) as f64) as usize;
         let c = if r >= 0.0 { [214u8, 39, 40] } else { [31u8, 119, 180] };
@@ -357,4 +334,27 @@ pub fn signal_plot(signal: &[f32], relevance: &[f64], scores: Option<&[f64]>, wi
         }
     }
     img
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bwr_ends_and_middle() {
+        let p = ColorMap::get("bwr").unwrap().palette(1.0);
+        assert_eq!(p[0], [0, 0, 255]);
+        assert_eq!(p[255], [255, 0, 0]);
+        assert!(p[128][0] >= 250 && p[128][1] >= 250);
+        assert!(ColorMap::get("nope").is_err());
+        assert!(ColorMap::get("00f,x").is_err());
+    }
+
+    #[test]
+    fn normalisations() {
+        let r = ndarray::array![[-2.0, 0.0], [1.0, 2.0]];
+        assert_eq!(normalize(r.view(), Norm::Symmetric), ndarray::array![[0.0, 0.5], [0.75, 1.0]]);
+        assert_eq!(normalize(r.view(), Norm::Absolute), ndarray::array![[1.0, 0.0], [0.5, 1.0]]);
+        assert_eq!(normalize(r.view(), Norm::Unaligned), ndarray::array![[0.0, 0.5], [0.75, 1.0]]);
+    }
 }
