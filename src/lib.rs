@@ -9,6 +9,7 @@ pub mod attribution;
 pub mod canonize;
 pub mod composite;
 pub mod error;
+pub mod evaluate;
 pub mod graph;
 pub mod io;
 pub mod labels;

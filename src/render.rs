@@ -336,6 +336,111 @@ pub fn signal_plot(signal: &[f32], relevance: &[f64], scores: Option<&[f64]>, wi
     img
 }
 
+/// Draws text with an 8×8 bitmap font (font8x8, public domain) at (x, y), `scale` pixels per dot.
+pub fn draw_text(img: &mut Array3<u8>, x: usize, y: usize, text: &str, color: [u8; 3], scale: usize) {
+    use font8x8::UnicodeFonts;
+    let (h, w, _) = img.dim();
+    for (k, ch) in text.chars().enumerate() {
+        let Some(glyph) = font8x8::BASIC_FONTS.get(ch) else { continue };
+        for (row, bits) in glyph.iter().enumerate() {
+            for col in 0..8 {
+                if bits & (1 << col) != 0 {
+                    for dy in 0..scale {
+                        for dx in 0..scale {
+                            let (yy, xx) = (y + row * scale + dy, x + (k * 8 + col) * scale + dx);
+                            if yy < h && xx < w {
+                                for c in 0..3 {
+                                    img[[yy, xx, c]] = color[c];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn draw_line(img: &mut Array3<u8>, (x0, y0): (f64, f64), (x1, y1): (f64, f64), color: [u8; 3], dashed: bool) {
+    let (h, w, _) = img.dim();
+    let n = ((x1 - x0).abs().max((y1 - y0).abs()) * 2.0).ceil().max(1.0) as usize;
+    for k in 0..=n {
+        let t = k as f64 / n as f64;
+        if dashed && (k / 6) % 2 == 1 {
+            continue;
+        }
+        let (x, y) = (x0 + (x1 - x0) * t, y0 + (y1 - y0) * t);
+        for (dx, dy) in [(0.0, 0.0), (0.0, 1.0)] {
+            let (xx, yy) = ((x + dx).round() as isize, (y + dy).round() as isize);
+            if xx >= 0 && yy >= 0 && (xx as usize) < w && (yy as usize) < h {
+                for c in 0..3 {
+                    img[[yy as usize, xx as usize, c]] = color[c];
+                }
+            }
+        }
+    }
+}
+
+/// One curve of a line plot.
+pub struct Series {
+    /// Legend text.
+    pub label: String,
+    /// Colour.
+    pub color: [u8; 3],
+    /// Dashed line.
+    pub dashed: bool,
+    /// Values at x = 0, 1, 2, ...
+    pub values: Vec<f64>,
+}
+
+/// A line plot with axes, tick labels, axis titles and a legend.
+pub fn line_plot(series: &[Series], title: &str, x_label: &str, y_label: &str) -> Array3<u8> {
+    let (w, h) = (900usize, 560usize);
+    let (left, right, top, bottom) = (80.0, 260.0, 40.0, 60.0);
+    let mut img = Array3::from_elem((h, w, 3), 255u8);
+    let finite = series.iter().flat_map(|s| s.values.iter().copied()).filter(|v| v.is_finite());
+    let (mut lo, mut hi) = finite.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| (a.min(v), b.max(v)));
+    if !lo.is_finite() {
+        (lo, hi) = (0.0, 1.0);
+    }
+    if hi - lo < 1e-12 {
+        hi = lo + 1.0;
+    }
+    let xmax = series.iter().map(|s| s.values.len()).max().unwrap_or(1).saturating_sub(1).max(1) as f64;
+    let (pw, ph) = (w as f64 - left - right, h as f64 - top - bottom);
+    let px = |i: f64| left + i / xmax * pw;
+    let py = |v: f64| top + (1.0 - (v - lo) / (hi - lo)) * ph;
+    let black = [0u8, 0, 0];
+    draw_line(&mut img, (left, top), (left, top + ph), black, false);
+    draw_line(&mut img, (left, top + ph), (left + pw, top + ph), black, false);
+    for k in 0..=4 {
+        let v = lo + (hi - lo) * k as f64 / 4.0;
+        let y = py(v);
+        draw_line(&mut img, (left - 5.0, y), (left, y), black, false);
+        draw_text(&mut img, 4, (y - 4.0).max(0.0) as usize, &format!("{v:>8.2}"), black, 1);
+        let xi = xmax * k as f64 / 4.0;
+        let x = px(xi);
+        draw_line(&mut img, (x, top + ph), (x, top + ph + 5.0), black, false);
+        draw_text(&mut img, (x - 12.0).max(0.0) as usize, (top + ph + 10.0) as usize, &format!("{:.0}", xi), black, 1);
+    }
+    draw_text(&mut img, left as usize, 12, title, black, 2);
+    draw_text(&mut img, (left + pw / 2.0 - 4.0 * x_label.len() as f64) as usize, h - 24, x_label, black, 1);
+    draw_text(&mut img, 4, (top - 14.0) as usize, y_label, black, 1);
+    for (k, s) in series.iter().enumerate() {
+        for i in 1..s.values.len() {
+            let (a, b) = (s.values[i - 1], s.values[i]);
+            if a.is_finite() && b.is_finite() {
+                draw_line(&mut img, (px((i - 1) as f64), py(a)), (px(i as f64), py(b)), s.color, s.dashed);
+            }
+        }
+        let ly = top + 10.0 + 18.0 * k as f64;
+        let lx = left + pw + 15.0;
+        draw_line(&mut img, (lx, ly + 4.0), (lx + 30.0, ly + 4.0), s.color, s.dashed);
+        draw_text(&mut img, (lx + 36.0) as usize, ly as usize, &s.label, black, 1);
+    }
+    img
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod eval;
 mod explain;
 mod images;
 mod run;
@@ -28,6 +29,8 @@ enum Command {
     Explain(Box<explain::ExplainArgs>),
     /// Time forward, gradient and LRP per composite, with ratios and peak memory.
     Bench(bench::BenchArgs),
+    /// Score explanations by region perturbation (MoRF/LeRF, AOPC, ABPC) for several methods.
+    Eval(Box<eval::EvalArgs>),
     /// Classify and explain the bundled picture with the bundled model.
     Demo(demo::DemoArgs),
 }
@@ -39,6 +42,7 @@ pub fn main() -> ExitCode {
         Command::Inspect(a) => run::inspect(a),
         Command::Run(a) => run::run(a),
         Command::Demo(a) => demo::demo(a),
+        Command::Eval(a) => eval::eval(*a),
         Command::Bench(a) => bench::bench(a),
         Command::Explain(a) => explain::explain(*a),
     };

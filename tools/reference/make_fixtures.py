@@ -137,6 +137,8 @@ def main():
         if name in ("vgg", "vgg_bn", "resnet_basic", "resnet_bottleneck", "densenet"):
             zennit_refs.attributions(kind, model, x, os.path.join(FIX, name))
 
+    zennit_refs.quantus_region_perturbation(built["vgg"], img, os.path.join(FIX, "quantus"))
+
     c1 = models.conv1d_stack().eval()
     export("conv1d", c1, torch.randn(2, 2, 40, generator=gen))
 

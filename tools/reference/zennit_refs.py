@@ -102,3 +102,22 @@ def palettes(out_dir):
         f.write("order of axis 0: " + ",".join(names) + "\norder of axis 1 (level): " + ",".join(map(str, levels)) + "\n")
         for n in names:
             f.write(f"{n}: {CMAPS._sources[n]}\n")
+
+
+def quantus_region_perturbation(model, x, out_dir):
+    """Quantus's RegionPerturbation curves for a fixed random attribution on the VGG fixture (patch 4,
+    20 regions, replacement value 0, MoRF and LeRF): relprop's evaluate module must give the same."""
+    import quantus
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal(tuple(x.shape)).astype(np.float32)
+    with torch.no_grad():
+        y = model(x).argmax(1).numpy()
+    os.makedirs(out_dir, exist_ok=True)
+    np.save(os.path.join(out_dir, "attribution.npy"), a)
+    np.save(os.path.join(out_dir, "targets.npy"), y.astype(np.int64))
+    for order in ["morf", "lerf"]:
+        metric = quantus.RegionPerturbation(patch_size=4, order=order, regions_evaluation=20, perturb_baseline=0.0,
+                                            normalise=False, abs=False, disable_warnings=True)
+        res = metric(model=model, x_batch=x.numpy(), y_batch=y, a_batch=a, softmax=False, device="cpu")
+        np.save(os.path.join(out_dir, f"quantus_{order}.npy"), np.asarray(res, dtype=np.float64))
+        print(f"  quantus {order}: first steps {np.asarray(res)[0][:3]}")
