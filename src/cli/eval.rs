@@ -47,6 +47,16 @@ pub struct EvalArgs {
     stride: usize,
 }
 
+/// Per method: AOPC, ABPC and Σ R / logit per picture, and the summed curves.
+#[derive(Default)]
+struct Scores {
+    aopc: Vec<f64>,
+    abpc: Vec<f64>,
+    ratio: Vec<f64>,
+    morf: Vec<f64>,
+    lerf: Vec<f64>,
+}
+
 struct MethodRun {
     name: String,
     prepared: Option<Prepared>,
@@ -112,8 +122,7 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
     let mut scorer: Option<Prepared> = None;
-    // Per method: AOPC, ABPC, Σ R / logit per picture; mean curves.
-    let mut results: Vec<(Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>)> = vec![Default::default(); runs.len()];
+    let mut results: Vec<Scores> = (0..runs.len()).map(|_| Scores::default()).collect();
     let mut csv = String::from("method,file,order,step,logit\n");
     let t_all = std::time::Instant::now();
     for f in &files {
@@ -172,15 +181,15 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
             let morf = curve(&x3, &r3, Order::MoRF, &cfg, &mut score)?;
             let lerf = curve(&x3, &r3, Order::LeRF, &cfg, &mut score)?;
             let res = &mut results[k];
-            res.0.push(aopc(&morf));
-            res.1.push(abpc(&morf, &lerf));
-            res.2.push(r3.sum() / logit);
-            if res.3.is_empty() {
-                res.3 = vec![0.0; morf.len()];
-                res.4 = vec![0.0; lerf.len()];
+            res.aopc.push(aopc(&morf));
+            res.abpc.push(abpc(&morf, &lerf));
+            res.ratio.push(r3.sum() / logit);
+            if res.morf.is_empty() {
+                res.morf = vec![0.0; morf.len()];
+                res.lerf = vec![0.0; lerf.len()];
             }
-            res.3.iter_mut().zip(&morf).for_each(|(acc, v)| *acc += v);
-            res.4.iter_mut().zip(&lerf).for_each(|(acc, v)| *acc += v);
+            res.morf.iter_mut().zip(&morf).for_each(|(acc, v)| *acc += v);
+            res.lerf.iter_mut().zip(&lerf).for_each(|(acc, v)| *acc += v);
             for (order, c) in [("morf", &morf), ("lerf", &lerf)] {
                 for (step, v) in c.iter().enumerate() {
                     csv.push_str(&format!("{},\"{}\",{order},{step},{v:.6}\n", run.name, f.display()));
@@ -209,24 +218,24 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
     println!("{:<28} {:>20} {:>20} {:>18}", "method", "AOPC (MoRF)", "ABPC", "Σ R / logit");
     let mut series = Vec::new();
     for (k, (run, r)) in runs.iter().zip(&results).enumerate() {
-        let (am, ase) = mean_se(&r.0);
-        let (bm, bse) = mean_se(&r.1);
-        let (cm, cse) = mean_se(&r.2);
+        let (am, ase) = mean_se(&r.aopc);
+        let (bm, bse) = mean_se(&r.abpc);
+        let (cm, cse) = mean_se(&r.ratio);
         let mark = if Some(k) == best { "  ← best ABPC" } else { "" };
         println!("{:<28} {am:>11.3} ± {ase:<6.3} {bm:>11.3} ± {bse:<6.3} {cm:>9.3} ± {cse:<6.3}{mark}", run.name);
-        let n = r.0.len().max(1) as f64;
+        let n = r.aopc.len().max(1) as f64;
         let color = COLORS[k % COLORS.len()];
         series.push(relprop::render::Series {
             label: format!("{} MoRF", run.name),
             color,
             dashed: false,
-            values: r.3.iter().map(|v| v / n).collect(),
+            values: r.morf.iter().map(|v| v / n).collect(),
         });
         series.push(relprop::render::Series {
             label: format!("{} LeRF", run.name),
             color,
             dashed: true,
-            values: r.4.iter().map(|v| v / n).collect(),
+            values: r.lerf.iter().map(|v| v / n).collect(),
         });
     }
     let img = relprop::render::line_plot(&series, "Region perturbation", "regions removed", "target logit");
