@@ -205,8 +205,8 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
     let best = results
         .iter()
         .enumerate()
-        .filter(|(_, r)| !r.1.is_empty())
-        .max_by(|x, y| mean_se(&x.1.1).0.total_cmp(&mean_se(&y.1.1).0))
+        .filter(|(_, r)| !r.abpc.is_empty())
+        .max_by(|x, y| mean_se(&x.1.abpc).0.total_cmp(&mean_se(&y.1.abpc).0))
         .map(|(i, _)| i);
     println!(
         "{} picture(s), patch {}, {} steps, perturbation {}; {secs:.1} s",
