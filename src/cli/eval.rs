@@ -33,18 +33,6 @@ pub struct EvalArgs {
     /// Replacement: mean, black, blur or uniform.
     #[arg(long, default_value = "mean")]
     perturb: String,
-    /// SmoothGrad noise level (std = level × (max − min)).
-    #[arg(long, default_value_t = 0.1)]
-    noise_level: f64,
-    /// SmoothGrad / integrated-gradients samples.
-    #[arg(long, default_value_t = 20)]
-    samples: usize,
-    /// Occlusion window.
-    #[arg(long, default_value_t = 8)]
-    window: usize,
-    /// Occlusion stride.
-    #[arg(long, default_value_t = 8)]
-    stride: usize,
 }
 
 /// Per method: AOPC, ABPC and Σ R / logit per picture, and the summed curves.
@@ -86,7 +74,7 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
         *d = Dim::Free("batch".into());
     }
     let (side, _) = sidecar(&b.model)?;
-    let pre = preprocess(b, &side)?;
+    let pre = preprocess(&b.pre, &side)?;
     let bounds = pre.bounds();
     let perturb = Perturb::parse(&a.perturb, &bounds.low, &bounds.high)?;
     let files = collect(&b.inputs)?;
@@ -104,10 +92,10 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
             "gradient" => (Method::Gradient, None),
             "input_x_gradient" => (Method::InputXGradient, None),
             "smoothgrad" => {
-                (Method::Gradient, Some(Baseline::SmoothGrad { noise_level: a.noise_level, samples: a.samples }))
+                (Method::Gradient, Some(Baseline::SmoothGrad { noise_level: b.noise_level, samples: b.samples }))
             }
-            "integrated_gradients" => (Method::Gradient, Some(Baseline::IntegratedGradients { samples: a.samples })),
-            "occlusion" => (Method::Gradient, Some(Baseline::Occlusion { window: a.window, stride: a.stride })),
+            "integrated_gradients" => (Method::Gradient, Some(Baseline::IntegratedGradients { samples: b.samples })),
+            "occlusion" => (Method::Gradient, Some(Baseline::Occlusion { window: b.window, stride: b.stride })),
             "random" => (Method::Gradient, Some(Baseline::Random)),
             o => bail!(
                 "unknown method '{o}' (lrp:COMPOSITE, gradient, input_x_gradient, smoothgrad, integrated_gradients, occlusion, random)"

@@ -3,7 +3,7 @@
 use super::run::{Precision, read_inputs};
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use relprop::attribution::{Method, Settings, attribute, prepare};
+use relprop::attribution::{Baseline, Method, Settings, attribute, attribute_baseline, prepare};
 use relprop::canonize::Mode;
 use relprop::composite::{Composite, Override, Params};
 use relprop::graph::{Graph, input_warnings};
@@ -22,33 +22,12 @@ pub struct ExplainArgs {
     /// Input .npy for the first graph input, or NAME=FILE.npy (repeat for several inputs).
     #[arg(long, short)]
     pub input: Vec<String>,
+    /// Preprocessing of pictures (and --mean/--std for z^B bounds).
+    #[command(flatten)]
+    pub pre: super::images::PreprocessFlags,
     /// Output directory for heatmaps, relevance and the summary (pictures).
     #[arg(long, default_value = "relprop-out")]
     pub out: PathBuf,
-    /// Preprocessing preset: imagenet (256/224/ImageNet mean, std) or efficientnet-lite (256/224/(p−127)/128).
-    #[arg(long)]
-    pub preprocess: Option<String>,
-    /// Resize the shorter side to N pixels (bilinear, as PIL).
-    #[arg(long)]
-    pub resize: Option<usize>,
-    /// Centre crop to N × N.
-    #[arg(long)]
-    pub crop: Option<usize>,
-    /// Pixel scale on 0..255 values (instead of --mean/--std).
-    #[arg(long, allow_hyphen_values = true)]
-    pub scale: Option<f64>,
-    /// Offset added after --scale.
-    #[arg(long, allow_hyphen_values = true)]
-    pub offset: Option<f64>,
-    /// Input layout: nchw or nhwc.
-    #[arg(long)]
-    pub layout: Option<String>,
-    /// Channel order: rgb or bgr.
-    #[arg(long)]
-    pub channels: Option<String>,
-    /// Class names, one per line (or ImageNet-style index<TAB>wnid<TAB>names).
-    #[arg(long)]
-    pub labels: Option<PathBuf>,
     /// One heatmap for each of the K best classes.
     #[arg(long)]
     pub top_k: Option<usize>,
@@ -107,9 +86,26 @@ pub struct ExplainArgs {
     /// share) or 1 (their share is spread over the inputs, conserving relevance).
     #[arg(long, default_value_t = 0.0)]
     pub lstm_bias_factor: f64,
-    /// Attribution method: lrp, gradient or input_x_gradient.
+    /// Attribution method: lrp, gradient, input_x_gradient, smoothgrad, integrated_gradients,
+    /// occlusion or random. SmoothGrad and integrated gradients use the LRP composite's modified
+    /// gradient when --composite is given (as zennit's attributors), the plain gradient otherwise.
     #[arg(long, default_value = "lrp")]
     pub method: String,
+    /// SmoothGrad noise level: noise std = level × (max − min) per sample.
+    #[arg(long, default_value_t = 0.1)]
+    pub noise_level: f64,
+    /// SmoothGrad / integrated-gradients samples.
+    #[arg(long, default_value_t = 20)]
+    pub samples: usize,
+    /// Integrated-gradients baseline (.npy shaped like the input; default zeros).
+    #[arg(long)]
+    pub baseline: Option<PathBuf>,
+    /// Occlusion window.
+    #[arg(long, default_value_t = 8)]
+    pub window: usize,
+    /// Occlusion stride.
+    #[arg(long, default_value_t = 8)]
+    pub stride: usize,
     /// LRP composite (epsilon_plus, epsilon_plus_flat, epsilon_alpha2_beta1, epsilon_alpha2_beta1_flat,
     /// epsilon_gamma_box, excitation_backprop, guided_backprop, deconvnet, epsilon, gradient).
     #[arg(long)]
@@ -126,12 +122,6 @@ pub struct ExplainArgs {
     /// Write the input relevance (same shape as the input) here.
     #[arg(long)]
     pub out_npy: Option<PathBuf>,
-    /// Per-channel mean of the input normalisation (gives z^B its bounds (0−mean)/std, (1−mean)/std).
-    #[arg(long, value_delimiter = ',')]
-    pub mean: Option<Vec<f64>>,
-    /// Per-channel std of the input normalisation.
-    #[arg(long, value_delimiter = ',')]
-    pub std: Option<Vec<f64>>,
     /// z^B lower bounds per channel (instead of --mean/--std).
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     pub low: Option<Vec<f64>>,
@@ -160,7 +150,7 @@ pub struct ExplainArgs {
 
 /// z^B bounds from the flags.
 pub fn bounds(a: &ExplainArgs) -> Result<Option<Bounds>> {
-    Ok(match (&a.low, &a.high, &a.mean, &a.std) {
+    Ok(match (&a.low, &a.high, &a.pre.mean, &a.pre.std) {
         (Some(l), Some(h), _, _) => Some(Bounds { low: l.clone(), high: h.clone() }),
         (None, None, Some(m), Some(s)) => {
             if m.len() != s.len() {
@@ -194,7 +184,11 @@ pub fn settings(a: &ExplainArgs, default_composite: Option<&str>) -> Result<(Set
     }
     let mut comp = Composite::named(&name, &Params { epsilon: a.epsilon, gamma: a.gamma })?;
     comp.overrides = overrides;
-    let method = Method::parse(&a.method, comp)?;
+    let method = match a.method.as_str() {
+        "smoothgrad" | "integrated_gradients" if a.composite.is_some() => Method::Lrp(Box::new(comp)),
+        "smoothgrad" | "integrated_gradients" | "occlusion" | "random" => Method::Gradient,
+        m => Method::parse(m, comp)?,
+    };
     let mode: Mode = a.canonize.parse().map_err(anyhow::Error::msg)?;
     let s = Settings {
         method,
@@ -209,6 +203,17 @@ pub fn settings(a: &ExplainArgs, default_composite: Option<&str>) -> Result<(Set
         tolerance: if a.precision == Precision::F64 { 1e-9 } else { 1e-4 },
     };
     Ok((s, name))
+}
+
+/// The baseline method `--method` names, if any.
+pub fn baseline_method(a: &ExplainArgs) -> Result<Option<Baseline>> {
+    Ok(match a.method.as_str() {
+        "smoothgrad" => Some(Baseline::SmoothGrad { noise_level: a.noise_level, samples: a.samples }),
+        "integrated_gradients" => Some(Baseline::IntegratedGradients { samples: a.samples }),
+        "occlusion" => Some(Baseline::Occlusion { window: a.window, stride: a.stride }),
+        "random" => Some(Baseline::Random),
+        _ => None,
+    })
 }
 
 /// Parses `--target`.
@@ -235,7 +240,19 @@ fn explain_typed<T: Float>(a: &ExplainArgs, g: &Graph) -> Result<()> {
     }
     eprintln!("canonize: forward deviation {:.2e} (relative)", p.deviation);
     let t0 = std::time::Instant::now();
-    let e = attribute(&p, &s.method, inputs, targets(&a.target)?.as_deref(), &a.keep)?;
+    let tg = targets(&a.target)?;
+    let mut e = attribute(&p, &s.method, inputs.clone(), tg.as_deref(), &a.keep)?;
+    if let Some(b) = baseline_method(a)? {
+        let Some(Value::F(x)) = inputs.first() else {
+            bail!("--method {} needs a floating-point first input", a.method)
+        };
+        let base = match &a.baseline {
+            Some(f) => Some(relprop::io::read_npy::<T>(f)?.to_float()),
+            None => None,
+        };
+        let r = attribute_baseline(&p, &s.method, &b, x, Some(&e.targets), base.as_ref(), 0)?;
+        e.relevance[0] = Some(r);
+    }
     let dt = t0.elapsed().as_secs_f64();
     let rel = e.relevance.iter().flatten().next().context("the model has no floating-point input to explain")?;
     let n = rel.shape()[0];

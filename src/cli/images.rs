@@ -4,12 +4,47 @@
 use super::explain::ExplainArgs;
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use relprop::attribution::{Prepared, Settings, attribute, prepare};
+use relprop::attribution::{Prepared, Settings, attribute, attribute_baseline, prepare};
 use relprop::graph::{Dim, Graph};
 use relprop::preprocess::{Normalize, Preprocess, Rgb};
 use relprop::render::{ColorMap, Norm, channel_sum, colorize, normalize, overlay, write_png};
 use relprop::tensor::Value;
 use std::path::{Path, PathBuf};
+
+/// Picture preprocessing flags, shared by explain, eval and run.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct PreprocessFlags {
+    /// Preprocessing preset: imagenet (256/224/ImageNet mean, std) or efficientnet-lite (256/224/(p−127)/128).
+    #[arg(long)]
+    pub preprocess: Option<String>,
+    /// Resize the shorter side to N pixels (bilinear, as PIL).
+    #[arg(long)]
+    pub resize: Option<usize>,
+    /// Centre crop to N × N.
+    #[arg(long)]
+    pub crop: Option<usize>,
+    /// Per-channel mean of the input normalisation (gives z^B its bounds (0−mean)/std, (1−mean)/std).
+    #[arg(long, value_delimiter = ',')]
+    pub mean: Option<Vec<f64>>,
+    /// Per-channel std of the input normalisation.
+    #[arg(long, value_delimiter = ',')]
+    pub std: Option<Vec<f64>>,
+    /// Pixel scale on 0..255 values (instead of --mean/--std).
+    #[arg(long, allow_hyphen_values = true)]
+    pub scale: Option<f64>,
+    /// Offset added after --scale.
+    #[arg(long, allow_hyphen_values = true)]
+    pub offset: Option<f64>,
+    /// Input layout: nchw or nhwc.
+    #[arg(long)]
+    pub layout: Option<String>,
+    /// Channel order: rgb or bgr.
+    #[arg(long)]
+    pub channels: Option<String>,
+    /// Class names, one per line (or ImageNet-style index<TAB>wnid<TAB>names).
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+}
 
 /// A model's sidecar `MODEL.relprop.toml`: its preprocessing, labels and default composite.
 #[derive(serde::Deserialize, Default, Debug)]
@@ -59,7 +94,7 @@ fn three(v: &[f64], what: &str) -> Result<[f64; 3]> {
 }
 
 /// The preprocessing from flags, falling back to the sidecar, then to nothing.
-pub fn preprocess(a: &ExplainArgs, side: &Sidecar) -> Result<Preprocess> {
+pub fn preprocess(a: &PreprocessFlags, side: &Sidecar) -> Result<Preprocess> {
     let preset = a.preprocess.clone().or(side.preprocess.clone());
     let mut p = match preset {
         Some(name) => Preprocess::preset(&name)?,
@@ -232,11 +267,11 @@ pub fn explain_images(
     side: &Sidecar,
     side_path: Option<&Path>,
 ) -> Result<bool> {
-    let pre = preprocess(a, side)?;
-    let labels_path = a
-        .labels
-        .clone()
-        .or_else(|| side.labels.as_ref().map(|l| side_path.and_then(Path::parent).unwrap_or(Path::new(".")).join(l)));
+    let pre = preprocess(&a.pre, side)?;
+    let labels_path =
+        a.pre.labels.clone().or_else(|| {
+            side.labels.as_ref().map(|l| side_path.and_then(Path::parent).unwrap_or(Path::new(".")).join(l))
+        });
     let labels = match &labels_path {
         Some(p) => relprop::labels::read_labels(p)?,
         None => Vec::new(),
@@ -327,11 +362,18 @@ pub fn explain_images(
                 if let Some(&t) = tgt.iter().find(|&&t| t >= logits[0].len()) {
                     bail!("target {t} is out of range: the model has {} classes", logits[0].len());
                 }
-                let e = attribute(p, &settings.method, vec![x.clone()], Some(&tgt), &[])?;
-                let mut rel = e.relevance[0].clone().context("no relevance")?.mapv(|v| v as f64);
+                let explain_for = |t: &[usize]| -> Result<ndarray::ArrayD<f64>> {
+                    let r = match (super::explain::baseline_method(a)?, &x) {
+                        (Some(b), Value::F(xf)) => attribute_baseline(p, &settings.method, &b, xf, Some(t), None, 0)?,
+                        _ => attribute(p, &settings.method, vec![x.clone()], Some(t), &[])?.relevance[0]
+                            .clone()
+                            .context("no relevance")?,
+                    };
+                    Ok(r.mapv(|v| v as f64))
+                };
+                let mut rel = explain_for(&tgt)?;
                 if let Some(b) = versus {
-                    let e2 = attribute(p, &settings.method, vec![x.clone()], Some(&vec![b; tgt.len()]), &[])?;
-                    rel = rel - e2.relevance[0].clone().context("no relevance")?.mapv(|v| v as f64);
+                    rel = rel - explain_for(&vec![b; tgt.len()])?;
                 }
                 let secs = t0.elapsed().as_secs_f64() / names.len() as f64;
                 for (i, name) in names.iter().enumerate() {

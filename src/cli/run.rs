@@ -83,8 +83,16 @@ fn print_rules(g: &Graph, a: &InspectArgs, name: &str) -> Result<()> {
 pub struct RunArgs {
     /// The ONNX model.
     model: PathBuf,
+    /// Pictures (PNG/JPEG) or directories: prints the top classes of each.
+    pictures: Vec<PathBuf>,
+    /// Picture preprocessing (or the model's MODEL.relprop.toml sidecar).
+    #[command(flatten)]
+    pre: super::images::PreprocessFlags,
+    /// Classes to print per picture.
+    #[arg(long, default_value_t = 5)]
+    top_k: usize,
     /// Input .npy file for the first graph input, or NAME=FILE.npy (repeat for several inputs).
-    #[arg(long, short, required = true)]
+    #[arg(long, short)]
     input: Vec<String>,
     /// Output .npy file for the first graph output, or NAME=FILE.npy (repeat for several).
     #[arg(long, short)]
@@ -184,8 +192,61 @@ fn run_typed<T: Float>(a: &RunArgs, g: &Graph) -> Result<()> {
     Ok(())
 }
 
+/// Classifies pictures: top-k classes with probabilities (softmax of the first output).
+fn run_pictures(a: &RunArgs, g: &Graph) -> Result<ExitCode> {
+    let (side, side_path) = super::images::sidecar(&a.model)?;
+    let pre = super::images::preprocess(&a.pre, &side)?;
+    let labels_path = a.pre.labels.clone().or_else(|| {
+        side.labels.as_ref().map(|l| {
+            side_path.as_deref().and_then(std::path::Path::parent).unwrap_or(std::path::Path::new(".")).join(l)
+        })
+    });
+    let labels = match &labels_path {
+        Some(p) => relprop::labels::read_labels(p)?,
+        None => Vec::new(),
+    };
+    let consts = prepare_consts::<f32>(g);
+    let mut ok = true;
+    for f in super::images::collect(&a.pictures)? {
+        let result = (|| -> Result<Vec<f64>> {
+            let pic = pre.picture(&f)?;
+            let x = Value::F(pre.tensor(std::slice::from_ref(&pic))?.mapv(|v| v as f32));
+            let y = forward(g, &consts, vec![x])?;
+            Ok(y[0].to_float().iter().map(|&v| v as f64).collect())
+        })();
+        match result {
+            Ok(logits) => {
+                let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = logits.iter().map(|v| (v - m).exp()).sum();
+                let mut order: Vec<usize> = (0..logits.len()).collect();
+                order.sort_by(|&i, &j| logits[j].total_cmp(&logits[i]));
+                println!("{}:", f.display());
+                for &k in order.iter().take(a.top_k) {
+                    println!(
+                        "  {k:5}  {:6.3}  {:9.3}  {}",
+                        (logits[k] - m).exp() / z,
+                        logits[k],
+                        labels.get(k).map(String::as_str).unwrap_or("")
+                    );
+                }
+            }
+            Err(e) => {
+                ok = false;
+                eprintln!("error: {}: {e:#}", f.display());
+            }
+        }
+    }
+    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
 pub fn run(a: RunArgs) -> Result<ExitCode> {
     let g = relprop::onnx::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    if !a.pictures.is_empty() {
+        return run_pictures(&a, &g);
+    }
+    if a.input.is_empty() {
+        anyhow::bail!("nothing to run: give pictures, or --input FILE.npy");
+    }
     match a.precision {
         Precision::F32 => run_typed::<f32>(&a, &g)?,
         Precision::F64 => run_typed::<f64>(&a, &g)?,
