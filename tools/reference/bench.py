@@ -89,7 +89,14 @@ def grad():
     g = torch.zeros_like(y); g[torch.arange(n), y.argmax(1)] = 1
     y.backward(g)
 out["gradient"] = med(grad)
-canon = [ResNetCanonizer()] if name.startswith("resnet") else [SequentialMergeBatchNorm()]
+if name.startswith("resnet"):
+    canon = [ResNetCanonizer()]
+elif name.startswith("densenet"):
+    # torchvision's functional head as modules, and only the truly sequential Conv→BN pairs merged.
+    model = zennit_refs.densenet_canonizable(model)
+    canon = zennit_refs.densenet_canonizer(model)
+else:
+    canon = [SequentialMergeBatchNorm()]
 with torch.no_grad():
     y = model(x)
 oh = torch.zeros_like(y); oh[torch.arange(n), y.argmax(1)] = 1
@@ -137,7 +144,11 @@ def main():
         ort_after = {n: ort_time(path, n, a.threads, a.repeats) for n in batches}
         for n in batches:
             ort_ms = (ort_before[n] + ort_after[n]) / 2
-            zn = zennit_time(name, n, a.threads, a.repeats) if name != "efficientnet_lite0" else None
+            try:
+                zn = zennit_time(name, n, a.threads, a.repeats) if name != "efficientnet_lite0" else None
+            except RuntimeError as e:
+                print(f"zennit failed on {name}: {str(e)[-300:]}", file=sys.stderr)
+                zn = None
             fwd = rp[(n, "forward")]["median_ms"]
             grad = rp[(n, "gradient")]["median_ms"]
             row = f"| {name} | {n} | {ort_ms:.1f} | {fwd:.1f} ({fwd / ort_ms:.2f}×) | {grad:.1f} |"
