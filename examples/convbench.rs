@@ -1,3 +1,4 @@
+//! Times the convolution kernels on EfficientNet-like layers (a profiling aid: `cargo run --release --example convbench`).
 use relprop::ops::conv::{ConvGeom, conv2d, conv2d_vjp};
 use std::time::Instant;
 fn main() {

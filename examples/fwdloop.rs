@@ -1,3 +1,4 @@
+//! Runs a model's forward pass repeatedly for profiling: `perf record target/release/examples/fwdloop MODEL.onnx X.npy [N]`.
 use relprop::graph::{prepare_consts, run};
 fn main() {
     let a: Vec<String> = std::env::args().collect();
