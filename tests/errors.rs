@@ -3,7 +3,18 @@
 use prost::Message;
 use relprop::Error;
 use relprop::graph::{input_warnings, prepare_consts, run};
-use relprop::onnx::proto::{self, ModelProto};
+use relprop::onnx::proto;
+
+mod common;
+use common::{tensor, vi};
+
+fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> proto::NodeProto {
+    common::node(op, name, inputs, outputs, vec![])
+}
+
+fn model(nodes: Vec<proto::NodeProto>, inits: Vec<proto::TensorProto>) -> proto::ModelProto {
+    common::model(nodes, inits, vi("x", &[1, 4]), vi("y", &[1, 4]))
+}
 use relprop::tensor::Value;
 use std::path::PathBuf;
 
@@ -51,60 +62,6 @@ fn non_onnx_file_is_rejected() {
     assert!(matches!(e, Error::Io { .. }) && e.to_string().contains("does-not-exist.onnx"), "{e}");
 }
 
-fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> proto::TensorProto {
-    proto::TensorProto {
-        name: Some(name.into()),
-        dims: dims.to_vec(),
-        data_type: Some(1),
-        float_data: data.to_vec(),
-        ..Default::default()
-    }
-}
-
-fn value_info(name: &str, dims: &[i64]) -> proto::ValueInfoProto {
-    use proto::tensor_shape_proto::{Dimension, dimension::Value as D};
-    let shape = proto::TensorShapeProto {
-        dim: dims.iter().map(|&d| Dimension { value: Some(D::DimValue(d)), ..Default::default() }).collect(),
-    };
-    proto::ValueInfoProto {
-        name: Some(name.into()),
-        r#type: Some(proto::TypeProto {
-            value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
-                elem_type: Some(1),
-                shape: Some(shape),
-            })),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn model(nodes: Vec<proto::NodeProto>, inits: Vec<proto::TensorProto>) -> ModelProto {
-    ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],
-        graph: Some(proto::GraphProto {
-            node: nodes,
-            initializer: inits,
-            input: vec![value_info("x", &[1, 4])],
-            output: vec![value_info("y", &[1, 4])],
-            name: Some("g".into()),
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
-
-fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> proto::NodeProto {
-    proto::NodeProto {
-        op_type: Some(op.into()),
-        name: Some(name.into()),
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: outputs.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    }
-}
-
 #[test]
 fn unsupported_op_names_type_node_and_supported_list() {
     let m = model(vec![node("Erf", "my_erf", &["x"], &["t"]), node("Relu", "r", &["t"], &["y"])], vec![]);
@@ -121,7 +78,7 @@ fn unsupported_op_names_type_node_and_supported_list() {
 
 #[test]
 fn missing_external_data_names_file_and_tensor() {
-    let mut w = tensor_f32("weights", &[4], &[]);
+    let mut w = tensor("weights", &[4], vec![]);
     w.data_location = Some(1);
     w.external_data =
         vec![proto::StringStringEntryProto { key: Some("location".into()), value: Some("weights.bin".into()) }];

@@ -15,6 +15,8 @@ use relprop::rules::{Bounds, LinearKind, LinearLayer, Rule};
 use relprop::tensor::{Const, Float, Value};
 use std::path::PathBuf;
 
+mod common;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -216,87 +218,25 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
     }
 }
 
-mod onnx_build {
-    use relprop::onnx::proto;
-
-    pub fn tensor(name: &str, dims: &[i64], data: Vec<f32>) -> proto::TensorProto {
-        proto::TensorProto {
-            name: Some(name.into()),
-            dims: dims.to_vec(),
-            data_type: Some(1),
-            float_data: data,
-            ..Default::default()
-        }
-    }
-
-    pub fn vi(name: &str, dims: &[i64]) -> proto::ValueInfoProto {
-        use proto::tensor_shape_proto::{Dimension, dimension::Value as D};
-        let shape = proto::TensorShapeProto {
-            dim: dims.iter().map(|&d| Dimension { value: Some(D::DimValue(d)), ..Default::default() }).collect(),
-        };
-        proto::ValueInfoProto {
-            name: Some(name.into()),
-            r#type: Some(proto::TypeProto {
-                value: Some(proto::type_proto::Value::TensorType(proto::type_proto::Tensor {
-                    elem_type: Some(1),
-                    shape: Some(shape),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
-
-    pub fn node(op: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<proto::AttributeProto>) -> proto::NodeProto {
-        proto::NodeProto {
-            op_type: Some(op.into()),
-            name: Some(format!("{op}_{}", outputs[0])),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: outputs.iter().map(|s| s.to_string()).collect(),
-            attribute: attrs,
-            ..Default::default()
-        }
-    }
-
-    pub fn ints(name: &str, v: &[i64]) -> proto::AttributeProto {
-        proto::AttributeProto { name: Some(name.into()), ints: v.to_vec(), r#type: Some(7), ..Default::default() }
-    }
-}
-
 /// A bias-free ReLU network: Conv → ReLU → MaxPool → Conv(stride 2) → ReLU → Flatten → Gemm.
 fn bias_free_net() -> PathBuf {
-    use onnx_build::*;
-    use relprop::onnx::proto;
+    use common::*;
     let mut rng = Lcg(3);
     let mut f = |n: usize| rng.vec(n).into_iter().map(|v| v as f32).collect::<Vec<f32>>();
-    let graph = proto::GraphProto {
-        node: vec![
-            node("Conv", &["x", "w1"], &["c1"], vec![ints("pads", &[1, 1, 1, 1])]),
-            node("Relu", &["c1"], &["r1"], vec![]),
-            node("MaxPool", &["r1"], &["p1"], vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])]),
-            node("Conv", &["p1", "w2"], &["c2"], vec![ints("strides", &[2, 2]), ints("pads", &[1, 1, 1, 1])]),
-            node("Relu", &["c2"], &["r2"], vec![]),
-            node("Flatten", &["r2"], &["fl"], vec![]),
-            node("Gemm", &["fl", "w3"], &["y"], vec![]),
-        ],
-        initializer: vec![
-            tensor("w1", &[4, 3, 3, 3], f(108)),
-            tensor("w2", &[5, 4, 3, 3], f(180)),
-            tensor("w3", &[20, 3], f(60)),
-        ],
-        input: vec![vi("x", &[2, 3, 8, 8])],
-        output: vec![vi("y", &[2, 3])],
-        name: Some("bias_free".into()),
-        ..Default::default()
-    };
-    let model = proto::ModelProto {
-        ir_version: Some(8),
-        opset_import: vec![proto::OperatorSetIdProto { domain: Some(String::new()), version: Some(13) }],
-        graph: Some(graph),
-        ..Default::default()
-    };
+    let nodes = vec![
+        node("Conv", "conv1", &["x", "w1"], &["c1"], vec![ints("pads", &[1, 1, 1, 1])]),
+        node("Relu", "relu1", &["c1"], &["r1"], vec![]),
+        node("MaxPool", "pool", &["r1"], &["p1"], vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])]),
+        node("Conv", "conv2", &["p1", "w2"], &["c2"], vec![ints("strides", &[2, 2]), ints("pads", &[1, 1, 1, 1])]),
+        node("Relu", "relu2", &["c2"], &["r2"], vec![]),
+        node("Flatten", "flatten", &["r2"], &["fl"], vec![]),
+        node("Gemm", "fc", &["fl", "w3"], &["y"], vec![]),
+    ];
+    let inits =
+        vec![tensor("w1", &[4, 3, 3, 3], f(108)), tensor("w2", &[5, 4, 3, 3], f(180)), tensor("w3", &[20, 3], f(60))];
+    let m = model(nodes, inits, vi("x", &[2, 3, 8, 8]), vi("y", &[2, 3]));
     let path = std::env::temp_dir().join(format!("relprop-bias-free-{}.onnx", std::process::id()));
-    std::fs::write(&path, model.encode_to_vec()).unwrap();
+    std::fs::write(&path, m.encode_to_vec()).unwrap();
     path
 }
 

@@ -60,9 +60,7 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
     rayon::ThreadPoolBuilder::new().num_threads(a.threads).build_global().ok();
     let mut g = relprop::onnx::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     // Benchmarks run every batch size, also on models exported with a fixed batch of 1.
-    if let Some(d) = g.inputs.first_mut().and_then(|i| i.dims.as_mut()).and_then(|d| d.first_mut()) {
-        *d = relprop::graph::Dim::Free("batch".into());
-    }
+    g.free_batch();
     if g.inputs.len() != 1 || g.inputs[0].kind != ElemKind::Float {
         bail!("bench needs a model with one floating-point input");
     }

@@ -9,7 +9,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 use relprop::attribution::{Baseline, Method, Prepared, Settings, attribute, attribute_baseline, prepare};
 use relprop::composite::{Composite, Params};
 use relprop::evaluate::{Config, Order, Perturb, abpc, aopc, curve, mean_se};
-use relprop::graph::Dim;
 use relprop::tensor::Value;
 use std::process::ExitCode;
 
@@ -70,9 +69,7 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
     }
     let mut g = relprop::onnx::load(&b.model).with_context(|| format!("loading {}", b.model.display()))?;
     // Perturbed copies are evaluated in batches, also for models exported with a fixed batch of 1.
-    if let Some(d) = g.inputs.first_mut().and_then(|i| i.dims.as_mut()).and_then(|d| d.first_mut()) {
-        *d = Dim::Free("batch".into());
-    }
+    g.free_batch();
     let (side, _) = sidecar(&b.model)?;
     let pre = preprocess(&b.pre, &side)?;
     let bounds = pre.bounds();

@@ -74,6 +74,18 @@ pub struct Sidecar {
     pub composite: Option<String>,
 }
 
+/// Class names from --labels, else from the sidecar (relative to it), else none.
+pub fn labels(flags: &PreprocessFlags, side: &Sidecar, side_path: Option<&Path>) -> Result<Vec<String>> {
+    let path = flags
+        .labels
+        .clone()
+        .or_else(|| side.labels.as_ref().map(|l| side_path.and_then(Path::parent).unwrap_or(Path::new(".")).join(l)));
+    Ok(match path {
+        Some(p) => relprop::labels::read_labels(&p)?,
+        None => Vec::new(),
+    })
+}
+
 /// Reads `MODEL.relprop.toml` next to the model, if there is one.
 pub fn sidecar(model: &Path) -> Result<(Sidecar, Option<PathBuf>)> {
     let path = model.with_extension("relprop.toml");
@@ -268,14 +280,7 @@ pub fn explain_images(
     side_path: Option<&Path>,
 ) -> Result<bool> {
     let pre = preprocess(&a.pre, side)?;
-    let labels_path =
-        a.pre.labels.clone().or_else(|| {
-            side.labels.as_ref().map(|l| side_path.and_then(Path::parent).unwrap_or(Path::new(".")).join(l))
-        });
-    let labels = match &labels_path {
-        Some(p) => relprop::labels::read_labels(p)?,
-        None => Vec::new(),
-    };
+    let labels = labels(&a.pre, side, side_path)?;
     let mut settings = settings.clone();
     if settings.opts.bounds.is_none() {
         settings.opts.bounds = Some(pre.bounds());

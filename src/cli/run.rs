@@ -196,15 +196,7 @@ fn run_typed<T: Float>(a: &RunArgs, g: &Graph) -> Result<()> {
 fn run_pictures(a: &RunArgs, g: &Graph) -> Result<ExitCode> {
     let (side, side_path) = super::images::sidecar(&a.model)?;
     let pre = super::images::preprocess(&a.pre, &side)?;
-    let labels_path = a.pre.labels.clone().or_else(|| {
-        side.labels.as_ref().map(|l| {
-            side_path.as_deref().and_then(std::path::Path::parent).unwrap_or(std::path::Path::new(".")).join(l)
-        })
-    });
-    let labels = match &labels_path {
-        Some(p) => relprop::labels::read_labels(p)?,
-        None => Vec::new(),
-    };
+    let labels = super::images::labels(&a.pre, &side, side_path.as_deref())?;
     let consts = prepare_consts::<f32>(g);
     let mut ok = true;
     for f in super::images::collect(&a.pictures)? {

@@ -450,6 +450,14 @@ impl Graph {
         p
     }
 
+    /// Makes the first input's batch axis free, for models exported with a fixed batch of 1 whose
+    /// operators do not depend on it (callers that run other batch sizes on purpose: bench, eval).
+    pub fn free_batch(&mut self) {
+        if let Some(d) = self.inputs.first_mut().and_then(|i| i.dims.as_mut()).and_then(|d| d.first_mut()) {
+            *d = Dim::Free("batch".into());
+        }
+    }
+
     /// Whether a value is a graph input.
     pub fn is_input(&self, v: ValueId) -> bool {
         self.inputs.iter().any(|i| i.id == v)

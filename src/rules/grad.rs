@@ -519,6 +519,46 @@ fn vjp<T: Float>(
             let inner = zip_map(gv, &s, |a, b| a - b)?;
             res[0] = Some(zip_map(&inner, yv, |a, b| a * b)?);
         }
+        // The common layout ops directly: a reshape back, the inverse permutation, slices of the
+        // concatenation (index routing below is general but builds an index tensor per call).
+        Op::Flatten { .. }
+        | Op::Reshape { .. }
+        | Op::Squeeze { .. }
+        | Op::Unsqueeze { .. }
+        | Op::Identity
+        | Op::Dropout
+            if is(0) =>
+        {
+            let x = ins[0].ok_or("missing input")?;
+            let gv = g()?;
+            let data: Vec<T> = gv.iter().copied().collect();
+            if data.len() != x.shape().iter().product::<usize>() {
+                return Err("relevance does not match the input size".into());
+            }
+            res[0] = Some(array(x.shape(), data));
+        }
+        Op::Transpose { perm } if is(0) => {
+            let gv = g()?;
+            let p: Vec<usize> = perm.clone().unwrap_or_else(|| (0..gv.ndim()).rev().collect());
+            let mut inv = vec![0; p.len()];
+            for (k, &v) in p.iter().enumerate() {
+                inv[v] = k;
+            }
+            res[0] = Some(gv.view().permuted_axes(IxDyn(&inv)).as_standard_layout().into_owned());
+        }
+        Op::Concat { axis } => {
+            let gv = g()?;
+            let ax = if *axis < 0 { (*axis + gv.ndim() as i64) as usize } else { *axis as usize };
+            let mut start = 0;
+            for (i, slot) in res.iter_mut().enumerate() {
+                let Some(v) = ins.get(i).copied().flatten() else { continue };
+                let len = v.shape().get(ax).copied().ok_or("concat axis out of range")?;
+                if is(i) {
+                    *slot = Some(gv.slice_axis(Axis(ax), ndarray::Slice::from(start..start + len)).to_owned());
+                }
+                start += len;
+            }
+        }
         Op::Flatten { .. }
         | Op::Reshape { .. }
         | Op::Transpose { .. }
@@ -526,7 +566,6 @@ fn vjp<T: Float>(
         | Op::Unsqueeze { .. }
         | Op::Slice { .. }
         | Op::Pad { .. }
-        | Op::Concat { .. }
         | Op::Split { .. }
         | Op::Expand
         | Op::Identity
