@@ -120,7 +120,28 @@ pub fn run_keep<'g, T: Float>(
     let mut slow: Vec<(f64, usize)> = Vec::new();
     for (ni, node) in g.nodes.iter().enumerate() {
         let t0 = profile.then(std::time::Instant::now);
-        let outs = {
+        // An element-wise op whose input dies here works in place: no new buffer, no second pass
+        // over fresh memory.
+        let reuse = node.input(0).filter(|&i| {
+            last[i] == ni
+                && !keep(i)
+                && !g.inputs.iter().any(|x| x.id == i)
+                && matches!(env.values[i], Some(Value::F(_)))
+        });
+        let f = match reuse {
+            Some(_) => {
+                let ins: Vec<Option<&Value<T>>> = node.inputs.iter().map(|i| i.and_then(|id| env.get(id))).collect();
+                elementwise(node, &ins).map_err(|m| node_err(&node.name, &node.op_type, m))?
+            }
+            None => None,
+        };
+        let outs = if let (Some(i), Some(f)) = (reuse, f) {
+            let mut v = env.values[i].take();
+            if let Some(Value::F(a)) = &mut v {
+                f.apply(a);
+            }
+            v.into_iter().collect()
+        } else {
             let ins: Vec<Option<&Value<T>>> = node.inputs.iter().map(|i| i.and_then(|id| env.get(id))).collect();
             for (k, (i, v)) in node.inputs.iter().zip(&ins).enumerate() {
                 if i.is_some() && v.is_none() {
@@ -234,6 +255,71 @@ fn binary<T: Float>(a: &Value<T>, b: &Value<T>, ff: fn(T, T) -> T, fi: fn(i64, i
     Ok(match (a, b) {
         (Value::I(x), Value::I(y)) => Value::I(zip2(x, y, fi)?),
         _ => Value::F(zip2(&a.to_float(), &b.to_float(), ff)?),
+    })
+}
+
+/// An element-wise activation with its parameters, applied in place by [`Act::apply`].
+#[derive(Clone, Copy)]
+enum Act<T> {
+    Relu,
+    Clip(T, T),
+    Leaky(T),
+    Sigmoid,
+    Tanh,
+    HardSigmoid(T, T),
+    HardSwish,
+    Sqrt,
+}
+
+impl<T: Float> Act<T> {
+    /// Applies the activation in place; each arm is its own monomorphic loop (a boxed closure per
+    /// element was 10× slower), split over threads for large tensors.
+    fn apply(self, a: &mut ArrayD<T>) {
+        fn run<T: Float>(a: &mut ArrayD<T>, f: impl Fn(T) -> T + Sync) {
+            match a.as_slice_mut() {
+                Some(s) if s.len() >= 1 << 16 => {
+                    use rayon::prelude::*;
+                    s.par_chunks_mut(1 << 14).for_each(|c| c.iter_mut().for_each(|v| *v = f(*v)));
+                }
+                _ => a.mapv_inplace(f),
+            }
+        }
+        let (zero, one) = (T::zero(), T::one());
+        match self {
+            Act::Relu => run(a, move |v| if v > zero { v } else { zero }),
+            Act::Clip(lo, hi) => run(a, move |v| v.max(lo).min(hi)),
+            Act::Leaky(al) => run(a, move |v| if v >= zero { v } else { al * v }),
+            Act::Sigmoid => run(a, move |v| one / (one + (-v).exp())),
+            Act::Tanh => run(a, |v| v.tanh()),
+            Act::HardSigmoid(al, b) => run(a, move |v| (al * v + b).max(zero).min(one)),
+            Act::HardSwish => {
+                let (al, b) = (T::of(1.0 / 6.0), T::of(0.5));
+                run(a, move |v| v * (al * v + b).max(zero).min(one))
+            }
+            Act::Sqrt => run(a, |v| v.sqrt()),
+        }
+    }
+}
+
+/// The activation a node computes on a float input (None for other ops).
+fn elementwise<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Option<Act<T>>> {
+    if !matches!(ins.first().copied().flatten(), Some(Value::F(_))) {
+        return Ok(None);
+    }
+    Ok(match &node.op {
+        Op::Relu => Some(Act::Relu),
+        Op::Clip { min, max } => {
+            let lo = scalar(ins, 1)?.or(min.map(T::of)).unwrap_or(T::neg_infinity());
+            let hi = scalar(ins, 2)?.or(max.map(T::of)).unwrap_or(T::infinity());
+            Some(Act::Clip(lo, hi))
+        }
+        Op::LeakyRelu { alpha } => Some(Act::Leaky(T::of(*alpha))),
+        Op::Sigmoid => Some(Act::Sigmoid),
+        Op::Tanh => Some(Act::Tanh),
+        Op::HardSigmoid { alpha, beta } => Some(Act::HardSigmoid(T::of(*alpha), T::of(*beta))),
+        Op::HardSwish => Some(Act::HardSwish),
+        Op::Sqrt => Some(Act::Sqrt),
+        _ => None,
     })
 }
 
@@ -692,6 +778,11 @@ pub fn eval_node<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> Result<Vec
 }
 
 fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T>>> {
+    if let Some(act) = elementwise(node, ins)? {
+        let mut a = float(ins, 0)?.as_standard_layout().into_owned();
+        act.apply(&mut a);
+        return Ok(vec![Value::F(a)]);
+    }
     let one = |v: Value<T>| Ok(vec![v]);
     match &node.op {
         Op::Conv { win, group } => {
