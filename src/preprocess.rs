@@ -206,6 +206,9 @@ impl Preprocess {
 
     /// Loads and resizes/crops one picture (no normalisation yet).
     pub fn picture(&self, path: &Path) -> Result<Rgb> {
+        if self.resize == Some(0) || self.crop == Some(0) {
+            return Err(Error::Invalid("--resize and --crop must be positive".into()));
+        }
         let mut img = load_rgb(path)?;
         if let Some(r) = self.resize {
             img = resize_shorter(&img, r);

@@ -79,6 +79,9 @@ pub fn explain_text(a: &ExplainArgs, g: &Graph) -> Result<ExitCode> {
 
 pub fn explain_audio(a: &ExplainArgs, g: &Graph) -> Result<ExitCode> {
     let path = a.wav.as_ref().context("--wav")?;
+    if a.chunk == 0 {
+        bail!("--chunk must be positive");
+    }
     let samples = relprop::io::read_wav(path, 16000)?;
     let frames = relprop::preprocess::audio_frames(&samples, a.chunk, a.context);
     let mut inputs = vec![Value::F(frames.into_dyn())];
