@@ -185,6 +185,15 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "dense {rule} trial {trial}: {g} vs {w}");
             }
+            // ignore_bias: the formula with b = 0 (γ is left out: its output-sign masks keep the
+            // biased output, as zennit's unmodified fifth forward does).
+            if !matches!(rule, Rule::Gamma(_)) {
+                let got = relevance(&layer, rule, &x, &y, &r, true, 1e-6, Some(&bounds)).unwrap();
+                let want = naive(rule, &x, &mat, &vec![0.0; n], &r, (&low, &high));
+                for (g, w) in got.iter().zip(&want) {
+                    assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "dense {rule} ignoring bias: {g} vs {w}");
+                }
+            }
         }
         // Convolutions, including a depthwise one with dilation and asymmetric pads.
         for geom in &geoms {
@@ -373,4 +382,28 @@ fn efficientnet_lite0_explains_under_every_composite() {
 fn ppocr_classifier_explains_under_every_composite() {
     let x = relprop::io::read_npy(&root().join("tests/fixtures/ppocr_cls/input_0.npy")).unwrap();
     explain_everything("ch_ppocr_mobile_v2.0_cls_infer.onnx", x, Bounds { low: vec![-1.0], high: vec![1.0] });
+}
+
+#[test]
+fn relevance_at_intermediate_values_is_returned_and_conserved() {
+    let model = bias_free_net();
+    let g = relprop::onnx::load(&model).unwrap();
+    let mut rng = Lcg(5);
+    let x = Value::F(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[2, 3, 8, 8]), rng.vec(384)).unwrap());
+    let s = Settings {
+        method: epsilon_zero(),
+        canonize: Mode::Minimal,
+        opts: RuleOpts { stabilizer: 1e-30, ..RuleOpts::default() },
+        tolerance: 1e-9,
+    };
+    let p = prepare(&g, std::slice::from_ref(&x), &s).unwrap();
+    let keep = ["p1".to_string(), "r2".to_string()];
+    let e = attribute::<f64>(&p, &s.method, vec![x], Some(&[1, 1]), &keep).unwrap();
+    let total: f64 = e.scores.iter().sum();
+    for name in &keep {
+        let r = e.intermediate.get(name).unwrap_or_else(|| panic!("no relevance kept for {name}"));
+        let sum: f64 = r.iter().sum();
+        assert!((sum - total).abs() <= 1e-12 * total.abs().max(1.0), "{name}: {sum} vs {total}");
+    }
+    assert_eq!(e.intermediate["p1"].shape(), &[2, 4, 4, 4]);
 }
