@@ -175,7 +175,7 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
         let r = rng.vec(n);
         let low: Vec<f64> = (0..k).map(|_| -1.5).collect();
         let high: Vec<f64> = (0..k).map(|_| 1.5).collect();
-        let layer = LinearLayer { kind: LinearKind::Dense { m: 1, k, n }, w: w.clone(), bias: Some(b.clone()) };
+        let layer = LinearLayer { kind: LinearKind::Dense { m: 1, k, n }, w: w.clone().into(), bias: Some(b.clone()) };
         let mat = |f: &dyn Fn(f64) -> f64| (0..k).map(|j| (0..n).map(|kk| f(w[j * n + kk])).collect()).collect();
         let y = layer.fwd(&x, &w, Some(&b));
         for rule in &rules {
@@ -203,7 +203,7 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
             let w = rng.vec(geom.m * (geom.c / geom.group) * 9);
             let b = rng.vec(geom.m);
             let r = rng.vec(geom.m * oh * ow);
-            let layer = LinearLayer { kind: LinearKind::Conv(*geom), w: w.clone(), bias: Some(b.clone()) };
+            let layer = LinearLayer { kind: LinearKind::Conv(*geom), w: w.clone().into(), bias: Some(b.clone()) };
             let bias_k: Vec<f64> = (0..geom.m * oh * ow).map(|kk| b[kk / (oh * ow)]).collect();
             let mat = |f: &dyn Fn(f64) -> f64| {
                 let wf: Vec<f64> = w.iter().map(|&v| f(v)).collect();

@@ -73,14 +73,14 @@ fn zip_map<T: Float>(a: &ArrayD<T>, b: &ArrayD<T>, f: impl Fn(T, T) -> T) -> R<A
 }
 
 /// Builds the linear layer of a Conv, Gemm or MatMul node whose weight is input 1.
-pub fn linear_layer<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<(LinearLayer<T>, bool)> {
+pub fn linear_layer<'a, T: Float>(node: &Node, ins: &[Option<&'a Value<T>>]) -> R<(LinearLayer<'a, T>, bool)> {
     let x = fin(ins, 0)?;
     let w = fin(ins, 1)?;
     match &node.op {
         Op::Conv { win, group } => {
             let g = conv_geom(win, *group, x.shape(), w.shape())?;
             let bias = ins.get(2).copied().flatten().map(|b| b.to_float().iter().copied().collect());
-            Ok((LinearLayer { kind: LinearKind::Conv(g), w: slice(w).into_owned(), bias }, false))
+            Ok((LinearLayer { kind: LinearKind::Conv(g), w: slice(w), bias }, false))
         }
         Op::Gemm { alpha, beta, trans_a, trans_b } => {
             let (m, k) = if *trans_a { (x.shape()[1], x.shape()[0]) } else { (x.shape()[0], x.shape()[1]) };
@@ -102,7 +102,7 @@ pub fn linear_layer<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<(Line
                     Some(cb.iter().map(|&v| v * T::of(*beta)).collect())
                 }
             };
-            Ok((LinearLayer { kind: LinearKind::Dense { m, k, n }, w: wv, bias }, *trans_a))
+            Ok((LinearLayer { kind: LinearKind::Dense { m, k, n }, w: wv.into(), bias }, *trans_a))
         }
         Op::MatMul => {
             if w.ndim() != 2 || x.ndim() < 2 {
@@ -115,7 +115,7 @@ pub fn linear_layer<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<(Line
             let k = w.shape()[0];
             let n = w.shape()[1];
             let m = x.len() / k;
-            Ok((LinearLayer { kind: LinearKind::Dense { m, k, n }, w: slice(w).into_owned(), bias: None }, false))
+            Ok((LinearLayer { kind: LinearKind::Dense { m, k, n }, w: slice(w), bias: None }, false))
         }
         _ => Err("not a linear layer".into()),
     }
@@ -215,20 +215,23 @@ pub fn backward<T: Float>(
             }
             let (layer, trans_a) = linear_layer(node, ins)?;
             let x = fin(ins, 0)?;
-            let xs =
-                if trans_a { x.t().as_standard_layout().into_owned() } else { x.as_standard_layout().into_owned() };
-            let rr = r0()?.as_standard_layout().into_owned();
-            let xsl = slice(&xs);
-            let rsl = slice(&rr);
+            // Borrow contiguous tensors as they are; only a transposed A is copied.
+            let xt;
+            let (xsl, xshape) = if trans_a {
+                xt = x.t().as_standard_layout().into_owned();
+                (slice(&xt), xt.shape().to_vec())
+            } else {
+                (slice(x), x.shape().to_vec())
+            };
+            let rsl = slice(r0()?);
             let rin = if gradient_like || matches!(rule, Rule::Gradient) {
                 layer.vjp(&rsl, &layer.w)
             } else {
-                let y = y0()?.as_standard_layout().into_owned();
                 linear_relevance(
                     &layer,
                     rule,
                     &xsl,
-                    &slice(&y),
+                    &slice(y0()?),
                     &rsl,
                     opts.ignore_bias,
                     opts.stabilizer,
@@ -236,7 +239,7 @@ pub fn backward<T: Float>(
                     opts.bias_factor,
                 )?
             };
-            let mut a = array(xs.shape(), rin);
+            let mut a = array(&xshape, rin);
             if trans_a {
                 a = a.t().as_standard_layout().into_owned();
             }

@@ -23,13 +23,15 @@ pub enum LinearKind {
     },
 }
 
-/// A linear layer with its parameters in the run's precision.
+/// A linear layer with its parameters in the run's precision. The weights are borrowed from the
+/// plan's constants where they can be used as they are (convolutions, MatMul), so that a backward
+/// pass does not copy every layer's weights.
 #[derive(Clone, Debug)]
-pub struct LinearLayer<T> {
+pub struct LinearLayer<'a, T: Clone> {
     /// Geometry.
     pub kind: LinearKind,
     /// Weights (see [`LinearKind`]).
-    pub w: Vec<T>,
+    pub w: std::borrow::Cow<'a, [T]>,
     /// Bias per output channel (conv: M) or feature (dense: N).
     pub bias: Option<Vec<T>>,
 }
@@ -43,7 +45,7 @@ pub struct Bounds {
     pub high: Vec<f64>,
 }
 
-impl<T: Float> LinearLayer<T> {
+impl<T: Float> LinearLayer<'_, T> {
     /// Forward pass with the given (possibly modified) weights and bias.
     pub fn fwd(&self, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
         match &self.kind {
@@ -126,7 +128,7 @@ fn acc_mul<T: Float>(acc: &mut [T], x: &[T], v: &[T], scale: T) {
 /// zennit's `zero_params=['bias']`.
 #[allow(clippy::too_many_arguments)] // the rule's full context; a struct would only rename it
 pub fn relevance<T: Float>(
-    layer: &LinearLayer<T>,
+    layer: &LinearLayer<'_, T>,
     rule: &Rule,
     x: &[T],
     y: &[T],
@@ -142,7 +144,7 @@ pub fn relevance<T: Float>(
 /// `bias_factor · (b_k + ε·sign z_k) / K` of each output's relevance goes to each of its K inputs.
 #[allow(clippy::too_many_arguments)]
 pub fn relevance_bf<T: Float>(
-    layer: &LinearLayer<T>,
+    layer: &LinearLayer<'_, T>,
     rule: &Rule,
     x: &[T],
     y: &[T],
