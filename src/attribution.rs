@@ -182,7 +182,7 @@ pub fn attribute_baseline<T: Float>(
     // Fix the targets first, so that noisy copies explain the same class.
     let fixed: Vec<usize> = match targets {
         Some(t) => t.to_vec(),
-        None => attribute(p, method, vec![Value::F(x.clone())], None, &[])?.targets,
+        None => crate::propagate::argmax_rows(&p.logits(vec![Value::F(x.clone())])?),
     };
     match b {
         Baseline::SmoothGrad { noise_level, samples } => {

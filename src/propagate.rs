@@ -6,7 +6,7 @@ use crate::graph::{Graph, Op, ValueId, prepare_consts, run_keep};
 use crate::rules::Rule;
 use crate::rules::grad::{RuleOpts, backward};
 use crate::tensor::{Float, Value};
-use ndarray::{ArrayD, Axis};
+use ndarray::ArrayD;
 use std::collections::HashMap;
 
 /// How the relevance at the explained output starts.
@@ -229,12 +229,7 @@ pub fn explain<T: Float>(
         Some(t) => {
             return Err(Error::Invalid(format!("{} targets given for a batch of {batch}", t.len())));
         }
-        None => flat
-            .axis_iter(Axis(0))
-            .map(|row| {
-                row.iter().enumerate().fold((0, T::neg_infinity()), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
-            })
-            .collect(),
+        None => argmax_rows(&out),
     };
     if let Some(&t) = targets.iter().find(|&&t| t >= per) {
         return Err(Error::Invalid(format!("target {t} is out of range: the output has {per} classes")));
@@ -315,6 +310,16 @@ pub fn explain<T: Float>(
         }
     }
     Ok(Explanation { relevance, output: out, targets, scores, intermediate, dropped })
+}
+
+/// The index of the largest value in each sample (row of the first axis) of `out`.
+pub fn argmax_rows<T: Float>(out: &ArrayD<T>) -> Vec<usize> {
+    let batch = out.shape().first().copied().unwrap_or(1).max(1);
+    let per = out.len() / batch;
+    let flat: Vec<T> = out.iter().copied().collect();
+    flat.chunks(per.max(1))
+        .map(|row| row.iter().enumerate().fold((0, T::neg_infinity()), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0)
+        .collect()
 }
 
 /// Converts the plan's constants once for repeated explanations.

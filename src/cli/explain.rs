@@ -241,18 +241,37 @@ fn explain_typed<T: Float>(a: &ExplainArgs, g: &Graph) -> Result<()> {
     eprintln!("canonize: forward deviation {:.2e} (relative)", p.deviation);
     let t0 = std::time::Instant::now();
     let tg = targets(&a.target)?;
-    let mut e = attribute(&p, &s.method, inputs.clone(), tg.as_deref(), &a.keep)?;
-    if let Some(b) = baseline_method(a)? {
-        let Some(Value::F(x)) = inputs.first() else {
-            bail!("--method {} needs a floating-point first input", a.method)
-        };
-        let base = match &a.baseline {
-            Some(f) => Some(relprop::io::read_npy::<T>(f)?.to_float()),
-            None => None,
-        };
-        let r = attribute_baseline(&p, &s.method, &b, x, Some(&e.targets), base.as_ref(), 0)?;
-        e.relevance[0] = Some(r);
-    }
+    let e = match baseline_method(a)? {
+        None => attribute(&p, &s.method, inputs, tg.as_deref(), &a.keep)?,
+        Some(b) => {
+            // Baselines need only the logits for their targets and scores, not a full explanation.
+            let Some(Value::F(x)) = inputs.first() else {
+                bail!("--method {} needs a floating-point first input", a.method)
+            };
+            let base = match &a.baseline {
+                Some(f) => Some(relprop::io::read_npy::<T>(f)?.to_float()),
+                None => None,
+            };
+            let output = p.logits(inputs.clone())?;
+            let targets = tg.clone().unwrap_or_else(|| relprop::propagate::argmax_rows(&output));
+            let per = output.len() / output.shape()[0].max(1);
+            let flat: Vec<T> = output.iter().copied().collect();
+            let scores = targets
+                .iter()
+                .enumerate()
+                .map(|(i, &t)| flat.get(i * per + t).map(|v| v.f64()).unwrap_or(f64::NAN))
+                .collect();
+            let r = attribute_baseline(&p, &s.method, &b, x, Some(&targets), base.as_ref(), 0)?;
+            relprop::propagate::Explanation {
+                relevance: vec![Some(r)],
+                output,
+                targets,
+                scores,
+                intermediate: Default::default(),
+                dropped: 0.0,
+            }
+        }
+    };
     let dt = t0.elapsed().as_secs_f64();
     let rel = e.relevance.iter().flatten().next().context("the model has no floating-point input to explain")?;
     let n = rel.shape()[0];

@@ -376,40 +376,56 @@ pub fn explain_images(
                     };
                     Ok(r.mapv(|v| v as f64))
                 };
-                let mut rel = explain_for(&tgt)?;
-                if let Some(b) = versus {
-                    rel = rel - explain_for(&vec![b; tgt.len()])?;
-                }
+                let vs = versus.map(|b| format!("_vs{b}")).unwrap_or_default();
+                let bases: Vec<PathBuf> = names
+                    .iter()
+                    .zip(&tgt)
+                    .map(|(n, t)| {
+                        out.join(format!("{}_{t}{vs}_{tag}", n.file_stem().and_then(|s| s.to_str()).unwrap_or("input")))
+                    })
+                    .collect();
+                // Outputs that exist are kept (unless --overwrite) and their relevance is read back
+                // for the summary instead of being computed again.
+                let skip = !a.overwrite
+                    && bases.iter().all(|b| b.with_extension("png").exists() && b.with_extension("npy").exists());
+                let rel = if skip {
+                    None
+                } else {
+                    let mut rel = explain_for(&tgt)?;
+                    if let Some(b) = versus {
+                        rel = rel - explain_for(&vec![b; tgt.len()])?;
+                    }
+                    Some(rel)
+                };
                 let secs = t0.elapsed().as_secs_f64() / names.len() as f64;
                 for (i, name) in names.iter().enumerate() {
-                    let ri = rel.index_axis(ndarray::Axis(0), i);
-                    let ri = if pre.nhwc { ri.permuted_axes(ndarray::IxDyn(&[2, 0, 1])) } else { ri };
-                    let map = channel_sum(&ri)?;
-                    let stem = name.file_stem().and_then(|s| s.to_str()).unwrap_or("input");
-                    let vs = versus.map(|b| format!("_vs{b}")).unwrap_or_default();
-                    let base = out.join(format!("{stem}_{}{vs}_{tag}", tgt[i]));
+                    let base = &bases[i];
                     let heat_path = base.with_extension("png");
-                    if heat_path.exists() && !a.overwrite {
-                        bar.suspend(|| eprintln!("skip: {} exists (use --overwrite)", heat_path.display()));
-                    } else {
-                        let v = normalize(map.view(), norm);
-                        let heat = colorize(v.view(), &palette);
-                        write_png(&heat_path, &heat)?;
-                        if a.overlay {
-                            let ov = overlay(&pics[i], &heat, v.view(), 0.8);
-                            write_png(
-                                &base.with_file_name(format!(
-                                    "{}_overlay.png",
-                                    base.file_name().and_then(|s| s.to_str()).unwrap_or("x")
-                                )),
-                                &ov,
-                            )?;
+                    let ri: ndarray::ArrayD<f64> = match &rel {
+                        None => {
+                            bar.suspend(|| eprintln!("skip: {} exists (use --overwrite)", heat_path.display()));
+                            relprop::io::read_npy::<f64>(&base.with_extension("npy"))?.to_float()
                         }
-                        if a.grid {
-                            heat_tiles.push(heat);
+                        Some(rel) => {
+                            let ri = rel.index_axis(ndarray::Axis(0), i);
+                            let ri = if pre.nhwc { ri.permuted_axes(ndarray::IxDyn(&[2, 0, 1])) } else { ri };
+                            let ri = ri.to_owned();
+                            let map = channel_sum(&ri.view())?;
+                            let v = normalize(map.view(), norm);
+                            let heat = colorize(v.view(), &palette);
+                            write_png(&heat_path, &heat)?;
+                            if a.overlay {
+                                let name =
+                                    format!("{}_overlay.png", base.file_name().and_then(|s| s.to_str()).unwrap_or("x"));
+                                write_png(&base.with_file_name(name), &overlay(&pics[i], &heat, v.view(), 0.8))?;
+                            }
+                            if a.grid {
+                                heat_tiles.push(heat);
+                            }
+                            relprop::io::write_npy(&base.with_extension("npy"), &Value::F(ri.clone()))?;
+                            ri
                         }
-                        relprop::io::write_npy(&base.with_extension("npy"), &Value::F(ri.to_owned()))?;
-                    }
+                    };
                     let sr: f64 = ri.sum();
                     let pos: f64 = ri.iter().filter(|v| **v > 0.0).sum();
                     let abs: f64 = ri.iter().map(|v| v.abs()).sum();
