@@ -53,17 +53,9 @@ pub fn demo(a: DemoArgs) -> Result<ExitCode> {
         let dt = t0.elapsed().as_secs_f64();
         if first {
             let logits: Vec<f64> = e.output.iter().map(|&v| v as f64).collect();
-            let m = logits.iter().cloned().fold(f64::MIN, f64::max);
-            let z: f64 = logits.iter().map(|v| (v - m).exp()).sum();
-            let mut order: Vec<usize> = (0..logits.len()).collect();
-            order.sort_by(|&i, &j| logits[j].total_cmp(&logits[i]));
             println!("{} on {}:", model.display(), image.display());
-            for &k in order.iter().take(5) {
-                println!(
-                    "  {k:4}  {:6.3}  {}",
-                    (logits[k] - m).exp() / z,
-                    labels.get(k).map(String::as_str).unwrap_or("?")
-                );
+            for (k, prob) in relprop::labels::top_k(&logits, 5) {
+                println!("  {k:4}  {prob:6.3}  {}", labels.get(k).map(String::as_str).unwrap_or("?"));
             }
             first = false;
         }

@@ -258,13 +258,6 @@ fn write_summary(out: &Path, rows: &[Row]) -> Result<()> {
     Ok(())
 }
 
-fn softmax(v: &[f64]) -> Vec<f64> {
-    let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let e: Vec<f64> = v.iter().map(|x| (x - m).exp()).collect();
-    let s: f64 = e.iter().sum();
-    e.iter().map(|x| x / s).collect()
-}
-
 /// The method's short tag for file names.
 fn method_tag(a: &ExplainArgs, name: &str) -> String {
     if a.method == "lrp" { name.to_string() } else { a.method.clone() }
@@ -429,7 +422,7 @@ pub fn explain_images(
                     let sr: f64 = ri.sum();
                     let pos: f64 = ri.iter().filter(|v| **v > 0.0).sum();
                     let abs: f64 = ri.iter().map(|v| v.abs()).sum();
-                    let probs = softmax(&logits[i]);
+                    let probs = relprop::labels::softmax(&logits[i]);
                     let logit = logits[i][tgt[i]];
                     rows.push(Row {
                         file: name.display().to_string(),

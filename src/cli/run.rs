@@ -208,15 +208,10 @@ fn run_pictures(a: &RunArgs, g: &Graph) -> Result<ExitCode> {
         })();
         match result {
             Ok(logits) => {
-                let m = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let z: f64 = logits.iter().map(|v| (v - m).exp()).sum();
-                let mut order: Vec<usize> = (0..logits.len()).collect();
-                order.sort_by(|&i, &j| logits[j].total_cmp(&logits[i]));
                 println!("{}:", f.display());
-                for &k in order.iter().take(a.top_k) {
+                for (k, prob) in relprop::labels::top_k(&logits, a.top_k) {
                     println!(
-                        "  {k:5}  {:6.3}  {:9.3}  {}",
-                        (logits[k] - m).exp() / z,
+                        "  {k:5}  {prob:6.3}  {:9.3}  {}",
                         logits[k],
                         labels.get(k).map(String::as_str).unwrap_or("")
                     );
