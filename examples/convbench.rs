@@ -26,8 +26,24 @@ fn main() {
             "stem 3->32 s2",
             ConvGeom { c: 3, m: 32, h: 224, w: 224, stride: [2, 2], pads: [0, 0, 1, 1], group: 1, ..base },
         ),
+        ("r50 3x3 64 56", ConvGeom { c: 64, m: 64, h: 56, w: 56, group: 1, ..base }),
+        ("r50 1x1 256->64 56", ConvGeom { c: 256, m: 64, h: 56, w: 56, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
+        ("r50 3x3 256 14", ConvGeom { c: 256, m: 256, h: 14, w: 14, group: 1, ..base }),
+        (
+            "r50 1x1 1024->256 14",
+            ConvGeom { c: 1024, m: 256, h: 14, w: 14, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base },
+        ),
+        ("r50 3x3 512 7", ConvGeom { c: 512, m: 512, h: 7, w: 7, group: 1, ..base }),
+        (
+            "r50 stem 7x7 s2",
+            ConvGeom { c: 3, m: 64, h: 224, w: 224, kh: 7, kw: 7, stride: [2, 2], pads: [3; 4], group: 1, ..base },
+        ),
     ];
+    let only = std::env::args().nth(1);
     for (name, g) in cases {
+        if only.as_deref().is_some_and(|o| !name.contains(o)) {
+            continue;
+        }
         let x = vec![0.5f32; g.n * g.c * g.h * g.w];
         let w = vec![0.1f32; g.m * (g.c / g.group) * g.kh * g.kw];
         let (oh, ow) = g.out_hw().unwrap();

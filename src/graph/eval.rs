@@ -3,11 +3,13 @@
 use super::ir::*;
 use crate::error::{Error, Result, node_err};
 use crate::ops::conv::{ConvGeom, conv2d};
+use crate::ops::elementwise::{BinOp, apply_inplace, repeat_pattern};
 use crate::ops::gemm::{Mat, Threads, matmul};
 use crate::ops::lstm::{LstmWeights, lstm_direction};
-use crate::ops::pool::{PoolGeom, avg_pool, max_pool};
+use crate::ops::pool::{PoolGeom, avg_pool, max_pool_values};
 use crate::tensor::{Float, Value, array};
 use ndarray::{ArrayD, Axis, IxDyn, Slice, Zip};
+use std::borrow::Cow;
 
 type R<T> = std::result::Result<T, String>;
 
@@ -135,12 +137,15 @@ pub fn run_keep<'g, T: Float>(
             }
             None => None,
         };
+        let dies = |i: ValueId| last[i] == ni && !keep(i) && !g.inputs.iter().any(|x| x.id == i);
         let outs = if let (Some(i), Some(f)) = (reuse, f) {
             let mut v = env.values[i].take();
             if let Some(Value::F(a)) = &mut v {
                 f.apply(a);
             }
             v.into_iter().collect()
+        } else if let Some(v) = binary_in_dying_input(node, &mut env, &dies) {
+            vec![v]
         } else {
             let ins: Vec<Option<&Value<T>>> = node.inputs.iter().map(|i| i.and_then(|id| env.get(id))).collect();
             for (k, (i, v)) in node.inputs.iter().zip(&ins).enumerate() {
@@ -186,6 +191,37 @@ pub fn run_keep<'g, T: Float>(
         }
     }
     Ok(env)
+}
+
+/// Evaluates an Add/Sub/Mul/Div node in the buffer of a float input that dies here and already has
+/// the output's shape; None (nothing taken) when no input qualifies.
+fn binary_in_dying_input<T: Float>(
+    node: &Node,
+    env: &mut Env<'_, T>,
+    dies: &dyn Fn(ValueId) -> bool,
+) -> Option<Value<T>> {
+    let op = bin_op(&node.op)?;
+    let (a, b) = (node.input(0)?, node.input(1)?);
+    if a == b || node.inputs.len() != 2 {
+        return None;
+    }
+    for (k, (mine, other)) in [(a, b), (b, a)].into_iter().enumerate() {
+        if !dies(mine) || !matches!(env.values[mine], Some(Value::F(_))) {
+            continue;
+        }
+        let Some(Value::F(o)) = env.get(other) else { return None };
+        let Some(Value::F(m)) = &env.values[mine] else { continue };
+        if broadcast_shape(m.shape(), o.shape()).ok()? != m.shape() || !m.is_standard_layout() {
+            continue;
+        }
+        let Some(Value::F(mut d)) = env.values[mine].take() else { continue };
+        let Some(Value::F(o)) = env.get(other) else { return None };
+        if binary_inplace(op, &mut d, o, k == 0) {
+            return Some(Value::F(d));
+        }
+        env.values[mine] = Some(Value::F(d));
+    }
+    None
 }
 
 fn float<'a, T: Float>(ins: &[Option<&'a Value<T>>], i: usize) -> R<&'a ArrayD<T>> {
@@ -251,10 +287,48 @@ fn zip2<A: Clone, B: Clone, C>(a: &ArrayD<A>, b: &ArrayD<B>, f: impl Fn(A, B) ->
     Ok(Zip::from(&av).and(&bv).map_collect(|x, y| f(x.clone(), y.clone())))
 }
 
-fn binary<T: Float>(a: &Value<T>, b: &Value<T>, ff: fn(T, T) -> T, fi: fn(i64, i64) -> i64) -> R<Value<T>> {
-    Ok(match (a, b) {
-        (Value::I(x), Value::I(y)) => Value::I(zip2(x, y, fi)?),
-        _ => Value::F(zip2(&a.to_float(), &b.to_float(), ff)?),
+fn binary<T: Float>(a: &Value<T>, b: &Value<T>, op: BinOp, fi: fn(i64, i64) -> i64) -> R<Value<T>> {
+    let (x, y) = match (a, b) {
+        (Value::I(x), Value::I(y)) => return Ok(Value::I(zip2(x, y, fi)?)),
+        (Value::F(x), Value::F(y)) => (Cow::Borrowed(x), Cow::Borrowed(y)),
+        _ => (Cow::Owned(a.to_float()), Cow::Owned(b.to_float())),
+    };
+    let shape = broadcast_shape(x.shape(), y.shape())?;
+    // Copy the full-shape operand once and combine the other into it.
+    for (full, other, left) in [(&x, &y, true), (&y, &x, false)] {
+        if full.shape() == shape.as_slice() {
+            let mut d = full.as_standard_layout().into_owned();
+            if binary_inplace(op, &mut d, other, left) {
+                return Ok(Value::F(d));
+            }
+        }
+    }
+    let f = match op {
+        BinOp::Add => |a: T, b: T| a + b,
+        BinOp::Sub => |a: T, b: T| a - b,
+        BinOp::Mul => |a: T, b: T| a * b,
+        BinOp::Div => |a: T, b: T| a / b,
+    };
+    Ok(Value::F(zip2(&x, &y, f)?))
+}
+
+/// `dst = op(dst, other)` (or `op(other, dst)` when `dst_is_left` is false) in place; false, with
+/// `dst` untouched, when `other` does not broadcast to `dst` as a simple repeat.
+fn binary_inplace<T: Float>(op: BinOp, dst: &mut ArrayD<T>, other: &ArrayD<T>, dst_is_left: bool) -> bool {
+    let Some(rep) = repeat_pattern(dst.shape(), other.shape()) else { return false };
+    let Some(d) = dst.as_slice_mut() else { return false };
+    apply_inplace(op, d, &std_slice(other), rep, dst_is_left);
+    true
+}
+
+/// The arithmetic of an Add/Sub/Mul/Div node.
+fn bin_op(op: &Op) -> Option<BinOp> {
+    Some(match op {
+        Op::Add => BinOp::Add,
+        Op::Sub => BinOp::Sub,
+        Op::Mul => BinOp::Mul,
+        Op::Div => BinOp::Div,
+        _ => return None,
     })
 }
 
@@ -908,9 +982,9 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             let ax = norm_axis(*axis, x.ndim())?;
             one(Value::F(softmax(x, ax, *legacy)))
         }
-        Op::Add => one(binary(value(ins, 0)?, value(ins, 1)?, |a, b| a + b, |a, b| a.wrapping_add(b))?),
-        Op::Sub => one(binary(value(ins, 0)?, value(ins, 1)?, |a, b| a - b, |a, b| a.wrapping_sub(b))?),
-        Op::Mul => one(binary(value(ins, 0)?, value(ins, 1)?, |a, b| a * b, |a, b| a.wrapping_mul(b))?),
+        Op::Add => one(binary(value(ins, 0)?, value(ins, 1)?, BinOp::Add, |a, b| a.wrapping_add(b))?),
+        Op::Sub => one(binary(value(ins, 0)?, value(ins, 1)?, BinOp::Sub, |a, b| a.wrapping_sub(b))?),
+        Op::Mul => one(binary(value(ins, 0)?, value(ins, 1)?, BinOp::Mul, |a, b| a.wrapping_mul(b))?),
         Op::Div => {
             let (a, b) = (value(ins, 0)?, value(ins, 1)?);
             if let (Value::I(_), Value::I(y)) = (a, b)
@@ -918,7 +992,7 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             {
                 return Err("integer division by zero".into());
             }
-            one(binary(a, b, |a, b| a / b, |a, b| a / b)?)
+            one(binary(a, b, BinOp::Div, |a, b| a / b)?)
         }
         Op::Pow => one(Value::F(zip2(&value(ins, 0)?.to_float(), &value(ins, 1)?.to_float(), |a: T, b: T| {
             if b == T::of(2.0) { a * a } else { a.powf(b) }
@@ -930,7 +1004,7 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             }
             let x = float(ins, 0)?;
             let g = pool_geom(win, x.shape(), *ceil_mode, false)?;
-            let (y, _) = max_pool(&g, &std_slice(x));
+            let y = max_pool_values(&g, &std_slice(x));
             let (oh, ow) = g.out_hw().ok_or("geometry")?;
             one(Value::F(array(&pool_out_shape(x.shape(), oh, ow), y)))
         }

@@ -3,6 +3,7 @@
 //! GEMM with one output row would waste the matrix unit.
 
 use super::gemm::{Mat, Threads, matmul};
+use super::pool::valid_outputs;
 use crate::tensor::Float;
 use rayon::prelude::*;
 
@@ -64,101 +65,110 @@ impl ConvGeom {
 }
 
 /// Fills `col[kdim × oh·ow]` with the patches of one group of one sample (`x` is [cg, h, w]).
-fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T], oh: usize, ow: usize) {
+fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T], oh: usize, ow: usize, threads: Threads) {
     let (h, w) = (g.h, g.w);
-    let (sh, sw) = (g.stride[0], g.stride[1]);
-    let (dh, dw) = (g.dilation[0], g.dilation[1]);
-    let (pt, pl) = (g.pads[0] as isize, g.pads[1] as isize);
     let ohw = oh * ow;
-    for ci in 0..g.cg() {
+    let taps = g.kh * g.kw;
+    let rows = |ci: usize, dst: &mut [T]| {
         let plane = &x[ci * h * w..(ci + 1) * h * w];
         for ki in 0..g.kh {
+            let ys = valid_outputs(h, oh, g.stride[0], ki, g.dilation[0], g.pads[0]);
             for kj in 0..g.kw {
-                let row = (ci * g.kh + ki) * g.kw + kj;
-                let dst = &mut col[row * ohw..(row + 1) * ohw];
-                for oy in 0..oh {
-                    let iy = (oy * sh + ki * dh) as isize - pt;
-                    let d = &mut dst[oy * ow..(oy + 1) * ow];
-                    if iy < 0 || iy >= h as isize {
-                        d.iter_mut().for_each(|v| *v = T::zero());
+                let xs = valid_outputs(w, ow, g.stride[1], kj, g.dilation[1], g.pads[1]);
+                let d = &mut dst[(ki * g.kw + kj) * ohw..(ki * g.kw + kj + 1) * ohw];
+                d[..ys.start * ow].fill(T::zero());
+                d[ys.end * ow..].fill(T::zero());
+                for oy in ys.clone() {
+                    let iy = oy * g.stride[0] + ki * g.dilation[0] - g.pads[0];
+                    let src = &plane[iy * w..(iy + 1) * w];
+                    let drow = &mut d[oy * ow..(oy + 1) * ow];
+                    drow[..xs.start].fill(T::zero());
+                    drow[xs.end..].fill(T::zero());
+                    if xs.is_empty() {
                         continue;
                     }
-                    let src = &plane[iy as usize * w..(iy as usize + 1) * w];
-                    let off = (kj * dw) as isize - pl;
-                    for (ox, v) in d.iter_mut().enumerate() {
-                        let ix = (ox * sw) as isize + off;
-                        *v = if ix >= 0 && ix < w as isize { src[ix as usize] } else { T::zero() };
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Adds `col[kdim × oh·ow]` back onto the input positions of one group of one sample.
-fn col2im<T: Float>(g: &ConvGeom, col: &[T], x: &mut [T], oh: usize, ow: usize) {
-    let (h, w) = (g.h, g.w);
-    let (sh, sw) = (g.stride[0], g.stride[1]);
-    let (dh, dw) = (g.dilation[0], g.dilation[1]);
-    let (pt, pl) = (g.pads[0] as isize, g.pads[1] as isize);
-    let ohw = oh * ow;
-    for ci in 0..g.cg() {
-        let plane = &mut x[ci * h * w..(ci + 1) * h * w];
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let row = (ci * g.kh + ki) * g.kw + kj;
-                let src = &col[row * ohw..(row + 1) * ohw];
-                for oy in 0..oh {
-                    let iy = (oy * sh + ki * dh) as isize - pt;
-                    if iy < 0 || iy >= h as isize {
-                        continue;
-                    }
-                    let dst = &mut plane[iy as usize * w..(iy as usize + 1) * w];
-                    let off = (kj * dw) as isize - pl;
-                    for (ox, v) in src[oy * ow..(oy + 1) * ow].iter().enumerate() {
-                        let ix = (ox * sw) as isize + off;
-                        if ix >= 0 && ix < w as isize {
-                            dst[ix as usize] += *v;
+                    let ix0 = xs.start * g.stride[1] + kj * g.dilation[1] - g.pads[1];
+                    if g.stride[1] == 1 {
+                        drow[xs.clone()].copy_from_slice(&src[ix0..ix0 + xs.len()]);
+                    } else {
+                        for (v, &s) in drow[xs.clone()].iter_mut().zip(src[ix0..].iter().step_by(g.stride[1])) {
+                            *v = s;
                         }
                     }
                 }
             }
         }
+    };
+    let per = taps * ohw;
+    match threads {
+        Threads::Pool if g.cg() > 1 && g.cg() * per >= 1 << 15 => {
+            col[..g.cg() * per].par_chunks_mut(per).enumerate().for_each(|(ci, d)| rows(ci, d))
+        }
+        _ => col[..g.cg() * per].chunks_mut(per).enumerate().for_each(|(ci, d)| rows(ci, d)),
+    }
+}
+
+/// Adds `col[kdim × oh·ow]` back onto the input positions of one group of one sample.
+fn col2im<T: Float>(g: &ConvGeom, col: &[T], x: &mut [T], oh: usize, ow: usize, threads: Threads) {
+    let (h, w) = (g.h, g.w);
+    let ohw = oh * ow;
+    let taps = g.kh * g.kw;
+    let planes = |ci: usize, plane: &mut [T]| {
+        for ki in 0..g.kh {
+            let ys = valid_outputs(h, oh, g.stride[0], ki, g.dilation[0], g.pads[0]);
+            for kj in 0..g.kw {
+                let xs = valid_outputs(w, ow, g.stride[1], kj, g.dilation[1], g.pads[1]);
+                if xs.is_empty() {
+                    continue;
+                }
+                let row = ci * taps + ki * g.kw + kj;
+                let src = &col[row * ohw..(row + 1) * ohw];
+                for oy in ys.clone() {
+                    let iy = oy * g.stride[0] + ki * g.dilation[0] - g.pads[0];
+                    let dst = &mut plane[iy * w..(iy + 1) * w];
+                    let s = &src[oy * ow + xs.start..oy * ow + xs.end];
+                    let ix0 = xs.start * g.stride[1] + kj * g.dilation[1] - g.pads[1];
+                    if g.stride[1] == 1 {
+                        for (d, &v) in dst[ix0..ix0 + s.len()].iter_mut().zip(s) {
+                            *d += v;
+                        }
+                    } else {
+                        for (d, &v) in dst[ix0..].iter_mut().step_by(g.stride[1]).zip(s) {
+                            *d += v;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let hw = h * w;
+    match threads {
+        Threads::Pool if g.cg() > 1 && g.cg() * taps * ohw >= 1 << 15 => {
+            x[..g.cg() * hw].par_chunks_mut(hw).enumerate().for_each(|(ci, p)| planes(ci, p))
+        }
+        _ => x[..g.cg() * hw].chunks_mut(hw).enumerate().for_each(|(ci, p)| planes(ci, p)),
     }
 }
 
 /// Depthwise forward for one output channel: `out[oh×ow] (+)= conv(x_plane, k)`.
 fn depthwise_plane<T: Float>(g: &ConvGeom, x: &[T], k: &[T], out: &mut [T], oh: usize, ow: usize) {
-    let (h, w) = (g.h as isize, g.w as isize);
-    let (pt, pl) = (g.pads[0] as isize, g.pads[1] as isize);
-    for ki in 0..g.kh {
-        for kj in 0..g.kw {
-            let wv = k[ki * g.kw + kj];
-            let off_x = (kj * g.dilation[1]) as isize - pl;
-            for oy in 0..oh {
-                let iy = (oy * g.stride[0] + ki * g.dilation[0]) as isize - pt;
-                if iy < 0 || iy >= h {
-                    continue;
-                }
-                let src = &x[(iy * w) as usize..((iy + 1) * w) as usize];
-                let dst = &mut out[oy * ow..(oy + 1) * ow];
-                // Valid ox range: 0 <= ox*sw + off_x < w.
-                let sw = g.stride[1] as isize;
-                let lo = if off_x < 0 { ((-off_x) + sw - 1) / sw } else { 0 };
-                let hi = if w - off_x <= 0 { 0 } else { ((w - off_x - 1) / sw + 1).min(ow as isize) };
-                if hi <= lo {
-                    continue;
-                }
-                let d = &mut dst[lo as usize..hi as usize];
-                let start = (lo * sw + off_x) as usize;
-                if sw == 1 {
-                    // Contiguous rows: the compiler vectorises this.
-                    let len = d.len();
-                    d.iter_mut().zip(&src[start..start + len]).for_each(|(a, b)| *a += wv * *b);
-                } else {
-                    let sw = sw as usize;
-                    d.iter_mut().enumerate().for_each(|(i, a)| *a += wv * src[start + i * sw]);
-                }
+    let ph = PhaseRows::new(g, ow);
+    let mut buf = vec![T::zero(); g.h * ph.row];
+    for iy in 0..g.h {
+        ph.scatter(&x[iy * g.w..(iy + 1) * g.w], &mut buf[iy * ph.row..(iy + 1) * ph.row]);
+    }
+    // Output row outermost: the row stays in L1 while all taps add into it.
+    for oy in 0..oh {
+        let orow = &mut out[oy * ow..(oy + 1) * ow];
+        for ki in 0..g.kh {
+            let Some(iy) = (oy * g.stride[0] + ki * g.dilation[0]).checked_sub(g.pads[0]).filter(|&i| i < g.h) else {
+                continue;
+            };
+            let row = &buf[iy * ph.row..(iy + 1) * ph.row];
+            for kj in 0..g.kw {
+                let wv = k[ki * g.kw + kj];
+                let src = &row[ph.start(kj)..ph.start(kj) + ow];
+                orow.iter_mut().zip(src).for_each(|(a, &b)| *a += wv * b);
             }
         }
     }
@@ -166,34 +176,87 @@ fn depthwise_plane<T: Float>(g: &ConvGeom, x: &[T], k: &[T], out: &mut [T], oh: 
 
 /// Depthwise input-VJP for one channel: `dx_plane += convᵀ(dy_plane, k)`.
 fn depthwise_plane_t<T: Float>(g: &ConvGeom, dy: &[T], k: &[T], dx: &mut [T], oh: usize, ow: usize) {
-    let (h, w) = (g.h as isize, g.w as isize);
-    let (pt, pl) = (g.pads[0] as isize, g.pads[1] as isize);
-    for ki in 0..g.kh {
-        for kj in 0..g.kw {
-            let wv = k[ki * g.kw + kj];
-            let off_x = (kj * g.dilation[1]) as isize - pl;
-            let sw = g.stride[1] as isize;
-            let lo = if off_x < 0 { ((-off_x) + sw - 1) / sw } else { 0 };
-            let hi = if w - off_x <= 0 { 0 } else { ((w - off_x - 1) / sw + 1).min(ow as isize) };
-            for oy in 0..oh {
-                let iy = (oy * g.stride[0] + ki * g.dilation[0]) as isize - pt;
-                if iy < 0 || iy >= h {
-                    continue;
-                }
-                let dst = &mut dx[(iy * w) as usize..((iy + 1) * w) as usize];
-                let src = &dy[oy * ow..(oy + 1) * ow];
-                if hi <= lo {
-                    continue;
-                }
-                let sv = &src[lo as usize..hi as usize];
-                let start = (lo * sw + off_x) as usize;
-                if sw == 1 {
-                    dst[start..start + sv.len()].iter_mut().zip(sv).for_each(|(a, b)| *a += wv * *b);
-                } else {
-                    let sw = sw as usize;
-                    sv.iter().enumerate().for_each(|(i, b)| dst[start + i * sw] += wv * *b);
-                }
+    let ph = PhaseRows::new(g, ow);
+    let mut buf = vec![T::zero(); g.h * ph.row];
+    for oy in 0..oh {
+        let drow = &dy[oy * ow..(oy + 1) * ow];
+        for ki in 0..g.kh {
+            let Some(iy) = (oy * g.stride[0] + ki * g.dilation[0]).checked_sub(g.pads[0]).filter(|&i| i < g.h) else {
+                continue;
+            };
+            let row = &mut buf[iy * ph.row..(iy + 1) * ph.row];
+            for kj in 0..g.kw {
+                let wv = k[ki * g.kw + kj];
+                let s = ph.start(kj);
+                row[s..s + ow].iter_mut().zip(drow).for_each(|(a, &b)| *a += wv * b);
             }
+        }
+    }
+    for iy in 0..g.h {
+        ph.gather_add(&buf[iy * ph.row..(iy + 1) * ph.row], &mut dx[iy * g.w..(iy + 1) * g.w]);
+    }
+}
+
+/// One input row, zero-padded left and right and split by column phase modulo the stride, so that
+/// every tap reads (or, in the VJP, writes) a contiguous run of `ow` values whatever the stride:
+/// padded column `p` lives at `(p % s) · len + p / s`.
+struct PhaseRows {
+    stride: usize,
+    dilation: usize,
+    pad: usize,
+    /// Length of one phase.
+    len: usize,
+    /// Length of one split row (`stride · len`).
+    row: usize,
+}
+
+impl PhaseRows {
+    fn new(g: &ConvGeom, ow: usize) -> Self {
+        let s = g.stride[1];
+        let wp = g.w + g.pads[1] + g.pads[3];
+        // Every tap's run must fit: (ow − 1) + t / s < len for all taps t = kj · d.
+        let len = wp.div_ceil(s).max(ow - 1 + (g.kw - 1) * g.dilation[1] / s + 1);
+        PhaseRows { stride: s, dilation: g.dilation[1], pad: g.pads[1], len, row: s * len }
+    }
+    /// Where tap `kj`'s run of `ow` values starts.
+    fn start(&self, kj: usize) -> usize {
+        let t = kj * self.dilation;
+        (t % self.stride) * self.len + t / self.stride
+    }
+    /// Calls `f(first column, first slot, count)` for each phase: columns `first + j·s` live at
+    /// slots `first slot + j` (integer division per column was the kernel's main cost).
+    fn phases(&self, cols: usize, mut f: impl FnMut(usize, usize, usize)) {
+        let s = self.stride;
+        for phase in 0..s {
+            // First column c with (c + pad) % s == phase.
+            let c0 = (phase + s - self.pad % s) % s;
+            if c0 >= cols {
+                continue;
+            }
+            f(c0, phase * self.len + (c0 + self.pad) / s, (cols - c0).div_ceil(s));
+        }
+    }
+    fn scatter<T: Float>(&self, src: &[T], dst: &mut [T]) {
+        if self.stride == 1 {
+            dst[self.pad..self.pad + src.len()].copy_from_slice(src);
+        } else {
+            self.phases(src.len(), |c0, slot, n| {
+                for (d, &v) in dst[slot..slot + n].iter_mut().zip(src[c0..].iter().step_by(self.stride)) {
+                    *d = v;
+                }
+            });
+        }
+    }
+    fn gather_add<T: Float>(&self, src: &[T], dst: &mut [T]) {
+        if self.stride == 1 {
+            dst.iter_mut().zip(&src[self.pad..]).for_each(|(a, &b)| *a += b);
+        } else {
+            let s = self.stride;
+            self.phases(dst.len(), |c0, slot, n| {
+                for (a, &v) in dst[c0..].iter_mut().step_by(s).zip(&src[slot..slot + n]) {
+                    *a += v;
+                }
+            });
         }
     }
 }
@@ -260,7 +323,7 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
             let b = if g.is_pointwise() {
                 Mat::rows(xg, ohw)
             } else {
-                im2col(g, xg, &mut col, oh, ow);
+                im2col(g, xg, &mut col, oh, ow, threads);
                 Mat::rows(&col[..], ohw)
             };
             let a = Mat::rows(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
@@ -313,7 +376,7 @@ pub fn conv2d_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T]) -> Vec<T> {
                 matmul(kdim, ohw, mg, a, b, dxg, false, threads);
             } else {
                 matmul(kdim, ohw, mg, a, b, &mut col, false, threads);
-                col2im(g, &col, dxg, oh, ow);
+                col2im(g, &col, dxg, oh, ow, threads);
             }
         }
     };
@@ -513,6 +576,10 @@ mod tests {
             ConvGeom { c: 4, m: 8, group: 4, kh: 3, kw: 2, ..base },
             ConvGeom { c: 6, m: 4, group: 2, h: 1, kh: 1, kw: 4, pads: [0, 2, 0, 1], ..base },
             ConvGeom { h: 5, w: 5, kh: 5, kw: 5, pads: [0; 4], stride: [3, 3], ..base },
+            // Depthwise planes above DEPTHWISE_CL_MAX_PLANE take the row kernels.
+            ConvGeom { m: 3, group: 3, h: 40, w: 39, stride: [2, 2], dilation: [1, 2], pads: [1, 2, 0, 3], ..base },
+            ConvGeom { m: 6, group: 3, h: 17, w: 18, kh: 5, kw: 5, pads: [2, 2, 2, 2], ..base },
+            ConvGeom { m: 3, group: 3, h: 36, w: 37, stride: [2, 2], pads: [0, 0, 1, 1], n: 2, ..base },
         ]
     }
 

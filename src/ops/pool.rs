@@ -108,6 +108,58 @@ pub fn max_pool<T: Float>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
     (out, idx)
 }
 
+/// The output positions `o` along one axis whose tap `k` lands inside the input: `o·s + k·d − pad ∈ [0, len)`.
+pub(crate) fn valid_outputs(
+    len: usize,
+    out: usize,
+    s: usize,
+    k: usize,
+    d: usize,
+    pad: usize,
+) -> std::ops::Range<usize> {
+    let off = k * d;
+    // o·s ≥ pad − off
+    let lo = if pad > off { (pad - off).div_ceil(s) } else { 0 };
+    // o·s ≤ len − 1 + pad − off
+    let hi = if len + pad > off { (len - 1 + pad - off) / s + 1 } else { 0 };
+    lo.min(out)..hi.min(out).max(lo.min(out))
+}
+
+/// Max pooling values only (the forward pass needs no indices). Loops run tap by tap over whole
+/// output rows with the bounds hoisted, which is several times faster than per-window checks.
+/// NaN wins, as in [`max_pool`].
+pub fn max_pool_values<T: Float>(g: &PoolGeom, x: &[T]) -> Vec<T> {
+    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+    let ohw = oh * ow;
+    let [sy, sx] = g.stride;
+    let [dy, dx] = g.dilation;
+    let cols: Vec<std::ops::Range<usize>> =
+        (0..g.kernel[1]).map(|kj| valid_outputs(g.w, ow, sx, kj, dx, g.pads[1])).collect();
+    let mut out = vec![T::neg_infinity(); g.planes * ohw];
+    out.par_chunks_mut(ohw).enumerate().for_each(|(p, o)| {
+        let plane = &x[p * g.h * g.w..(p + 1) * g.h * g.w];
+        for ki in 0..g.kernel[0] {
+            for oy in valid_outputs(g.h, oh, sy, ki, dy, g.pads[0]) {
+                let iy = oy * sy + ki * dy - g.pads[0];
+                let row = &plane[iy * g.w..(iy + 1) * g.w];
+                let orow = &mut o[oy * ow..(oy + 1) * ow];
+                for (kj, r) in cols.iter().enumerate() {
+                    let off = kj * dx;
+                    for ox in r.clone() {
+                        let v = row[ox * sx + off - g.pads[1]];
+                        let b = &mut orow[ox];
+                        #[allow(clippy::eq_op)] // v != v is the NaN test
+                        if v > *b || v != v {
+                            *b = v;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
 /// VJP of max pooling: routes each output's value to its winning input element.
 pub fn max_pool_vjp<T: Float>(g: &PoolGeom, dy: &[T], idx: &[u32]) -> Vec<T> {
     let (oh, ow) = g.out_hw().expect("geometry checked by caller");
@@ -216,6 +268,29 @@ mod tests {
     }
 
     #[test]
+    fn max_pool_values_equal_indexed_pooling_on_many_geometries() {
+        for (h, w, k, st, d, pads, ceil) in [
+            (7, 9, 3, 2, 1, [1, 1, 1, 1], false),
+            (7, 9, 3, 2, 1, [1, 0, 2, 1], true),
+            (8, 8, 2, 2, 1, [0; 4], false),
+            (9, 7, 3, 1, 2, [2, 2, 2, 2], false),
+            (5, 5, 5, 3, 1, [2, 1, 2, 2], true),
+            (1, 11, 1, 1, 1, [0; 4], false),
+        ] {
+            let mut g = geom(h, w, k, st, pads, ceil);
+            g.dilation = [d, d];
+            let mut x: Vec<f32> = (0..2 * h * w).map(|i| ((i * 37) % 17) as f32 - 8.0).collect();
+            x[h * w + 3] = f32::NAN;
+            let (y, _) = max_pool(&g, &x);
+            let z = max_pool_values(&g, &x);
+            assert_eq!(y.len(), z.len());
+            for (a, b) in y.iter().zip(&z) {
+                assert!(a == b || a.is_nan() && b.is_nan(), "{a} vs {b} for {h}x{w} k{k} s{st} d{d} {pads:?}");
+            }
+        }
+    }
+
+    #[test]
     fn max_pool_matches_naive_and_ties_pick_first() {
         let g = geom(5, 6, 3, 2, [1, 0, 1, 1], true);
         let x: Vec<f64> = (0..2 * 30).map(|i| ((i * 7) % 5) as f64).collect();
@@ -243,6 +318,7 @@ mod tests {
                 }
             }
         }
+        assert_eq!(max_pool_values(&g, &x), y);
         let dy: Vec<f64> = (0..y.len()).map(|i| i as f64 + 1.0).collect();
         let dx = max_pool_vjp(&g, &dy, &idx);
         assert!((dx.iter().sum::<f64>() - dy.iter().sum::<f64>()).abs() < 1e-12);

@@ -154,7 +154,7 @@ def main():
             row = f"| {name} | {n} | {ort_ms:.1f} | {fwd:.1f} ({fwd / ort_ms:.2f}×) | {grad:.1f} |"
             for c in ["epsilon_plus_flat", "epsilon_gamma_box"]:
                 lrp = rp[(n, "lrp " + c)]["median_ms"]
-                z = f" / zennit {zn['lrp ' + c]:.0f} ({zn["lrp " + c] / lrp:.1f}×)" if zn else ""
+                z = f" / zennit {zn['lrp ' + c]:.0f} ({zn['lrp ' + c] / lrp:.1f}×)" if zn else ""
                 row += f" {lrp:.1f} ({lrp / grad:.2f}× grad){z} |"
             peak = max(v["peak_mib"] for (b, _), v in rp.items() if b == n)
             row += f" {peak:.0f}" + (f" / zennit {zn['peak_mib']:.0f}" if zn else "") + " |"
