@@ -2,7 +2,7 @@
 //! the proportional (norm) split; activations pass or take their (modified) gradient; data
 //! movement (reshape, slice, concat, pad, max-pool ...) routes relevance like its gradient.
 
-use super::linear::{Bounds, LinearKind, LinearLayer, relevance_bf as linear_relevance};
+use super::linear::{Bounds, LinearKind, LinearLayer, WeightCache, relevance_bf as linear_relevance};
 use super::{Rule, stabilize};
 use crate::graph::eval::{broadcast_shape, conv_geom, eval_node, pool_geom};
 use crate::graph::{Node, Op};
@@ -53,7 +53,15 @@ pub fn unbroadcast<T: Float>(g: &ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
     if g.shape() == shape {
         return g.clone();
     }
-    let mut out = g.clone();
+    unbroadcast_owned(g.clone(), shape)
+}
+
+/// [`unbroadcast`] of an owned gradient (no copy when the shapes already agree).
+pub fn unbroadcast_owned<T: Float>(g: ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
+    if g.shape() == shape {
+        return g;
+    }
+    let mut out = g;
     while out.ndim() > shape.len() {
         out = out.sum_axis(Axis(0));
     }
@@ -65,7 +73,26 @@ pub fn unbroadcast<T: Float>(g: &ArrayD<T>, shape: &[usize]) -> ArrayD<T> {
     out
 }
 
-fn zip_map<T: Float>(a: &ArrayD<T>, b: &ArrayD<T>, f: impl Fn(T, T) -> T) -> R<ArrayD<T>> {
+fn zip_map<T: Float>(a: &ArrayD<T>, b: &ArrayD<T>, f: impl Fn(T, T) -> T + Sync) -> R<ArrayD<T>> {
+    // Same-shape contiguous operands (the usual case) as parallel slice loops: ndarray's Zip over
+    // dynamic-rank views costs an index computation per element.
+    if a.shape() == b.shape()
+        && let (Some(xs), Some(ys)) = (a.as_slice(), b.as_slice())
+    {
+        use rayon::prelude::*;
+        let mut out = vec![T::zero(); xs.len()];
+        let body = |(o, (x, y)): (&mut [T], (&[T], &[T]))| {
+            for i in 0..o.len() {
+                o[i] = f(x[i], y[i]);
+            }
+        };
+        if xs.len() >= 1 << 16 {
+            out.par_chunks_mut(1 << 14).zip(xs.par_chunks(1 << 14).zip(ys.par_chunks(1 << 14))).for_each(body);
+        } else {
+            body((&mut out[..], (xs, ys)));
+        }
+        return Ok(array(a.shape(), out));
+    }
     let shape = broadcast_shape(a.shape(), b.shape())?;
     let av = a.broadcast(IxDyn(&shape)).ok_or("broadcast")?;
     let bv = b.broadcast(IxDyn(&shape)).ok_or("broadcast")?;
@@ -80,14 +107,22 @@ pub fn linear_layer<'a, T: Float>(node: &Node, ins: &[Option<&'a Value<T>>]) -> 
         Op::Conv { win, group } => {
             let g = conv_geom(win, *group, x.shape(), w.shape())?;
             let bias = ins.get(2).copied().flatten().map(|b| b.to_float().iter().copied().collect());
-            Ok((LinearLayer { kind: LinearKind::Conv(g), w: slice(w), bias }, false))
+            Ok((LinearLayer { kind: LinearKind::Conv(g), w: slice(w), bias, cache: None }, false))
         }
         Op::Gemm { alpha, beta, trans_a, trans_b } => {
             let (m, k) = if *trans_a { (x.shape()[1], x.shape()[0]) } else { (x.shape()[0], x.shape()[1]) };
             let n = if *trans_b { w.shape()[0] } else { w.shape()[1] };
-            let wk =
-                if *trans_b { w.t().as_standard_layout().into_owned() } else { w.as_standard_layout().into_owned() };
-            let wv: Vec<T> = wk.iter().map(|&v| v * T::of(*alpha)).collect();
+            // Canonization stores weights this way (see canonize::plain_gemm_weights): borrow them.
+            let wv: std::borrow::Cow<[T]> = if !*trans_b && *alpha == 1.0 {
+                slice(w)
+            } else {
+                let wk = if *trans_b {
+                    w.t().as_standard_layout().into_owned()
+                } else {
+                    w.as_standard_layout().into_owned()
+                };
+                wk.iter().map(|&v| v * T::of(*alpha)).collect::<Vec<T>>().into()
+            };
             let bias = match ins.get(2).copied().flatten() {
                 None => None,
                 Some(c) => {
@@ -102,7 +137,7 @@ pub fn linear_layer<'a, T: Float>(node: &Node, ins: &[Option<&'a Value<T>>]) -> 
                     Some(cb.iter().map(|&v| v * T::of(*beta)).collect())
                 }
             };
-            Ok((LinearLayer { kind: LinearKind::Dense { m, k, n }, w: wv.into(), bias }, *trans_a))
+            Ok((LinearLayer { kind: LinearKind::Dense { m, k, n }, w: wv, bias, cache: None }, *trans_a))
         }
         Op::MatMul => {
             if w.ndim() != 2 || x.ndim() < 2 {
@@ -115,7 +150,7 @@ pub fn linear_layer<'a, T: Float>(node: &Node, ins: &[Option<&'a Value<T>>]) -> 
             let k = w.shape()[0];
             let n = w.shape()[1];
             let m = x.len() / k;
-            Ok((LinearLayer { kind: LinearKind::Dense { m, k, n }, w: slice(w), bias: None }, false))
+            Ok((LinearLayer { kind: LinearKind::Dense { m, k, n }, w: slice(w), bias: None, cache: None }, false))
         }
         _ => Err("not a linear layer".into()),
     }
@@ -191,6 +226,7 @@ pub struct Backward<T> {
 
 /// Applies `rule` at `node`: from the relevance of its outputs `r` to that of its inputs.
 /// `var[i]` tells which inputs need relevance (variables, as opposed to constants).
+#[allow(clippy::too_many_arguments)] // the node's full context; a struct would only rename it
 pub fn backward<T: Float>(
     node: &Node,
     rule: &Rule,
@@ -199,6 +235,7 @@ pub fn backward<T: Float>(
     outs: &[Option<&Value<T>>],
     r: &[Option<&ArrayD<T>>],
     var: &[bool],
+    cache: Option<&WeightCache<T>>,
 ) -> R<Backward<T>> {
     let mut res: Vec<Option<ArrayD<T>>> = vec![None; ins.len()];
     let mut dropped = 0.0;
@@ -213,7 +250,12 @@ pub fn backward<T: Float>(
             if var.get(1).copied().unwrap_or(false) || var.get(2).copied().unwrap_or(false) {
                 return Err("weights and biases must be constants for relevance propagation".into());
             }
-            let (layer, trans_a) = linear_layer(node, ins)?;
+            let (mut layer, trans_a) = linear_layer(node, ins)?;
+            // Cached variants were made from the stored weights; a layer that rebuilt its weights
+            // (transposed or scaled) makes its own.
+            if matches!(layer.w, std::borrow::Cow::Borrowed(_)) {
+                layer.cache = cache;
+            }
             let x = fin(ins, 0)?;
             // Borrow contiguous tensors as they are; only a transposed A is copied.
             let xt;
@@ -254,8 +296,8 @@ pub fn backward<T: Float>(
                     let eps = if let Rule::Epsilon(e) = rule { *e } else { opts.stabilizer };
                     let z = y0()?;
                     let gq = zip_map(rr, z, |rv, zv| rv / stabilize(zv, eps))?;
-                    res[0] = Some(unbroadcast(&zip_map(&gq, a, |g, x| g * x)?, a.shape()));
-                    res[1] = Some(unbroadcast(&zip_map(&gq, b, |g, x| sign * g * x)?, b.shape()));
+                    res[0] = Some(unbroadcast_owned(zip_map(&gq, a, |g, x| g * x)?, a.shape()));
+                    res[1] = Some(unbroadcast_owned(zip_map(&gq, b, |g, x| sign * g * x)?, b.shape()));
                 }
                 _ => {
                     return Err(format!("rule {rule} does not apply to a sum of two tensors (use norm)"));
@@ -347,6 +389,34 @@ fn pool_vjp<T: Float>(node: &Node, x: &ArrayD<T>, g: &ArrayD<T>) -> R<ArrayD<T>>
     }
 }
 
+/// `f(g, x, y)` element by element over three tensors of one shape (a new array), in parallel
+/// chunks when they are contiguous.
+fn map3<T: Float>(g: &ArrayD<T>, x: &ArrayD<T>, y: &ArrayD<T>, f: impl Fn(T, T, T) -> T + Sync) -> R<ArrayD<T>> {
+    if g.shape() == x.shape()
+        && g.shape() == y.shape()
+        && let (Some(gs), Some(xs), Some(ys)) = (g.as_slice(), x.as_slice(), y.as_slice())
+    {
+        use rayon::prelude::*;
+        const CHUNK: usize = 1 << 14;
+        let mut out = vec![T::zero(); gs.len()];
+        let body = |o: &mut [T], start: usize| {
+            for (i, v) in o.iter_mut().enumerate() {
+                let k = start + i;
+                *v = f(gs[k], xs[k], ys[k]);
+            }
+        };
+        if gs.len() >= 1 << 16 {
+            out.par_chunks_mut(CHUNK).enumerate().for_each(|(c, o)| body(o, c * CHUNK));
+        } else {
+            body(&mut out[..], 0);
+        }
+        return Ok(array(g.shape(), out));
+    }
+    let mut out = g.clone();
+    Zip::from(&mut out).and(x).and(y).for_each(|o, &xv, &yy| *o = f(*o, xv, yy));
+    Ok(out)
+}
+
 /// Plain (or ReLU-modified) gradients. Returns relevance dropped on padding.
 fn vjp<T: Float>(
     node: &Node,
@@ -362,23 +432,21 @@ fn vjp<T: Float>(
         Some(Value::F(a)) => Ok(a),
         _ => Err("output 0 is not available".to_string()),
     };
-    let unary = |f: &dyn Fn(T, T, T) -> T| -> R<ArrayD<T>> {
-        let x = fin(ins, 0)?;
-        let yv = y()?;
-        let gv = g()?;
-        let mut out = gv.clone();
-        Zip::from(&mut out).and(x).and(yv).for_each(|o, &xv, &yy| *o = f(*o, xv, yy));
-        Ok(out)
-    };
+    // A macro, not a closure, so that each activation's formula is inlined into its own loop.
+    macro_rules! unary {
+        ($f:expr) => {
+            map3(g()?, fin(ins, 0)?, y()?, $f)
+        };
+    }
     let is = |i: usize| var.get(i).copied().unwrap_or(false);
     match &node.op {
         Op::Relu => {
             res[0] = Some(match rule {
-                Rule::GuidedBackprop => unary(&|gv, xv, _| {
-                    if xv > T::zero() && gv > T::zero() { gv } else { T::zero() }
-                })?,
-                Rule::DeconvNet => unary(&|gv, _, _| gv.max(T::zero()))?,
-                _ => unary(&|gv, xv, _| if xv > T::zero() { gv } else { T::zero() })?,
+                Rule::GuidedBackprop => {
+                    unary!(|gv, xv, _| { if xv > T::zero() && gv > T::zero() { gv } else { T::zero() } })?
+                }
+                Rule::DeconvNet => unary!(|gv, _, _| gv.max(T::zero()))?,
+                _ => unary!(|gv, xv, _| if xv > T::zero() { gv } else { T::zero() })?,
             });
         }
         Op::Clip { min, max } => {
@@ -396,28 +464,24 @@ fn vjp<T: Float>(
                 .and_then(|v| v.to_float().iter().next().copied())
                 .or(max.map(T::of))
                 .unwrap_or(T::infinity());
-            res[0] = Some(unary(&|gv, xv, _| {
-                if xv > lo && xv < hi { gv } else { T::zero() }
-            })?);
+            res[0] = Some(unary!(|gv, xv, _| { if xv > lo && xv < hi { gv } else { T::zero() } })?);
         }
         Op::LeakyRelu { alpha } => {
             let a = T::of(*alpha);
-            res[0] = Some(unary(&|gv, xv, _| {
-                if xv > T::zero() { gv } else { gv * a }
-            })?);
+            res[0] = Some(unary!(|gv, xv, _| { if xv > T::zero() { gv } else { gv * a } })?);
         }
-        Op::Sigmoid => res[0] = Some(unary(&|gv, _, yy| gv * yy * (T::one() - yy))?),
-        Op::Tanh => res[0] = Some(unary(&|gv, _, yy| gv * (T::one() - yy * yy))?),
+        Op::Sigmoid => res[0] = Some(unary!(|gv, _, yy| gv * yy * (T::one() - yy))?),
+        Op::Tanh => res[0] = Some(unary!(|gv, _, yy| gv * (T::one() - yy * yy))?),
         Op::HardSigmoid { alpha, beta } => {
             let (a, b) = (T::of(*alpha), T::of(*beta));
-            res[0] = Some(unary(&|gv, xv, _| {
+            res[0] = Some(unary!(|gv, xv, _| {
                 let t = a * xv + b;
                 if t > T::zero() && t < T::one() { gv * a } else { T::zero() }
             })?);
         }
         Op::HardSwish => {
             let three = T::of(3.0);
-            res[0] = Some(unary(&|gv, xv, _| {
+            res[0] = Some(unary!(|gv, xv, _| {
                 if xv < -three {
                     T::zero()
                 } else if xv > three {
@@ -445,7 +509,7 @@ fn vjp<T: Float>(
                 .collect();
             res[0] = Some(array(x.shape(), v));
         }
-        Op::Sqrt => res[0] = Some(unary(&|gv, _, yy| gv * T::of(0.5) / yy)?),
+        Op::Sqrt => res[0] = Some(unary!(|gv, _, yy| gv * T::of(0.5) / yy)?),
         Op::BatchNorm { epsilon } => {
             let x = fin(ins, 0)?;
             let scale = fin(ins, 1)?;
@@ -476,7 +540,7 @@ fn vjp<T: Float>(
                 if is(i) {
                     let other = ins[1 - i].ok_or("missing input")?.to_float();
                     let s = ins[i].ok_or("missing input")?.shape();
-                    res[i] = Some(unbroadcast(&zip_map(gv, &other, |a, b| a * b)?, s));
+                    res[i] = Some(unbroadcast_owned(zip_map(gv, &other, |a, b| a * b)?, s));
                 }
             }
         }
@@ -485,11 +549,11 @@ fn vjp<T: Float>(
             let a = ins[0].ok_or("missing input")?.to_float();
             let b = ins[1].ok_or("missing input")?.to_float();
             if is(0) {
-                res[0] = Some(unbroadcast(&zip_map(gv, &b, |gg, bb| gg / bb)?, a.shape()));
+                res[0] = Some(unbroadcast_owned(zip_map(gv, &b, |gg, bb| gg / bb)?, a.shape()));
             }
             if is(1) {
                 let q = zip_map(gv, &a, |gg, aa| gg * aa)?;
-                res[1] = Some(unbroadcast(&zip_map(&q, &b, |qq, bb| -qq / (bb * bb))?, b.shape()));
+                res[1] = Some(unbroadcast_owned(zip_map(&q, &b, |qq, bb| -qq / (bb * bb))?, b.shape()));
             }
         }
         Op::Pow => {
@@ -499,7 +563,7 @@ fn vjp<T: Float>(
             let x = fin(ins, 0)?;
             let e = ins[1].ok_or("missing exponent")?.to_float();
             let d = zip_map(x, &e, |xv, ev| ev * xv.powf(ev - T::one()))?;
-            res[0] = Some(unbroadcast(&zip_map(g()?, &d, |a, b| a * b)?, x.shape()));
+            res[0] = Some(unbroadcast_owned(zip_map(g()?, &d, |a, b| a * b)?, x.shape()));
         }
         Op::MaxPool { win, ceil_mode } => {
             let x = fin(ins, 0)?;
