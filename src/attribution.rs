@@ -5,8 +5,9 @@ use crate::composite::{Composite, Params};
 use crate::error::{Error, Result};
 use crate::graph::Graph;
 use crate::graph::ValueId;
-use crate::propagate::{Explanation, Plan, Seed, consts, explain};
+use crate::propagate::{Explanation, Plan, Seed, consts, explain, weight_caches};
 use crate::rules::grad::RuleOpts;
+use crate::rules::linear::WeightCache;
 use crate::tensor::{Float, Value, array};
 use std::any::Any;
 use std::collections::HashMap;
@@ -69,13 +70,23 @@ pub struct Prepared {
 impl Prepared {
     /// The plan's constants in precision `T`, converted on first use.
     pub fn consts<T: Float>(&self) -> Arc<HashMap<ValueId, Value<T>>> {
+        self.state::<T>().0.clone()
+    }
+
+    /// Constants and the rules' modified weights in precision `T`, made on first use.
+    #[allow(clippy::type_complexity)] // a private cache entry
+    fn state<T: Float>(&self) -> Arc<(Arc<HashMap<ValueId, Value<T>>>, HashMap<usize, WeightCache<T>>)> {
+        let make = || {
+            let c = consts::<T>(&self.plan);
+            let w = weight_caches(&self.plan, &c);
+            Arc::new((Arc::new(c), w))
+        };
         let mut cache = self.consts.lock().unwrap_or_else(|e| e.into_inner());
-        let entry =
-            cache.entry(T::NAME).or_insert_with(|| Arc::new(consts::<T>(&self.plan)) as Arc<dyn Any + Send + Sync>);
-        match entry.clone().downcast::<HashMap<ValueId, Value<T>>>() {
+        let entry = cache.entry(T::NAME).or_insert_with(|| make() as Arc<dyn Any + Send + Sync>);
+        match entry.clone().downcast() {
             Ok(c) => c,
             // Unreachable: the key is the type's name; rebuild rather than panic.
-            Err(_) => Arc::new(consts::<T>(&self.plan)),
+            Err(_) => make(),
         }
     }
 
@@ -114,7 +125,8 @@ pub fn attribute<T: Float>(
     targets: Option<&[usize]>,
     keep: &[String],
 ) -> Result<Explanation<T>> {
-    let c = p.consts::<T>();
+    let state = p.state::<T>();
+    let (c, weights) = (&state.0, &state.1);
     let (seed, times_input) = match method {
         Method::Lrp(comp) if comp.is_gradient() && comp.name == "gradient" => (Seed::OneHot, false),
         Method::Lrp(_) => (Seed::OneHotTimesOutput, false),
@@ -122,7 +134,7 @@ pub fn attribute<T: Float>(
         Method::InputXGradient => (Seed::OneHot, true),
     };
     let xs: Vec<Value<T>> = if times_input { inputs.clone() } else { vec![] };
-    let mut e = explain(&p.plan, &c, inputs, targets, seed, keep)?;
+    let mut e = explain(&p.plan, c, weights, inputs, targets, seed, keep)?;
     if times_input {
         for (r, x) in e.relevance.iter_mut().zip(&xs) {
             if let (Some(r), Value::F(x)) = (r.as_mut(), x) {

@@ -5,6 +5,7 @@ use crate::error::{Error, Result, node_err};
 use crate::graph::{Graph, Op, ValueId, prepare_consts, run_keep};
 use crate::rules::Rule;
 use crate::rules::grad::{RuleOpts, backward};
+use crate::rules::linear::WeightCache;
 use crate::tensor::{Float, Value};
 use ndarray::ArrayD;
 use std::collections::HashMap;
@@ -183,6 +184,7 @@ pub struct Explanation<T> {
 pub fn explain<T: Float>(
     plan: &Plan,
     consts: &HashMap<ValueId, Value<T>>,
+    weights: &HashMap<usize, WeightCache<T>>,
     inputs: Vec<Value<T>>,
     targets: Option<&[usize]>,
     seed: Seed,
@@ -247,7 +249,11 @@ pub fn explain<T: Float>(
         Some(seed_arr.into_dyn().into_shape_with_order(out.shape()).map_err(|e| Error::Invalid(e.to_string()))?);
     let mut intermediate = HashMap::new();
     let mut dropped = 0.0;
-    for (n, rule) in g.nodes.iter().zip(&plan.rules).rev() {
+    // RELPROP_PROFILE=1 prints the backward time per op type and rule to stderr, as the forward does.
+    let profile = std::env::var_os("RELPROP_PROFILE").is_some();
+    let mut prof: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
+    for (ni, (n, rule)) in g.nodes.iter().zip(&plan.rules).enumerate().rev() {
+        let t0 = profile.then(std::time::Instant::now);
         let r_out: Vec<Option<&ArrayD<T>>> = n.outputs.iter().map(|o| o.and_then(|o| rel[o].as_ref())).collect();
         if r_out.iter().all(Option::is_none) {
             continue;
@@ -267,7 +273,7 @@ pub fn explain<T: Float>(
                 })
             })
             .collect();
-        let b = backward(n, rule, &plan.opts, &ins, &outs, &r_out, &var)
+        let b = backward(n, rule, &plan.opts, &ins, &outs, &r_out, &var, weights.get(&ni))
             .map_err(|m| node_err(&n.name, &n.op_type, format!("{rule}: {m}")))?;
         dropped += b.dropped;
         for o in n.outputs.iter().flatten() {
@@ -294,6 +300,14 @@ pub fn explain<T: Float>(
                 }
             }
         }
+        if let Some(t0) = t0 {
+            let e = prof.entry(format!("{} {rule}", n.op_type)).or_default();
+            e.0 += t0.elapsed().as_secs_f64() * 1e3;
+            e.1 += 1;
+        }
+    }
+    for (k, (ms, c)) in &prof {
+        eprintln!("profile backward: {k:<40} {c:>4} nodes {ms:>9.2} ms");
     }
     let relevance = g
         .inputs
@@ -319,6 +333,36 @@ pub fn argmax_rows<T: Float>(out: &ArrayD<T>) -> Vec<usize> {
     let flat: Vec<T> = out.iter().copied().collect();
     flat.chunks(per.max(1))
         .map(|row| row.iter().enumerate().fold((0, T::neg_infinity()), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0)
+        .collect()
+}
+
+/// The modified weights of the plan's linear layers that their rules need (z⁺'s w⁺, γ's stacked
+/// w + γw±, ...), computed once so that each explanation borrows them; keyed by node index.
+pub fn weight_caches<T: Float>(plan: &Plan, consts: &HashMap<ValueId, Value<T>>) -> HashMap<usize, WeightCache<T>> {
+    let g = &plan.graph;
+    let work: Vec<(usize, &Rule, &[T])> = g
+        .nodes
+        .iter()
+        .zip(&plan.rules)
+        .enumerate()
+        .filter_map(|(k, (n, rule))| {
+            let rule = rule.as_ref()?;
+            let Some(Value::F(w)) = consts.get(&n.input(1)?) else { return None };
+            let ws = w.as_slice()?;
+            // Only weights the rules use as stored (see rules::grad::linear_layer).
+            let as_stored = match &n.op {
+                Op::Conv { .. } => true,
+                Op::Gemm { alpha, trans_b, .. } => *alpha == 1.0 && !*trans_b && w.ndim() == 2,
+                Op::MatMul => w.ndim() == 2,
+                _ => false,
+            };
+            as_stored.then_some((k, rule, ws))
+        })
+        .collect();
+    use rayon::prelude::*;
+    work.into_par_iter()
+        .map(|(k, rule, ws)| (k, WeightCache::build(rule, ws)))
+        .filter(|(_, c)| !c.map.is_empty())
         .collect()
 }
 

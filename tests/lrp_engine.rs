@@ -10,7 +10,7 @@ use relprop::canonize::{Mode, canonize, check, value_shapes};
 use relprop::composite::{Composite, Params};
 use relprop::ops::conv::ConvGeom;
 use relprop::rules::grad::RuleOpts;
-use relprop::rules::linear::relevance;
+use relprop::rules::linear::{WeightCache, relevance};
 use relprop::rules::{Bounds, LinearKind, LinearLayer, Rule};
 use relprop::tensor::{Const, Float, Value};
 use std::path::PathBuf;
@@ -175,15 +175,29 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
         let r = rng.vec(n);
         let low: Vec<f64> = (0..k).map(|_| -1.5).collect();
         let high: Vec<f64> = (0..k).map(|_| 1.5).collect();
-        let layer = LinearLayer { kind: LinearKind::Dense { m: 1, k, n }, w: w.clone().into(), bias: Some(b.clone()) };
+        let layer = LinearLayer {
+            kind: LinearKind::Dense { m: 1, k, n },
+            w: w.clone().into(),
+            bias: Some(b.clone()),
+            cache: None,
+        };
         let mat = |f: &dyn Fn(f64) -> f64| (0..k).map(|j| (0..n).map(|kk| f(w[j * n + kk])).collect()).collect();
         let y = layer.fwd(&x, &w, Some(&b));
+        let xabs: Vec<f64> = x.iter().map(|v| v.abs()).collect();
+        let yabs = layer.fwd(&xabs, &w, Some(&b));
         for rule in &rules {
             let bounds = Bounds { low: vec![-1.5], high: vec![1.5] };
             let got = relevance(&layer, rule, &x, &y, &r, false, 1e-6, Some(&bounds)).unwrap();
             let want = naive(rule, &x, &mat, &b, &r, (&low, &high));
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "dense {rule} trial {trial}: {g} vs {w}");
+            }
+            let cache = WeightCache::build(rule, &w);
+            let cached = LinearLayer { cache: Some(&cache), ..layer.clone() };
+            let got = relevance(&cached, rule, &xabs, &yabs, &r, false, 1e-6, Some(&bounds)).unwrap();
+            let want = naive(rule, &xabs, &mat, &b, &r, (&low, &high));
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "dense {rule} x ≥ 0 trial {trial}: {g} vs {w}");
             }
             // ignore_bias: the formula with b = 0 (γ is left out: its output-sign masks keep the
             // biased output, as zennit's unmodified fifth forward does).
@@ -203,7 +217,8 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
             let w = rng.vec(geom.m * (geom.c / geom.group) * 9);
             let b = rng.vec(geom.m);
             let r = rng.vec(geom.m * oh * ow);
-            let layer = LinearLayer { kind: LinearKind::Conv(*geom), w: w.clone().into(), bias: Some(b.clone()) };
+            let layer =
+                LinearLayer { kind: LinearKind::Conv(*geom), w: w.clone().into(), bias: Some(b.clone()), cache: None };
             let bias_k: Vec<f64> = (0..geom.m * oh * ow).map(|kk| b[kk / (oh * ow)]).collect();
             let mat = |f: &dyn Fn(f64) -> f64| {
                 let wf: Vec<f64> = w.iter().map(|&v| f(v)).collect();
@@ -215,12 +230,21 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
             let low: Vec<f64> = (0..nin).map(|j| lows[j / (geom.h * geom.w)]).collect();
             let high: Vec<f64> = (0..nin).map(|j| highs[j / (geom.h * geom.w)]).collect();
             let bounds = Bounds { low: lows[..geom.c].to_vec(), high: highs[..geom.c].to_vec() };
-            let y = layer.fwd(&x, &w, Some(&b));
-            for rule in &rules {
-                let got = relevance(&layer, rule, &x, &y, &r, false, 1e-6, Some(&bounds)).unwrap();
-                let want = naive(rule, &x, &mat, &bias_k, &r, (&low, &high));
-                for (g, w) in got.iter().zip(&want) {
-                    assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "conv {geom:?} {rule}: {g} vs {w}");
+            // Mixed-sign inputs and non-negative ones (as after a ReLU, where the rules skip the x⁻
+            // terms and γ regroups its forwards), with and without the per-plan weight cache.
+            let xabs: Vec<f64> = x.iter().map(|v| v.abs()).collect();
+            for x in [&x, &xabs] {
+                let y = layer.fwd(x, &w, Some(&b));
+                for rule in &rules {
+                    let want = naive(rule, x, &mat, &bias_k, &r, (&low, &high));
+                    let cache = WeightCache::build(rule, &w);
+                    let cached = LinearLayer { cache: Some(&cache), ..layer.clone() };
+                    for l in [&layer, &cached] {
+                        let got = relevance(l, rule, x, &y, &r, false, 1e-6, Some(&bounds)).unwrap();
+                        for (g, w) in got.iter().zip(&want) {
+                            assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "conv {geom:?} {rule}: {g} vs {w}");
+                        }
+                    }
                 }
             }
         }

@@ -343,25 +343,46 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
 /// Input VJP of [`conv2d`] (a transposed convolution): given `dy` [n, m, oh, ow], returns
 /// `dx` [n, c, h, w] = Jᵀ dy. Output padding is implied by the stored input size.
 pub fn conv2d_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T]) -> Vec<T> {
+    conv2d_vjp_sum(g, &[(dy, wt)])
+}
+
+/// `Σ_k Jᵀ_{w_k} dy_k` for several (output gradient, weights) pairs of one geometry, with one
+/// col2im (the matrix products accumulate into one column buffer). LRP's γ and αβ rules need two.
+pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> {
     let (oh, ow) = g.out_hw().expect("geometry checked by caller");
     let ohw = oh * ow;
     let (cg, mg, kdim) = (g.cg(), g.mg(), g.kdim());
     let hw = g.h * g.w;
     let mut dx = vec![T::zero(); g.n * g.c * hw];
-    let sample = |dys: &[T], dxs: &mut [T], threads: Threads| {
+    let xsz = g.c * hw;
+    let ysz = g.m * ohw;
+    fn part<T>(dy: &[T], s: usize, len: usize) -> &[T] {
+        &dy[s * len..(s + 1) * len]
+    }
+    // `s`: the sample index.
+    let sample = |s: usize, dxs: &mut [T], threads: Threads| {
         if g.is_depthwise() && mg == 1 && oh * ow <= DEPTHWISE_CL_MAX_PLANE {
-            let d = depthwise_cl_vjp(g, dys, wt, threads);
-            dxs.copy_from_slice(&d);
+            for (k, (dy, wt)) in terms.iter().enumerate() {
+                let d = depthwise_cl_vjp(g, part(dy, s, ysz), wt, threads);
+                if k == 0 {
+                    dxs.copy_from_slice(&d);
+                } else {
+                    dxs.iter_mut().zip(&d).for_each(|(a, b)| *a += *b);
+                }
+            }
             return;
         }
         if g.is_depthwise() {
             let work = |(ci, xplane): (usize, &mut [T])| {
-                for oc in ci * mg..(ci + 1) * mg {
-                    let k = &wt[oc * g.kh * g.kw..(oc + 1) * g.kh * g.kw];
-                    depthwise_plane_t(g, &dys[oc * ohw..(oc + 1) * ohw], k, xplane, oh, ow);
+                for (dy, wt) in terms {
+                    let dys = part(dy, s, ysz);
+                    for oc in ci * mg..(ci + 1) * mg {
+                        let k = &wt[oc * g.kh * g.kw..(oc + 1) * g.kh * g.kw];
+                        depthwise_plane_t(g, &dys[oc * ohw..(oc + 1) * ohw], k, xplane, oh, ow);
+                    }
                 }
             };
-            let per = channels_per_task(g.c, ohw * mg * g.kh * g.kw, threads);
+            let per = channels_per_task(g.c, ohw * mg * g.kh * g.kw * terms.len(), threads);
             dxs.par_chunks_mut(hw * per).enumerate().for_each(|(t, block)| {
                 block.chunks_mut(hw).enumerate().for_each(|(k, plane)| work((t * per + k, plane)))
             });
@@ -369,23 +390,22 @@ pub fn conv2d_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T]) -> Vec<T> {
         }
         let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::zero(); kdim * ohw] };
         for gi in 0..g.group {
-            let a = Mat::rows_t(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
-            let b = Mat::rows(&dys[gi * mg * ohw..(gi + 1) * mg * ohw], ohw);
             let dxg = &mut dxs[gi * cg * hw..(gi + 1) * cg * hw];
-            if g.is_pointwise() {
-                matmul(kdim, ohw, mg, a, b, dxg, false, threads);
-            } else {
-                matmul(kdim, ohw, mg, a, b, &mut col, false, threads);
+            for (k, (dy, wt)) in terms.iter().enumerate() {
+                let a = Mat::rows_t(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
+                let b = Mat::rows(&part(dy, s, ysz)[gi * mg * ohw..(gi + 1) * mg * ohw], ohw);
+                let out = if g.is_pointwise() { &mut *dxg } else { &mut col[..] };
+                matmul(kdim, ohw, mg, a, b, out, k > 0, threads);
+            }
+            if !g.is_pointwise() {
                 col2im(g, &col, dxg, oh, ow, threads);
             }
         }
     };
-    let xsz = g.c * hw;
-    let ysz = g.m * ohw;
     if g.n > 1 {
-        dx.par_chunks_mut(xsz).zip(dy.par_chunks(ysz)).for_each(|(dxs, dys)| sample(dys, dxs, Threads::One));
+        dx.par_chunks_mut(xsz).enumerate().for_each(|(s, dxs)| sample(s, dxs, Threads::One));
     } else if g.n == 1 {
-        sample(&dy[..ysz], &mut dx[..], Threads::Pool);
+        sample(0, &mut dx[..], Threads::Pool);
     }
     dx
 }

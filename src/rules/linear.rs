@@ -3,7 +3,7 @@
 //! `R_in = Σ_k x_k ⊙ Jᵀ_{w_k}(R / z)`, with zennit's modifiers and stabilisers.
 
 use super::{Rule, stabilize};
-use crate::ops::conv::{ConvGeom, conv2d, conv2d_vjp};
+use crate::ops::conv::{ConvGeom, conv2d, conv2d_vjp, conv2d_vjp_sum};
 use crate::ops::gemm::{Mat, Threads, matmul};
 use crate::tensor::Float;
 
@@ -34,6 +34,59 @@ pub struct LinearLayer<'a, T: Clone> {
     pub w: std::borrow::Cow<'a, [T]>,
     /// Bias per output channel (conv: M) or feature (dense: N).
     pub bias: Option<Vec<T>>,
+    /// Modified weights computed once per plan (see [`WeightCache`]); missing ones are made per call.
+    pub cache: Option<&'a WeightCache<T>>,
+}
+
+/// A modified copy of a layer's weights that a rule needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightMod {
+    /// `w⁺`.
+    Pos,
+    /// `w⁻`.
+    Neg,
+    /// All ones (flat).
+    Ones,
+    /// `w²`.
+    Square,
+}
+
+impl WeightMod {
+    /// The modified weights.
+    pub fn apply<T: Float>(self, w: &[T]) -> Vec<T> {
+        match self {
+            WeightMod::Pos => map(w, pos),
+            WeightMod::Neg => map(w, neg),
+            WeightMod::Ones => map(w, ones),
+            WeightMod::Square => map(w, |v| v * v),
+        }
+    }
+
+    /// The modified weights worth computing once per plan for `rule` (the others are cheap or
+    /// depend on the input's signs).
+    pub fn for_rule(rule: &Rule) -> Vec<WeightMod> {
+        match rule {
+            Rule::ZPlus | Rule::Gamma(_) => vec![WeightMod::Pos],
+            Rule::AlphaBeta { .. } | Rule::ZBox => vec![WeightMod::Pos, WeightMod::Neg],
+            Rule::Flat => vec![WeightMod::Ones],
+            Rule::WSquare => vec![WeightMod::Square],
+            _ => vec![],
+        }
+    }
+}
+
+/// Modified weights of one layer, computed once per plan and composite.
+#[derive(Clone, Debug, Default)]
+pub struct WeightCache<T> {
+    /// The modified weights by modification.
+    pub map: std::collections::HashMap<WeightMod, Vec<T>>,
+}
+
+impl<T: Float> WeightCache<T> {
+    /// Computes the modifications `rule` wants for weights `w`.
+    pub fn build(rule: &Rule, w: &[T]) -> Self {
+        WeightCache { map: WeightMod::for_rule(rule).into_iter().map(|m| (m, m.apply(w))).collect() }
+    }
 }
 
 /// Per-channel input bounds for the z^B rule (input channel c: `low[c] ≤ x ≤ high[c]`).
@@ -46,43 +99,47 @@ pub struct Bounds {
 }
 
 impl<T: Float> LinearLayer<'_, T> {
-    /// Forward pass with the given (possibly modified) weights and bias.
-    pub fn fwd(&self, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    /// The modified weights `m`, from the cache or made now.
+    pub fn modified(&self, m: WeightMod) -> std::borrow::Cow<'_, [T]> {
+        match self.cache.and_then(|c| c.map.get(&m)).filter(|v| v.len() == self.w.len()) {
+            Some(v) => std::borrow::Cow::Borrowed(&v[..]),
+            None => std::borrow::Cow::Owned(m.apply(&self.w)),
+        }
+    }
+
+    /// `Σ_k Jᵀ_{w_k} g_k` in one pass (one col2im for convolutions).
+    pub fn vjp_sum(&self, terms: &[(&[T], &[T])]) -> Vec<T> {
         match &self.kind {
-            LinearKind::Conv(g) => match bias {
-                Some(b) if b.len() != g.m => {
-                    // A spatially varying bias (canonized DenseNet layers), added per sample.
-                    let mut y = conv2d(g, x, w, None);
-                    for chunk in y.chunks_mut(b.len()) {
-                        chunk.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
-                    }
-                    y
-                }
-                _ => conv2d(g, x, w, bias),
-            },
+            LinearKind::Conv(geom) => conv2d_vjp_sum(geom, terms),
             LinearKind::Dense { m, k, n } => {
-                let mut y = vec![T::zero(); m * n];
-                matmul(*m, *n, *k, Mat::rows(x, *k), Mat::rows(w, *n), &mut y, false, Threads::Pool);
-                if let Some(b) = bias {
-                    for row in y.chunks_mut(*n) {
-                        row.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
-                    }
+                let mut dx = vec![T::zero(); m * k];
+                for (i, (g, w)) in terms.iter().enumerate() {
+                    matmul(*m, *k, *n, Mat::rows(g, *n), Mat::rows_t(w, *n), &mut dx, i > 0, Threads::Pool);
                 }
-                y
+                dx
             }
         }
     }
 
+    /// Output elements per sample-row and the number of rows: a conv's [M·oh·ow] per sample, a
+    /// dense layer's [n] per row.
+    fn out_rows(&self) -> (usize, usize) {
+        match &self.kind {
+            LinearKind::Conv(g) => {
+                let (oh, ow) = g.out_hw().unwrap_or((0, 0));
+                (g.m * oh * ow, g.n)
+            }
+            LinearKind::Dense { m, n, .. } => (*n, *m),
+        }
+    }
+    /// Forward pass with the given (possibly modified) weights and bias.
+    pub fn fwd(&self, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+        fwd_with(&self.kind, x, w, bias)
+    }
+
     /// `Jᵀ g` with the given weights.
     pub fn vjp(&self, g: &[T], w: &[T]) -> Vec<T> {
-        match &self.kind {
-            LinearKind::Conv(geom) => conv2d_vjp(geom, g, w),
-            LinearKind::Dense { m, k, n } => {
-                let mut dx = vec![T::zero(); m * k];
-                matmul(*m, *k, *n, Mat::rows(g, *n), Mat::rows_t(w, *n), &mut dx, false, Threads::Pool);
-                dx
-            }
-        }
+        vjp_with(&self.kind, g, w)
     }
 
     /// A tensor shaped like the input holding `per_channel[c]` in input channel c.
@@ -92,6 +149,45 @@ impl<T: Float> LinearLayer<'_, T> {
             LinearKind::Dense { k, .. } => (*k, 1),
         };
         (0..len).map(|i| T::of(per_channel[((i / block) % c) % per_channel.len()])).collect()
+    }
+}
+
+/// [`LinearLayer::fwd`] for a layer of kind `kind`.
+fn fwd_with<T: Float>(kind: &LinearKind, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    match kind {
+        LinearKind::Conv(g) => match bias {
+            Some(b) if b.len() != g.m => {
+                // A spatially varying bias (canonized DenseNet layers), added per sample.
+                let mut y = conv2d(g, x, w, None);
+                for chunk in y.chunks_mut(b.len()) {
+                    chunk.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
+                }
+                y
+            }
+            _ => conv2d(g, x, w, bias),
+        },
+        LinearKind::Dense { m, k, n } => {
+            let mut y = vec![T::zero(); m * n];
+            matmul(*m, *n, *k, Mat::rows(x, *k), Mat::rows(w, *n), &mut y, false, Threads::Pool);
+            if let Some(b) = bias {
+                for row in y.chunks_mut(*n) {
+                    row.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
+                }
+            }
+            y
+        }
+    }
+}
+
+/// [`LinearLayer::vjp`] for a layer of kind `kind`.
+fn vjp_with<T: Float>(kind: &LinearKind, g: &[T], w: &[T]) -> Vec<T> {
+    match kind {
+        LinearKind::Conv(geom) => conv2d_vjp(geom, g, w),
+        LinearKind::Dense { m, k, n } => {
+            let mut dx = vec![T::zero(); m * k];
+            matmul(*m, *k, *n, Mat::rows(g, *n), Mat::rows_t(w, *n), &mut dx, false, Threads::Pool);
+            dx
+        }
     }
 }
 
@@ -118,9 +214,15 @@ fn sum2<T: Float>(a: &[T], b: &[T]) -> Vec<T> {
     a.iter().zip(b).map(|(x, y)| *x + *y).collect()
 }
 
-/// `acc += scale · x ⊙ v`.
-fn acc_mul<T: Float>(acc: &mut [T], x: &[T], v: &[T], scale: T) {
-    acc.iter_mut().zip(x.iter().zip(v)).for_each(|(a, (xv, vv))| *a += scale * *xv * *vv);
+/// `acc += scale · x ⊙ v`; the first term is written into `v`'s buffer (no zeroed accumulator).
+fn add_product<T: Float>(acc: &mut Option<Vec<T>>, x: &[T], mut v: Vec<T>, scale: T) {
+    match acc {
+        Some(a) => a.iter_mut().zip(x.iter().zip(&v)).for_each(|(a, (xv, vv))| *a += scale * *xv * *vv),
+        None => {
+            v.iter_mut().zip(x).for_each(|(vv, xv)| *vv = scale * *xv * *vv);
+            *acc = Some(v);
+        }
+    }
 }
 
 /// Relevance at the input of `layer` for upper relevance `r`, given its input `x` and cached
@@ -158,7 +260,11 @@ pub fn relevance_bf<T: Float>(
     let b = if ignore_bias { None } else { layer.bias.as_deref() };
     let div = |z: &[T], eps: f64| -> Vec<T> { z.iter().zip(r).map(|(&zv, &rv)| rv / stabilize(zv, eps)).collect() };
     let bm = |f: fn(T) -> T| b.map(|b| map(b, f));
-    let mut out = vec![T::zero(); x.len()];
+    // Most layers follow a ReLU: their input has no negative part, and the rules' x⁻ terms vanish.
+    let has_neg = x.iter().any(|v| *v < T::zero());
+    let xp: std::borrow::Cow<[T]> = if has_neg { map(x, pos).into() } else { x.into() };
+    let xn: Option<Vec<T>> = has_neg.then(|| map(x, neg));
+    let mut out: Option<Vec<T>> = None;
     match rule {
         Rule::Epsilon(_) | Rule::Zero => {
             // ε reuses the cached forward output unless the bias must be left out.
@@ -173,8 +279,10 @@ pub fn relevance_bf<T: Float>(
                 Rule::Epsilon(eps) => div(z, *eps),
                 _ => z.iter().zip(r).map(|(&zv, &rv)| if zv == T::zero() { T::zero() } else { rv / zv }).collect(),
             };
-            acc_mul(&mut out, x, &layer.vjp(&g, w), T::one());
-            if let (Rule::Epsilon(eps), true, LinearKind::Dense { m, k, n }) = (rule, bias_factor != 0.0, &layer.kind) {
+            add_product(&mut out, x, layer.vjp(&g, w), T::one());
+            if let (Rule::Epsilon(eps), true, LinearKind::Dense { m, k, n }, Some(out)) =
+                (rule, bias_factor != 0.0, &layer.kind, out.as_mut())
+            {
                 let (m, k, n) = (*m, *k, *n);
                 for row in 0..m {
                     let mut share = T::zero();
@@ -194,9 +302,8 @@ pub fn relevance_bf<T: Float>(
                 Rule::AlphaBeta { alpha, beta } => (*alpha, *beta),
                 _ => (1.0, 0.0),
             };
-            let (xp, xn) = (map(x, pos), map(x, neg));
-            let (wp, wn) = (map(w, pos), map(w, neg));
-            let has_neg = xn.iter().any(|v| *v != T::zero());
+            let wp = layer.modified(WeightMod::Pos);
+            let wn = if has_neg || beta != 0.0 { layer.modified(WeightMod::Neg) } else { Vec::new().into() };
             // Positive part: x⁺w⁺ + x⁻w⁻ (+ b⁺); negative part: x⁺w⁻ + x⁻w⁺ (+ b⁻).
             let parts: [Part<T, f64, Vec<T>>; 2] = [(alpha, &wp, &wn, bm(pos)), (-beta, &wn, &wp, bm(neg))];
             for (scale, w_for_pos, w_for_neg, bias) in parts {
@@ -204,31 +311,67 @@ pub fn relevance_bf<T: Float>(
                     continue;
                 }
                 let mut z = layer.fwd(&xp, w_for_pos, bias.as_deref());
-                if has_neg {
-                    z = sum2(&z, &layer.fwd(&xn, w_for_neg, None));
+                if let Some(xn) = &xn {
+                    z = sum2(&z, &layer.fwd(xn, w_for_neg, None));
                 }
                 let g = div(&z, stabilizer);
-                acc_mul(&mut out, &xp, &layer.vjp(&g, w_for_pos), T::of(scale));
-                if has_neg {
-                    acc_mul(&mut out, &xn, &layer.vjp(&g, w_for_neg), T::of(scale));
+                add_product(&mut out, &xp, layer.vjp(&g, w_for_pos), T::of(scale));
+                if let Some(xn) = &xn {
+                    add_product(&mut out, xn, layer.vjp(&g, w_for_neg), T::of(scale));
                 }
             }
         }
+        Rule::Gamma(gamma) if xn.is_none() => {
+            // With x ≥ 0 one modified forward suffices: P = x·w⁺, and since w⁻ = w − w⁺ the other is
+            // x·w − P, where x·w is the cached output less its bias. The two VJPs
+            // Jᵀ_{w+γw⁺} g⁺ + Jᵀ_{w+γw⁻} g⁻ regroup as Jᵀ_w (g⁺ + (1+γ)g⁻) + Jᵀ_{w⁺} γ(g⁺ − g⁻).
+            let gm = T::of(*gamma);
+            let wp = layer.modified(WeightMod::Pos);
+            let p = layer.fwd(&xp, &wp, None);
+            let (per, rows) = layer.out_rows();
+            let inner = match &layer.kind {
+                LinearKind::Conv(g) => per / g.m.max(1),
+                LinearKind::Dense { .. } => 1,
+            };
+            // The bias at output element i of a row (per channel, or spatially varying).
+            let at = |bias: &[T], i: usize| if bias.len() == per { bias[i] } else { bias[(i / inner) % bias.len()] };
+            let mut ga = vec![T::zero(); per * rows];
+            let mut gb = vec![T::zero(); per * rows];
+            for row in 0..rows {
+                for i in 0..per {
+                    let e = row * per + i;
+                    let (yv, rv) = (y[e], r[e]);
+                    let stored = layer.bias.as_deref().map_or(T::zero(), |bias| at(bias, i));
+                    let used = b.map_or(T::zero(), |bias| at(bias, i));
+                    let zw = yv - stored;
+                    if yv > T::zero() {
+                        let z = zw + gm * p[e] + used + gm * pos(used);
+                        let gp = rv / stabilize(z, stabilizer);
+                        ga[e] = gp;
+                        gb[e] = gm * gp;
+                    } else if yv < T::zero() {
+                        let z = zw + gm * (zw - p[e]) + used + gm * neg(used);
+                        let gn = rv / stabilize(z, stabilizer);
+                        ga[e] = (T::one() + gm) * gn;
+                        gb[e] = -gm * gn;
+                    }
+                }
+            }
+            add_product(&mut out, &xp, layer.vjp_sum(&[(&ga, w), (&gb, &wp)]), T::one());
+        }
         Rule::Gamma(gamma) => {
             let gm = T::of(*gamma);
-            let (xp, xn) = (map(x, pos), map(x, neg));
             let wgp: Vec<T> = w.iter().map(|&v| v + gm * pos(v)).collect();
             let wgn: Vec<T> = w.iter().map(|&v| v + gm * neg(v)).collect();
             let bgp = b.map(|b| b.iter().map(|&v| v + gm * pos(v)).collect::<Vec<T>>());
             let bgn = b.map(|b| b.iter().map(|&v| v + gm * neg(v)).collect::<Vec<T>>());
-            let has_neg = xn.iter().any(|v| *v != T::zero());
             // Outputs with z > 0 use (x⁺, w+γw⁺) + (x⁻, w+γw⁻); those with z < 0 the mirror image.
             let parts: [Part<T, bool, &Vec<T>>; 2] =
                 [(true, &wgp, &wgn, bgp.as_ref()), (false, &wgn, &wgp, bgn.as_ref())];
             for (positive, w_for_pos, w_for_neg, bias) in parts {
                 let mut z = layer.fwd(&xp, w_for_pos, bias.map(|v| &v[..]));
-                if has_neg {
-                    z = sum2(&z, &layer.fwd(&xn, w_for_neg, None));
+                if let Some(xn) = &xn {
+                    z = sum2(&z, &layer.fwd(xn, w_for_neg, None));
                 }
                 let g: Vec<T> = z
                     .iter()
@@ -238,9 +381,9 @@ pub fn relevance_bf<T: Float>(
                         if on { rv / stabilize(zv, stabilizer) } else { T::zero() }
                     })
                     .collect();
-                acc_mul(&mut out, &xp, &layer.vjp(&g, w_for_pos), T::one());
-                if has_neg {
-                    acc_mul(&mut out, &xn, &layer.vjp(&g, w_for_neg), T::one());
+                add_product(&mut out, &xp, layer.vjp(&g, w_for_pos), T::one());
+                if let Some(xn) = &xn {
+                    add_product(&mut out, xn, layer.vjp(&g, w_for_neg), T::one());
                 }
             }
         }
@@ -248,25 +391,25 @@ pub fn relevance_bf<T: Float>(
             let bd = bounds.ok_or("the zbox rule needs input bounds (--mean/--std or --low/--high)")?;
             let low = layer.fill_channels(x.len(), &bd.low);
             let high = layer.fill_channels(x.len(), &bd.high);
-            let (wp, wn) = (map(w, pos), map(w, neg));
+            let (wp, wn) = (layer.modified(WeightMod::Pos), layer.modified(WeightMod::Neg));
             let z0 = if ignore_bias && layer.bias.is_some() { layer.fwd(x, w, None) } else { y.to_vec() };
             let zl = layer.fwd(&low, &wp, bm(pos).as_deref());
             let zh = layer.fwd(&high, &wn, bm(neg).as_deref());
             let z: Vec<T> = z0.iter().zip(zl.iter().zip(&zh)).map(|(a, (l, h))| *a - *l - *h).collect();
             let g = div(&z, stabilizer);
-            acc_mul(&mut out, x, &layer.vjp(&g, w), T::one());
-            acc_mul(&mut out, &low, &layer.vjp(&g, &wp), -T::one());
-            acc_mul(&mut out, &high, &layer.vjp(&g, &wn), -T::one());
+            add_product(&mut out, x, layer.vjp(&g, w), T::one());
+            add_product(&mut out, &low, layer.vjp(&g, &wp), -T::one());
+            add_product(&mut out, &high, layer.vjp(&g, &wn), -T::one());
         }
         Rule::Flat | Rule::WSquare => {
-            let wm: Vec<T> = if matches!(rule, Rule::Flat) { map(w, ones) } else { map(w, |v| v * v) };
+            let wm = layer.modified(if matches!(rule, Rule::Flat) { WeightMod::Ones } else { WeightMod::Square });
             // zennit: flat zeroes the bias; w² squares it unless it is ignored.
             let bias = if matches!(rule, Rule::Flat) { None } else { bm(|v| v * v) };
             let one = vec![T::one(); x.len()];
             let z = layer.fwd(&one, &wm, bias.as_deref());
-            out = layer.vjp(&div(&z, stabilizer), &wm);
+            out = Some(layer.vjp(&div(&z, stabilizer), &wm));
         }
         other => return Err(format!("rule {other} does not apply to a linear layer")),
     }
-    Ok(out)
+    Ok(out.unwrap_or_else(|| vec![T::zero(); x.len()]))
 }
