@@ -179,10 +179,10 @@ pub fn tensor_to_const(t: &TensorProto, dir: &Path) -> Result<Const> {
             u64::from_le_bytes(b)
         };
         return Ok(match dt {
-            1 => Const::F(array(&dims, chunks.map(|c| f32::from_bits(le(c) as u32) as f64).collect())),
-            11 => Const::F(array(&dims, chunks.map(|c| f64::from_bits(le(c))).collect())),
-            10 => Const::F(array(&dims, chunks.map(|c| f16_to_f64(le(c) as u16)).collect())),
-            16 => Const::F(array(&dims, chunks.map(|c| f32::from_bits((le(c) as u32) << 16) as f64).collect())),
+            1 => Const::float(array(&dims, chunks.map(|c| f32::from_bits(le(c) as u32) as f64).collect())),
+            11 => Const::float(array(&dims, chunks.map(|c| f64::from_bits(le(c))).collect())),
+            10 => Const::float(array(&dims, chunks.map(|c| f16_to_f64(le(c) as u16)).collect())),
+            16 => Const::float(array(&dims, chunks.map(|c| f32::from_bits((le(c) as u32) << 16) as f64).collect())),
             3 => Const::I(array(&dims, chunks.map(|c| c[0] as i8 as i64).collect())),
             5 => Const::I(array(&dims, chunks.map(|c| le(c) as u16 as i16 as i64).collect())),
             6 => Const::I(array(&dims, chunks.map(|c| le(c) as u32 as i32 as i64).collect())),
@@ -195,18 +195,18 @@ pub fn tensor_to_const(t: &TensorProto, dir: &Path) -> Result<Const> {
     Ok(match dt {
         1 => {
             check(t.float_data.len())?;
-            Const::F(array(&dims, t.float_data.iter().map(|&v| v as f64).collect()))
+            Const::float(array(&dims, t.float_data.iter().map(|&v| v as f64).collect()))
         }
         11 => {
             check(t.double_data.len())?;
-            Const::F(array(&dims, t.double_data.clone()))
+            Const::float(array(&dims, t.double_data.clone()))
         }
         10 | 16 => {
             check(t.int32_data.len())?;
             let conv = |v: i32| {
                 if dt == 10 { f16_to_f64(v as u16) } else { f32::from_bits((v as u32) << 16) as f64 }
             };
-            Const::F(array(&dims, t.int32_data.iter().map(|&v| conv(v)).collect()))
+            Const::float(array(&dims, t.int32_data.iter().map(|&v| conv(v)).collect()))
         }
         7 => {
             check(t.int64_data.len())?;
@@ -384,13 +384,13 @@ fn constant_node(np: &NodeProto, dir: &Path) -> Result<Const> {
         return tensor_to_const(t, dir);
     }
     if let Some(v) = at("value_float").and_then(|x| x.f) {
-        return Ok(Const::F(array(&[], vec![v as f64])));
+        return Ok(Const::float(array(&[], vec![v as f64])));
     }
     if let Some(v) = at("value_int").and_then(|x| x.i) {
         return Ok(Const::I(array(&[], vec![v])));
     }
     if let Some(x) = at("value_floats") {
-        return Ok(Const::F(array(&[x.floats.len()], x.floats.iter().map(|&v| v as f64).collect())));
+        return Ok(Const::float(array(&[x.floats.len()], x.floats.iter().map(|&v| v as f64).collect())));
     }
     if let Some(x) = at("value_ints") {
         return Ok(Const::I(array(&[x.ints.len()], x.ints.clone())));
@@ -516,7 +516,7 @@ fn parse_op(np: &NodeProto, op_type: &str, opset: i64) -> Result<Option<Op>> {
         "ConstantOfShape" => {
             let value = match a.map.get("value").and_then(|x| x.t.as_ref()) {
                 Some(t) => tensor_to_const(t, Path::new("."))?,
-                None => Const::F(array(&[1], vec![0.0])),
+                None => Const::float(array(&[1], vec![0.0])),
             };
             Op::ConstantOfShape { value }
         }
