@@ -50,7 +50,6 @@ pub fn canonize(g: &Graph, mode: Mode, shapes: Option<&Shapes>) -> Result<(Graph
     if mode == Mode::Full {
         bn_relu_linear(&mut g, &mut report, shapes)?;
     }
-    plain_gemm_weights(&mut g, &mut report);
     g.prune();
     Ok((g, report))
 }
@@ -125,38 +124,6 @@ fn const_f(g: &Graph, v: Option<ValueId>) -> Option<ArrayD<f64>> {
     match g.consts.get(&v?) {
         Some(Const::F(a)) => Some(a.to_owned()),
         _ => None,
-    }
-}
-
-/// Gemm with `transB` or a scale `alpha`/`beta`: store the weight as `alpha·B` in [in, out] layout and
-/// the bias as `beta·C`, once, so that the rules borrow it instead of transposing it on every pass
-/// (2 M values for a ResNet-50 head: 20–50 ms per backward pass).
-fn plain_gemm_weights(g: &mut Graph, report: &mut Vec<String>) {
-    for k in 0..g.nodes.len() {
-        let Op::Gemm { alpha, beta, trans_a, trans_b } = g.nodes[k].op else { continue };
-        if !trans_b && alpha == 1.0 && beta == 1.0 {
-            continue;
-        }
-        let Some(w) = const_f(g, g.nodes[k].input(1)).filter(|w| w.ndim() == 2) else { continue };
-        let bias = g.nodes[k].input(2);
-        let c = match bias {
-            Some(_) => match const_f(g, bias) {
-                Some(c) => Some(c),
-                None if beta == 1.0 => None,
-                None => continue,
-            },
-            None => None,
-        };
-        let w = if trans_b { w.t().as_standard_layout().into_owned() } else { w };
-        let name = g.nodes[k].name.clone();
-        let wid = add_const(g, format!("{name}.weight_plain"), Const::float(w.mapv(|v| v * alpha)));
-        g.nodes[k].inputs[1] = Some(wid);
-        if let Some(c) = c {
-            let cid = add_const(g, format!("{name}.bias_plain"), Const::float(c.mapv(|v| v * beta)));
-            g.nodes[k].inputs[2] = Some(cid);
-        }
-        g.nodes[k].op = Op::Gemm { alpha: 1.0, beta: 1.0, trans_a, trans_b: false };
-        report.push(format!("stored the weight of Gemm '{name}' as [in, out] with alpha and beta applied"));
     }
 }
 

@@ -352,7 +352,7 @@ pub fn weight_caches<T: Float>(plan: &Plan, consts: &HashMap<ValueId, Value<T>>)
             // Only weights the rules use as stored (see rules::grad::linear_layer).
             let as_stored = match &n.op {
                 Op::Conv { .. } => true,
-                Op::Gemm { alpha, trans_b, .. } => *alpha == 1.0 && !*trans_b && w.ndim() == 2,
+                Op::Gemm { alpha, .. } => *alpha == 1.0 && w.ndim() == 2,
                 Op::MatMul => w.ndim() == 2,
                 _ => false,
             };

@@ -176,7 +176,7 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
         let low: Vec<f64> = (0..k).map(|_| -1.5).collect();
         let high: Vec<f64> = (0..k).map(|_| 1.5).collect();
         let layer = LinearLayer {
-            kind: LinearKind::Dense { m: 1, k, n },
+            kind: LinearKind::Dense { m: 1, k, n, transposed: false },
             w: w.clone().into(),
             bias: Some(b.clone()),
             cache: None,
@@ -191,6 +191,18 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
             let want = naive(rule, &x, &mat, &b, &r, (&low, &high));
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "dense {rule} trial {trial}: {g} vs {w}");
+            }
+            // The same layer with its weights stored [n×k] (Gemm transB) gives the same relevance.
+            let wt: Vec<f64> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
+            let lt = LinearLayer {
+                kind: LinearKind::Dense { m: 1, k, n, transposed: true },
+                w: wt.into(),
+                bias: Some(b.clone()),
+                cache: None,
+            };
+            let gt = relevance(&lt, rule, &x, &y, &r, false, 1e-6, Some(&bounds)).unwrap();
+            for (g, w) in gt.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "dense transposed {rule}: {g} vs {w}");
             }
             let cache = WeightCache::build(rule, &w);
             let cached = LinearLayer { cache: Some(&cache), ..layer.clone() };

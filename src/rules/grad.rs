@@ -112,16 +112,11 @@ pub fn linear_layer<'a, T: Float>(node: &Node, ins: &[Option<&'a Value<T>>]) -> 
         Op::Gemm { alpha, beta, trans_a, trans_b } => {
             let (m, k) = if *trans_a { (x.shape()[1], x.shape()[0]) } else { (x.shape()[0], x.shape()[1]) };
             let n = if *trans_b { w.shape()[0] } else { w.shape()[1] };
-            // Canonization stores weights this way (see canonize::plain_gemm_weights): borrow them.
-            let wv: std::borrow::Cow<[T]> = if !*trans_b && *alpha == 1.0 {
+            // The stored weights, borrowed in either layout; only a scale alpha ≠ 1 makes a copy.
+            let wv: std::borrow::Cow<[T]> = if *alpha == 1.0 {
                 slice(w)
             } else {
-                let wk = if *trans_b {
-                    w.t().as_standard_layout().into_owned()
-                } else {
-                    w.as_standard_layout().into_owned()
-                };
-                wk.iter().map(|&v| v * T::of(*alpha)).collect::<Vec<T>>().into()
+                slice(w).iter().map(|&v| v * T::of(*alpha)).collect::<Vec<T>>().into()
             };
             let bias = match ins.get(2).copied().flatten() {
                 None => None,
@@ -137,7 +132,8 @@ pub fn linear_layer<'a, T: Float>(node: &Node, ins: &[Option<&'a Value<T>>]) -> 
                     Some(cb.iter().map(|&v| v * T::of(*beta)).collect())
                 }
             };
-            Ok((LinearLayer { kind: LinearKind::Dense { m, k, n }, w: wv, bias, cache: None }, *trans_a))
+            let kind = LinearKind::Dense { m, k, n, transposed: *trans_b };
+            Ok((LinearLayer { kind, w: wv, bias, cache: None }, *trans_a))
         }
         Op::MatMul => {
             if w.ndim() != 2 || x.ndim() < 2 {
@@ -150,7 +146,8 @@ pub fn linear_layer<'a, T: Float>(node: &Node, ins: &[Option<&'a Value<T>>]) -> 
             let k = w.shape()[0];
             let n = w.shape()[1];
             let m = x.len() / k;
-            Ok((LinearLayer { kind: LinearKind::Dense { m, k, n }, w: slice(w), bias: None, cache: None }, false))
+            let kind = LinearKind::Dense { m, k, n, transposed: false };
+            Ok((LinearLayer { kind, w: slice(w), bias: None, cache: None }, false))
         }
         _ => Err("not a linear layer".into()),
     }

@@ -12,7 +12,9 @@ use crate::tensor::Float;
 pub enum LinearKind {
     /// A (grouped) convolution; `w` is [M, C/g, kh, kw].
     Conv(ConvGeom),
-    /// `y[m×n] = x[m×k] · w[k×n]`.
+    /// `y[m×n] = x[m×k] · w[k×n]`, or `x · wᵀ` with `w` stored [n×k] when `transposed` (ONNX
+    /// Gemm's transB, PyTorch's Linear): used in place, since copying VGG's 120 M head weights per
+    /// pass (or per plan) costs more than the product.
     Dense {
         /// Rows (samples × positions).
         m: usize,
@@ -20,6 +22,8 @@ pub enum LinearKind {
         k: usize,
         /// Output features.
         n: usize,
+        /// Weights stored [n×k].
+        transposed: bool,
     },
 }
 
@@ -111,10 +115,19 @@ impl<T: Float> LinearLayer<'_, T> {
     pub fn vjp_sum(&self, terms: &[(&[T], &[T])]) -> Vec<T> {
         match &self.kind {
             LinearKind::Conv(geom) => conv2d_vjp_sum(geom, terms),
-            LinearKind::Dense { m, k, n } => {
+            LinearKind::Dense { m, k, n, transposed } => {
                 let mut dx = vec![T::zero(); m * k];
                 for (i, (g, w)) in terms.iter().enumerate() {
-                    matmul(*m, *k, *n, Mat::rows(g, *n), Mat::rows_t(w, *n), &mut dx, i > 0, Threads::Pool);
+                    matmul(
+                        *m,
+                        *k,
+                        *n,
+                        Mat::rows(g, *n),
+                        dense_wt(w, *k, *n, *transposed),
+                        &mut dx,
+                        i > 0,
+                        Threads::Pool,
+                    );
                 }
                 dx
             }
@@ -166,9 +179,10 @@ fn fwd_with<T: Float>(kind: &LinearKind, x: &[T], w: &[T], bias: Option<&[T]>) -
             }
             _ => conv2d(g, x, w, bias),
         },
-        LinearKind::Dense { m, k, n } => {
+        LinearKind::Dense { m, k, n, transposed } => {
             let mut y = vec![T::zero(); m * n];
-            matmul(*m, *n, *k, Mat::rows(x, *k), Mat::rows(w, *n), &mut y, false, Threads::Pool);
+            let wm = if *transposed { Mat::rows_t(w, *k) } else { Mat::rows(w, *n) };
+            matmul(*m, *n, *k, Mat::rows(x, *k), wm, &mut y, false, Threads::Pool);
             if let Some(b) = bias {
                 for row in y.chunks_mut(*n) {
                     row.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
@@ -183,12 +197,17 @@ fn fwd_with<T: Float>(kind: &LinearKind, x: &[T], w: &[T], bias: Option<&[T]>) -
 fn vjp_with<T: Float>(kind: &LinearKind, g: &[T], w: &[T]) -> Vec<T> {
     match kind {
         LinearKind::Conv(geom) => conv2d_vjp(geom, g, w),
-        LinearKind::Dense { m, k, n } => {
+        LinearKind::Dense { m, k, n, transposed } => {
             let mut dx = vec![T::zero(); m * k];
-            matmul(*m, *k, *n, Mat::rows(g, *n), Mat::rows_t(w, *n), &mut dx, false, Threads::Pool);
+            matmul(*m, *k, *n, Mat::rows(g, *n), dense_wt(w, *k, *n, *transposed), &mut dx, false, Threads::Pool);
             dx
         }
     }
+}
+
+/// The [n×k] matrix `wᵀ` of a dense layer's weights (see [`LinearKind::Dense`]).
+fn dense_wt<T>(w: &[T], k: usize, n: usize, transposed: bool) -> Mat<'_, T> {
+    if transposed { Mat::rows(w, k) } else { Mat::rows_t(w, n) }
 }
 
 /// One half of a two-part rule: (selector, weights for x⁺, weights for x⁻, bias).
@@ -280,7 +299,7 @@ pub fn relevance_bf<T: Float>(
                 _ => z.iter().zip(r).map(|(&zv, &rv)| if zv == T::zero() { T::zero() } else { rv / zv }).collect(),
             };
             add_product(&mut out, x, layer.vjp(&g, w), T::one());
-            if let (Rule::Epsilon(eps), true, LinearKind::Dense { m, k, n }, Some(out)) =
+            if let (Rule::Epsilon(eps), true, LinearKind::Dense { m, k, n, .. }, Some(out)) =
                 (rule, bias_factor != 0.0, &layer.kind, out.as_mut())
             {
                 let (m, k, n) = (*m, *k, *n);
