@@ -64,30 +64,54 @@ pub struct Prepared {
     pub report: Vec<String>,
     /// Max |Δ| / max |y| between original and canonized outputs on the given inputs.
     pub deviation: f64,
-    consts: Mutex<HashMap<&'static str, Arc<dyn Any + Send + Sync>>>,
+    /// Converted constants per precision, shared with the plans made by [`Prepared::with_method`].
+    consts: Arc<Mutex<AnyCache>>,
+    /// The rules' modified weights per precision (this plan's own).
+    weights: Mutex<AnyCache>,
+}
+
+/// Values keyed by the precision's name ([`Float::NAME`]).
+type AnyCache = HashMap<&'static str, Arc<dyn Any + Send + Sync>>;
+
+/// The entry of `cache` for `T`, made by `make` on first use.
+fn cached<T: Float, V: Any + Send + Sync>(cache: &Mutex<AnyCache>, make: impl Fn() -> V) -> Arc<V> {
+    let mut c = cache.lock().unwrap_or_else(|e| e.into_inner());
+    let entry = c.entry(T::NAME).or_insert_with(|| Arc::new(make()) as Arc<dyn Any + Send + Sync>);
+    match entry.clone().downcast() {
+        Ok(v) => v,
+        // Unreachable: the key is the type's name; rebuild rather than panic.
+        Err(_) => Arc::new(make()),
+    }
 }
 
 impl Prepared {
     /// The plan's constants in precision `T`, converted on first use.
     pub fn consts<T: Float>(&self) -> Arc<HashMap<ValueId, Value<T>>> {
-        self.state::<T>().0.clone()
+        let c = cached::<T, _>(&self.consts, || consts::<T>(&self.plan));
+        // A plan made by `with_method` shares its parent's constants when its graph has no others.
+        if self.plan.graph.consts.keys().all(|k| c.contains_key(k)) {
+            return c;
+        }
+        let own = consts::<T>(&self.plan);
+        Arc::new(own)
     }
 
-    /// Constants and the rules' modified weights in precision `T`, made on first use.
-    #[allow(clippy::type_complexity)] // a private cache entry
-    fn state<T: Float>(&self) -> Arc<(Arc<HashMap<ValueId, Value<T>>>, HashMap<usize, WeightCache<T>>)> {
-        let make = || {
-            let c = consts::<T>(&self.plan);
-            let w = weight_caches(&self.plan, &c);
-            Arc::new((Arc::new(c), w))
-        };
-        let mut cache = self.consts.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = cache.entry(T::NAME).or_insert_with(|| make() as Arc<dyn Any + Send + Sync>);
-        match entry.clone().downcast() {
-            Ok(c) => c,
-            // Unreachable: the key is the type's name; rebuild rather than panic.
-            Err(_) => make(),
-        }
+    /// The rules' modified weights in precision `T`, made on first use.
+    fn weights<T: Float>(&self, c: &HashMap<ValueId, Value<T>>) -> Arc<HashMap<usize, WeightCache<T>>> {
+        cached::<T, _>(&self.weights, || weight_caches(&self.plan, c))
+    }
+
+    /// The same canonized graph with another method's rules, without canonizing and checking it
+    /// again; shares the converted constants (one copy of the weights for several methods).
+    pub fn with_method(&self, method: &Method, opts: RuleOpts) -> Result<Prepared> {
+        let plan = Plan::new(self.plan.graph.clone(), &method.composite()?, opts)?;
+        Ok(Prepared {
+            plan,
+            report: self.report.clone(),
+            deviation: self.deviation,
+            consts: self.consts.clone(),
+            weights: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The explained output (logits) for `inputs`, without propagation.
@@ -114,7 +138,13 @@ pub fn prepare<T: Float>(g: &Graph, inputs: &[Value<T>], s: &Settings) -> Result
         )));
     }
     let plan = Plan::new(cg, &s.method.composite()?, s.opts.clone())?;
-    Ok(Prepared { plan, report, deviation, consts: Mutex::new(HashMap::new()) })
+    Ok(Prepared {
+        plan,
+        report,
+        deviation,
+        consts: Arc::new(Mutex::new(HashMap::new())),
+        weights: Mutex::new(HashMap::new()),
+    })
 }
 
 /// Runs the method on a prepared plan.
@@ -125,8 +155,8 @@ pub fn attribute<T: Float>(
     targets: Option<&[usize]>,
     keep: &[String],
 ) -> Result<Explanation<T>> {
-    let state = p.state::<T>();
-    let (c, weights) = (&state.0, &state.1);
+    let c = p.consts::<T>();
+    let weights = p.weights::<T>(&c);
     let (seed, times_input) = match method {
         Method::Lrp(comp) if comp.is_gradient() && comp.name == "gradient" => (Seed::OneHot, false),
         Method::Lrp(_) => (Seed::OneHotTimesOutput, false),
@@ -134,7 +164,7 @@ pub fn attribute<T: Float>(
         Method::InputXGradient => (Seed::OneHot, true),
     };
     let xs: Vec<Value<T>> = if times_input { inputs.clone() } else { vec![] };
-    let mut e = explain(&p.plan, c, weights, inputs, targets, seed, keep)?;
+    let mut e = explain(&p.plan, &c, &weights, inputs, targets, seed, keep)?;
     if times_input {
         for (r, x) in e.relevance.iter_mut().zip(&xs) {
             if let (Some(r), Value::F(x)) = (r.as_mut(), x) {
