@@ -122,7 +122,7 @@ fn remove_identities(g: &mut Graph, report: &mut Vec<String>) {
 
 fn const_f(g: &Graph, v: Option<ValueId>) -> Option<ArrayD<f64>> {
     match g.consts.get(&v?) {
-        Some(Const::F(a)) => Some(a.to_owned()),
+        Some(c @ (Const::F(_) | Const::F32(_))) => c.f64s(),
         _ => None,
     }
 }

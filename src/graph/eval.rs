@@ -1248,6 +1248,9 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
                 crate::tensor::Const::F(a) => {
                     Value::F(ArrayD::from_elem(IxDyn(&shape), T::of(a.iter().next().copied().unwrap_or(0.0))))
                 }
+                crate::tensor::Const::F32(a) => {
+                    Value::F(ArrayD::from_elem(IxDyn(&shape), T::of(a.iter().next().map_or(0.0, |&v| v as f64))))
+                }
                 crate::tensor::Const::I(a) => {
                     Value::I(ArrayD::from_elem(IxDyn(&shape), a.iter().next().copied().unwrap_or(0)))
                 }

@@ -383,7 +383,7 @@ impl Graph {
 
     /// Number of parameters (elements of float constants).
     pub fn parameter_count(&self) -> usize {
-        self.consts.values().filter(|c| matches!(c, Const::F(_))).map(|c| c.len()).sum()
+        self.consts.values().filter(|c| matches!(c, Const::F(_) | Const::F32(_))).map(|c| c.len()).sum()
     }
 
     /// Op-type histogram, sorted by count then name.

@@ -179,7 +179,7 @@ pub fn tensor_to_const(t: &TensorProto, dir: &Path) -> Result<Const> {
             u64::from_le_bytes(b)
         };
         return Ok(match dt {
-            1 => Const::float(array(&dims, chunks.map(|c| f32::from_bits(le(c) as u32) as f64).collect())),
+            1 => Const::float32(array(&dims, chunks.map(|c| f32::from_bits(le(c) as u32)).collect())),
             11 => Const::float(array(&dims, chunks.map(|c| f64::from_bits(le(c))).collect())),
             10 => Const::float(array(&dims, chunks.map(|c| f16_to_f64(le(c) as u16)).collect())),
             16 => Const::float(array(&dims, chunks.map(|c| f32::from_bits((le(c) as u32) << 16) as f64).collect())),
@@ -195,7 +195,7 @@ pub fn tensor_to_const(t: &TensorProto, dir: &Path) -> Result<Const> {
     Ok(match dt {
         1 => {
             check(t.float_data.len())?;
-            Const::float(array(&dims, t.float_data.iter().map(|&v| v as f64).collect()))
+            Const::float32(array(&dims, t.float_data.clone()))
         }
         11 => {
             check(t.double_data.len())?;
