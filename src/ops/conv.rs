@@ -2,7 +2,8 @@
 //! convolution), by im2col / col2im and GEMM, with a direct kernel for depthwise layers where a
 //! GEMM with one output row would waste the matrix unit.
 
-use super::gemm::{Mat, Threads, matmul};
+use super::gemm::{Mat, Threads, matmul, matmul_ld};
+use std::ops::Range;
 use super::pool::valid_outputs;
 use crate::tensor::Float;
 use rayon::prelude::*;
@@ -64,24 +65,26 @@ impl ConvGeom {
     }
 }
 
-/// Fills `col[kdim × oh·ow]` with the patches of one group of one sample (`x` is [cg, h, w]).
-fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T], oh: usize, ow: usize, threads: Threads) {
+/// Fills `col[kdim × rows·ow]` with the patches of output rows `rows` of one group of one sample
+/// (`x` is [cg, h, w]).
+fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T], rows: Range<usize>, ow: usize, threads: Threads) {
     let (h, w) = (g.h, g.w);
-    let ohw = oh * ow;
+    let oh = rows.end;
+    let span = rows.len() * ow;
     let taps = g.kh * g.kw;
-    let rows = |ci: usize, dst: &mut [T]| {
+    let fill = |ci: usize, dst: &mut [T]| {
         let plane = &x[ci * h * w..(ci + 1) * h * w];
         for ki in 0..g.kh {
-            let ys = valid_outputs(h, oh, g.stride[0], ki, g.dilation[0], g.pads[0]);
+            let ys = clip(valid_outputs(h, oh, g.stride[0], ki, g.dilation[0], g.pads[0]), &rows);
             for kj in 0..g.kw {
                 let xs = valid_outputs(w, ow, g.stride[1], kj, g.dilation[1], g.pads[1]);
-                let d = &mut dst[(ki * g.kw + kj) * ohw..(ki * g.kw + kj + 1) * ohw];
-                d[..ys.start * ow].fill(T::zero());
-                d[ys.end * ow..].fill(T::zero());
+                let d = &mut dst[(ki * g.kw + kj) * span..(ki * g.kw + kj + 1) * span];
+                d[..(ys.start - rows.start) * ow].fill(T::zero());
+                d[(ys.end - rows.start) * ow..].fill(T::zero());
                 for oy in ys.clone() {
                     let iy = oy * g.stride[0] + ki * g.dilation[0] - g.pads[0];
                     let src = &plane[iy * w..(iy + 1) * w];
-                    let drow = &mut d[oy * ow..(oy + 1) * ow];
+                    let drow = &mut d[(oy - rows.start) * ow..(oy - rows.start + 1) * ow];
                     drow[..xs.start].fill(T::zero());
                     drow[xs.end..].fill(T::zero());
                     if xs.is_empty() {
@@ -99,34 +102,49 @@ fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T], oh: usize, ow: usize, 
             }
         }
     };
-    let per = taps * ohw;
+    let per = taps * span;
     match threads {
         Threads::Pool if g.cg() > 1 && g.cg() * per >= 1 << 15 => {
-            col[..g.cg() * per].par_chunks_mut(per).enumerate().for_each(|(ci, d)| rows(ci, d))
+            col[..g.cg() * per].par_chunks_mut(per).enumerate().for_each(|(ci, d)| fill(ci, d))
         }
-        _ => col[..g.cg() * per].chunks_mut(per).enumerate().for_each(|(ci, d)| rows(ci, d)),
+        _ => col[..g.cg() * per].chunks_mut(per).enumerate().for_each(|(ci, d)| fill(ci, d)),
     }
 }
 
-/// Adds `col[kdim × oh·ow]` back onto the input positions of one group of one sample.
-fn col2im<T: Float>(g: &ConvGeom, col: &[T], x: &mut [T], oh: usize, ow: usize, threads: Threads) {
+/// `r ∩ within` (empty at `within`'s bounds when they do not meet).
+fn clip(r: Range<usize>, within: &Range<usize>) -> Range<usize> {
+    let start = r.start.clamp(within.start, within.end);
+    start..r.end.clamp(start, within.end)
+}
+
+/// Output rows per im2col tile: the column buffer stays near 4 MB (whole-plane buffers reached
+/// 115 MB on VGG-16's first layers, and the product then streamed them from memory).
+fn tile_rows(kdim: usize, oh: usize, ow: usize) -> usize {
+    ((1usize << 20) / (kdim * ow).max(1)).clamp(1, oh.max(1))
+}
+
+/// Adds `col[kdim × rows·ow]` (output rows `rows`) back onto the input positions of one group of
+/// one sample.
+fn col2im<T: Float>(g: &ConvGeom, col: &[T], x: &mut [T], rows: Range<usize>, ow: usize, threads: Threads) {
     let (h, w) = (g.h, g.w);
-    let ohw = oh * ow;
+    let oh = rows.end;
+    let span = rows.len() * ow;
     let taps = g.kh * g.kw;
     let planes = |ci: usize, plane: &mut [T]| {
         for ki in 0..g.kh {
-            let ys = valid_outputs(h, oh, g.stride[0], ki, g.dilation[0], g.pads[0]);
+            let ys = clip(valid_outputs(h, oh, g.stride[0], ki, g.dilation[0], g.pads[0]), &rows);
             for kj in 0..g.kw {
                 let xs = valid_outputs(w, ow, g.stride[1], kj, g.dilation[1], g.pads[1]);
                 if xs.is_empty() {
                     continue;
                 }
                 let row = ci * taps + ki * g.kw + kj;
-                let src = &col[row * ohw..(row + 1) * ohw];
+                let src = &col[row * span..(row + 1) * span];
                 for oy in ys.clone() {
                     let iy = oy * g.stride[0] + ki * g.dilation[0] - g.pads[0];
                     let dst = &mut plane[iy * w..(iy + 1) * w];
-                    let s = &src[oy * ow + xs.start..oy * ow + xs.end];
+                    let o = (oy - rows.start) * ow;
+                    let s = &src[o + xs.start..o + xs.end];
                     let ix0 = xs.start * g.stride[1] + kj * g.dilation[1] - g.pads[1];
                     if g.stride[1] == 1 {
                         for (d, &v) in dst[ix0..ix0 + s.len()].iter_mut().zip(s) {
@@ -143,7 +161,7 @@ fn col2im<T: Float>(g: &ConvGeom, col: &[T], x: &mut [T], oh: usize, ow: usize, 
     };
     let hw = h * w;
     match threads {
-        Threads::Pool if g.cg() > 1 && g.cg() * taps * ohw >= 1 << 15 => {
+        Threads::Pool if g.cg() > 1 && g.cg() * taps * span >= 1 << 15 => {
             x[..g.cg() * hw].par_chunks_mut(hw).enumerate().for_each(|(ci, p)| planes(ci, p))
         }
         _ => x[..g.cg() * hw].chunks_mut(hw).enumerate().for_each(|(ci, p)| planes(ci, p)),
@@ -317,17 +335,23 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
             });
             return;
         }
-        let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::zero(); kdim * ohw] };
+        let tile = tile_rows(kdim, oh, ow);
+        let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::zero(); kdim * tile * ow] };
         for gi in 0..g.group {
             let xg = &xs[gi * cg * g.h * g.w..(gi + 1) * cg * g.h * g.w];
-            let b = if g.is_pointwise() {
-                Mat::rows(xg, ohw)
-            } else {
-                im2col(g, xg, &mut col, oh, ow, threads);
-                Mat::rows(&col[..], ohw)
-            };
             let a = Mat::rows(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
-            matmul(mg, ohw, kdim, a, b, &mut ys[gi * mg * ohw..(gi + 1) * mg * ohw], true, threads);
+            let yg = &mut ys[gi * mg * ohw..(gi + 1) * mg * ohw];
+            if g.is_pointwise() {
+                matmul(mg, ohw, kdim, a, Mat::rows(xg, ohw), yg, true, threads);
+                continue;
+            }
+            for oy0 in (0..oh).step_by(tile) {
+                let rows = oy0..(oy0 + tile).min(oh);
+                let span = rows.len() * ow;
+                im2col(g, xg, &mut col, rows, ow, threads);
+                // The tile's outputs: columns oy0·ow.. of each output channel (row stride oh·ow).
+                matmul_ld(mg, span, kdim, a, Mat::rows(&col[..kdim * span], span), &mut yg[oy0 * ow..], ohw, true, threads);
+            }
         }
     };
     let xsz = g.c * g.h * g.w;
@@ -388,17 +412,28 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
             });
             return;
         }
-        let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::zero(); kdim * ohw] };
+        let tile = tile_rows(kdim, oh, ow);
+        let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::zero(); kdim * tile * ow] };
         for gi in 0..g.group {
             let dxg = &mut dxs[gi * cg * hw..(gi + 1) * cg * hw];
-            for (k, (dy, wt)) in terms.iter().enumerate() {
-                let a = Mat::rows_t(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
-                let b = Mat::rows(&part(dy, s, ysz)[gi * mg * ohw..(gi + 1) * mg * ohw], ohw);
-                let out = if g.is_pointwise() { &mut *dxg } else { &mut col[..] };
-                matmul(kdim, ohw, mg, a, b, out, k > 0, threads);
+            if g.is_pointwise() {
+                for (k, (dy, wt)) in terms.iter().enumerate() {
+                    let a = Mat::rows_t(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
+                    let b = Mat::rows(&part(dy, s, ysz)[gi * mg * ohw..(gi + 1) * mg * ohw], ohw);
+                    matmul(kdim, ohw, mg, a, b, dxg, k > 0, threads);
+                }
+                continue;
             }
-            if !g.is_pointwise() {
-                col2im(g, &col, dxg, oh, ow, threads);
+            for oy0 in (0..oh).step_by(tile) {
+                let rows = oy0..(oy0 + tile).min(oh);
+                let span = rows.len() * ow;
+                for (k, (dy, wt)) in terms.iter().enumerate() {
+                    let a = Mat::rows_t(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
+                    // The tile's columns of dy: row stride oh·ow.
+                    let b = Mat { data: &part(dy, s, ysz)[gi * mg * ohw + oy0 * ow..], rs: ohw, cs: 1 };
+                    matmul(kdim, span, mg, a, b, &mut col[..kdim * span], k > 0, threads);
+                }
+                col2im(g, &col, dxg, rows, ow, threads);
             }
         }
     };
@@ -600,6 +635,9 @@ mod tests {
             ConvGeom { m: 3, group: 3, h: 40, w: 39, stride: [2, 2], dilation: [1, 2], pads: [1, 2, 0, 3], ..base },
             ConvGeom { m: 6, group: 3, h: 17, w: 18, kh: 5, kw: 5, pads: [2, 2, 2, 2], ..base },
             ConvGeom { m: 3, group: 3, h: 36, w: 37, stride: [2, 2], pads: [0, 0, 1, 1], n: 2, ..base },
+            // Several im2col tiles (see tile_rows): 576 × 48 columns per row, 37 rows per tile.
+            ConvGeom { c: 64, m: 5, h: 48, w: 48, ..base },
+            ConvGeom { c: 64, m: 5, h: 96, w: 95, stride: [2, 2], pads: [1, 0, 1, 1], ..base },
         ]
     }
 

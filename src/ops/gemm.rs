@@ -46,13 +46,32 @@ pub fn matmul<T: Float>(
     accumulate: bool,
     threads: Threads,
 ) {
-    assert!(c.len() >= m * n, "matmul output too small");
+    matmul_ld(m, n, k, a, b, c, n, accumulate, threads)
+}
+
+/// [`matmul`] into an output with row stride `ldc` (≥ n): `c[i·ldc + j]`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_ld<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    c: &mut [T],
+    ldc: usize,
+    accumulate: bool,
+    threads: Threads,
+) {
+    assert!(ldc >= n, "matmul output row stride below its width");
+    assert!(m == 0 || n == 0 || c.len() >= (m - 1) * ldc + n, "matmul output too small");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         if !accumulate {
-            c[..m * n].iter_mut().for_each(|v| *v = T::zero());
+            for row in 0..m {
+                c[row * ldc..row * ldc + n].iter_mut().for_each(|v| *v = T::zero());
+            }
         }
         return;
     }
@@ -81,7 +100,7 @@ pub fn matmul<T: Float>(
         }
         let cp = &cp;
         let (mm, nn, a_off, b_off, c_off) =
-            if split_rows { (hi - lo, n, lo * a.rs, 0, lo * n) } else { (m, hi - lo, 0, lo * b.cs, lo) };
+            if split_rows { (hi - lo, n, lo * a.rs, 0, lo * ldc) } else { (m, hi - lo, 0, lo * b.cs, lo) };
         // SAFETY: the asserts above bound every index of the full product; each block writes a
         // disjoint set of `c`'s elements (its rows or its columns) and reads `a` and `b` only.
         unsafe {
@@ -91,7 +110,7 @@ pub fn matmul<T: Float>(
                 k,
                 cp.0.add(c_off),
                 1,
-                n as isize,
+                ldc as isize,
                 accumulate,
                 a.data.as_ptr().add(a_off),
                 a.cs as isize,
@@ -137,6 +156,22 @@ mod tests {
             }
         }
         c
+    }
+
+    #[test]
+    fn matmul_ld_writes_a_strided_block_only() {
+        let (m, n, k, ldc) = (70, 300, 33, 520);
+        let a: Vec<f64> = (0..m * k).map(|i| ((i * 7 % 13) as f64) - 6.0).collect();
+        let b: Vec<f64> = (0..k * n).map(|i| ((i * 5 % 11) as f64) * 0.5 - 2.0).collect();
+        let want = naive(m, n, k, Mat::rows(&a, k), Mat::rows(&b, n));
+        let mut c = vec![7.0; m * ldc];
+        matmul_ld(m, n, k, Mat::rows(&a, k), Mat::rows(&b, n), &mut c, ldc, true, Threads::Pool);
+        for i in 0..m {
+            for j in 0..ldc {
+                let expect = if j < n { want[i * n + j] + 7.0 } else { 7.0 };
+                assert_eq!(c[i * ldc + j], expect, "({i}, {j})");
+            }
+        }
     }
 
     #[test]

@@ -492,19 +492,25 @@ fn vjp<T: Float>(
             let x = fin(ins, 0)?;
             let c = thresholds.len();
             let inner: usize = x.shape()[2..].iter().product::<usize>().max(1);
-            let gv = g()?.as_standard_layout().into_owned();
+            let mut v = g()?.as_standard_layout().into_owned();
             let xs = x.as_standard_layout();
-            let v: Vec<T> = gv
-                .iter()
-                .zip(xs.iter())
-                .enumerate()
-                .map(|(i, (&gg, &xv))| {
-                    let ch = (i / inner) % c;
-                    let keep = dirs[ch] != 0 && (xv - T::of(thresholds[ch])) * T::of(dirs[ch] as f64) > T::zero();
-                    if keep { gg } else { T::zero() }
-                })
-                .collect();
-            res[0] = Some(array(x.shape(), v));
+            let (vs, xs) = (v.as_slice_mut().ok_or("layout")?, xs.as_slice().ok_or("layout")?);
+            // Per channel plane, as the forward.
+            let plane = |(k, (p, xp)): (usize, (&mut [T], &[T]))| {
+                let (t, d) = (T::of(thresholds[k % c]), dirs[k % c]);
+                let dv = T::of(d as f64);
+                p.iter_mut().zip(xp).for_each(|(gg, &xv)| {
+                    let keep = d != 0 && (xv - t) * dv > T::zero();
+                    if !keep {
+                        *gg = T::zero();
+                    }
+                });
+            };
+            {
+                use rayon::prelude::*;
+                vs.par_chunks_mut(inner).zip(xs.par_chunks(inner)).enumerate().for_each(plane);
+            }
+            res[0] = Some(v);
         }
         Op::Sqrt => res[0] = Some(unary!(|gv, _, yy| gv * T::of(0.5) / yy)?),
         Op::BatchNorm { epsilon } => {
