@@ -3,10 +3,10 @@
 //! GEMM with one output row would waste the matrix unit.
 
 use super::gemm::{Mat, Threads, matmul, matmul_ld};
-use std::ops::Range;
 use super::pool::valid_outputs;
 use crate::tensor::Float;
 use rayon::prelude::*;
+use std::ops::Range;
 
 /// Geometry of a 2-d convolution.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -350,7 +350,17 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
                 let span = rows.len() * ow;
                 im2col(g, xg, &mut col, rows, ow, threads);
                 // The tile's outputs: columns oy0·ow.. of each output channel (row stride oh·ow).
-                matmul_ld(mg, span, kdim, a, Mat::rows(&col[..kdim * span], span), &mut yg[oy0 * ow..], ohw, true, threads);
+                matmul_ld(
+                    mg,
+                    span,
+                    kdim,
+                    a,
+                    Mat::rows(&col[..kdim * span], span),
+                    &mut yg[oy0 * ow..],
+                    ohw,
+                    true,
+                    threads,
+                );
             }
         }
     };
