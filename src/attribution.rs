@@ -68,6 +68,8 @@ pub struct Prepared {
     consts: Arc<Mutex<AnyCache>>,
     /// The rules' modified weights per precision (this plan's own).
     weights: Mutex<AnyCache>,
+    /// This plan's own constants, if its graph has some its parent's lack (see `consts`).
+    own_consts: Mutex<AnyCache>,
 }
 
 /// Values keyed by the precision's name ([`Float::NAME`]).
@@ -92,8 +94,7 @@ impl Prepared {
         if self.plan.graph.consts.keys().all(|k| c.contains_key(k)) {
             return c;
         }
-        let own = consts::<T>(&self.plan);
-        Arc::new(own)
+        cached::<T, _>(&self.own_consts, || consts::<T>(&self.plan))
     }
 
     /// The rules' modified weights in precision `T`, made on first use.
@@ -111,6 +112,7 @@ impl Prepared {
             deviation: self.deviation,
             consts: self.consts.clone(),
             weights: Mutex::new(HashMap::new()),
+            own_consts: Mutex::new(HashMap::new()),
         })
     }
 
@@ -144,6 +146,7 @@ pub fn prepare<T: Float>(g: &Graph, inputs: &[Value<T>], s: &Settings) -> Result
         deviation,
         consts: Arc::new(Mutex::new(HashMap::new())),
         weights: Mutex::new(HashMap::new()),
+        own_consts: Mutex::new(HashMap::new()),
     })
 }
 

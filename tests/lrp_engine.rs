@@ -448,3 +448,31 @@ fn relevance_at_intermediate_values_is_returned_and_conserved() {
     }
     assert_eq!(e.intermediate["p1"].shape(), &[2, 4, 4, 4]);
 }
+
+/// A plan derived with `with_method` (shared canonization and constants) explains exactly as a
+/// plan prepared from scratch for that method, in both precisions.
+#[test]
+fn derived_plans_equal_fresh_ones() {
+    let g = relprop::onnx::load(root().join("tests/fixtures/resnet_basic/model.onnx")).unwrap();
+    let x: Value<f32> = relprop::io::read_npy(&root().join("tests/fixtures/resnet_basic/input_0.npy")).unwrap();
+    let opts = RuleOpts { bounds: Some(Bounds { low: vec![-3.0], high: vec![3.0] }), ..RuleOpts::default() };
+    let settings =
+        |m: &Method| Settings { method: m.clone(), canonize: Mode::Full, opts: opts.clone(), tolerance: 1e-4 };
+    let base = prepare(&g, std::slice::from_ref(&x), &settings(&Method::Gradient)).unwrap();
+    for name in ["epsilon_plus_flat", "epsilon_gamma_box", "epsilon_alpha2_beta1_flat"] {
+        let m = Method::Lrp(Box::new(Composite::named(name, &Params::default()).unwrap()));
+        let derived = base.with_method(&m, opts.clone()).unwrap();
+        let fresh = prepare(&g, std::slice::from_ref(&x), &settings(&m)).unwrap();
+        let a = attribute(&derived, &m, vec![x.clone()], None, &[]).unwrap();
+        let b = attribute(&fresh, &m, vec![x.clone()], None, &[]).unwrap();
+        assert_eq!(a.relevance[0], b.relevance[0], "{name}");
+        let x64 = Value::F(match &x {
+            Value::F(a) => a.mapv(|v| v as f64),
+            Value::I(_) => unreachable!(),
+        });
+        let a = attribute(&derived, &m, vec![x64.clone()], None, &[]).unwrap();
+        let b = attribute(&fresh, &m, vec![x64.clone()], None, &[]).unwrap();
+        assert_eq!(a.relevance[0], b.relevance[0], "{name} f64");
+        assert!(a.relevance[0].as_ref().unwrap().iter().any(|v| *v != 0.0), "{name}: all-zero relevance");
+    }
+}
