@@ -336,8 +336,8 @@ pub fn argmax_rows<T: Float>(out: &ArrayD<T>) -> Vec<usize> {
         .collect()
 }
 
-/// The modified weights of the plan's linear layers that their rules need (z⁺'s w⁺, γ's stacked
-/// w + γw±, ...), computed once so that each explanation borrows them; keyed by node index.
+/// The modified weights of the plan's linear layers that their rules need (w⁺ for z⁺ and γ, w⁻ for
+/// αβ and z^B, ...), computed once so that each explanation borrows them; keyed by node index.
 pub fn weight_caches<T: Float>(plan: &Plan, consts: &HashMap<ValueId, Value<T>>) -> HashMap<usize, WeightCache<T>> {
     let g = &plan.graph;
     let work: Vec<(usize, &Rule, &[T])> = g

@@ -141,7 +141,11 @@ pub fn eval(a: EvalArgs) -> Result<ExitCode> {
             if run.prepared.is_none() {
                 let mut s = Settings { method: run.method.clone(), ..base_settings.clone() };
                 s.opts.bounds = Some(bounds.clone());
-                run.prepared = Some(prepare(&g, std::slice::from_ref(&xv), &s)?);
+                // The scorer's canonized plan serves every method (one canonization, one copy of the weights).
+                run.prepared = Some(match &scorer {
+                    Some(sc) => sc.with_method(&s.method, s.opts.clone())?,
+                    None => prepare(&g, std::slice::from_ref(&xv), &s)?,
+                });
             }
             let p = run.prepared.as_ref().context("prepared")?;
             let rel = match &run.baseline {

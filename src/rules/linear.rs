@@ -3,7 +3,7 @@
 //! `R_in = Σ_k x_k ⊙ Jᵀ_{w_k}(R / z)`, with zennit's modifiers and stabilisers.
 
 use super::{Rule, stabilize};
-use crate::ops::conv::{ConvGeom, conv2d, conv2d_vjp, conv2d_vjp_sum};
+use crate::ops::conv::{ConvGeom, conv2d, conv2d_vjp_sum};
 use crate::ops::gemm::{Mat, Threads, matmul};
 use crate::tensor::Float;
 
@@ -147,12 +147,35 @@ impl<T: Float> LinearLayer<'_, T> {
     }
     /// Forward pass with the given (possibly modified) weights and bias.
     pub fn fwd(&self, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
-        fwd_with(&self.kind, x, w, bias)
+        match &self.kind {
+            LinearKind::Conv(g) => match bias {
+                Some(b) if b.len() != g.m => {
+                    // A spatially varying bias (canonized DenseNet layers), added per sample.
+                    let mut y = conv2d(g, x, w, None);
+                    for chunk in y.chunks_mut(b.len()) {
+                        chunk.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
+                    }
+                    y
+                }
+                _ => conv2d(g, x, w, bias),
+            },
+            LinearKind::Dense { m, k, n, transposed } => {
+                let mut y = vec![T::zero(); m * n];
+                let wm = if *transposed { Mat::rows_t(w, *k) } else { Mat::rows(w, *n) };
+                matmul(*m, *n, *k, Mat::rows(x, *k), wm, &mut y, false, Threads::Pool);
+                if let Some(b) = bias {
+                    for row in y.chunks_mut(*n) {
+                        row.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
+                    }
+                }
+                y
+            }
+        }
     }
 
     /// `Jᵀ g` with the given weights.
     pub fn vjp(&self, g: &[T], w: &[T]) -> Vec<T> {
-        vjp_with(&self.kind, g, w)
+        self.vjp_sum(&[(g, w)])
     }
 
     /// A tensor shaped like the input holding `per_channel[c]` in input channel c.
@@ -162,46 +185,6 @@ impl<T: Float> LinearLayer<'_, T> {
             LinearKind::Dense { k, .. } => (*k, 1),
         };
         (0..len).map(|i| T::of(per_channel[((i / block) % c) % per_channel.len()])).collect()
-    }
-}
-
-/// [`LinearLayer::fwd`] for a layer of kind `kind`.
-fn fwd_with<T: Float>(kind: &LinearKind, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
-    match kind {
-        LinearKind::Conv(g) => match bias {
-            Some(b) if b.len() != g.m => {
-                // A spatially varying bias (canonized DenseNet layers), added per sample.
-                let mut y = conv2d(g, x, w, None);
-                for chunk in y.chunks_mut(b.len()) {
-                    chunk.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
-                }
-                y
-            }
-            _ => conv2d(g, x, w, bias),
-        },
-        LinearKind::Dense { m, k, n, transposed } => {
-            let mut y = vec![T::zero(); m * n];
-            let wm = if *transposed { Mat::rows_t(w, *k) } else { Mat::rows(w, *n) };
-            matmul(*m, *n, *k, Mat::rows(x, *k), wm, &mut y, false, Threads::Pool);
-            if let Some(b) = bias {
-                for row in y.chunks_mut(*n) {
-                    row.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
-                }
-            }
-            y
-        }
-    }
-}
-
-/// [`LinearLayer::vjp`] for a layer of kind `kind`.
-fn vjp_with<T: Float>(kind: &LinearKind, g: &[T], w: &[T]) -> Vec<T> {
-    match kind {
-        LinearKind::Conv(geom) => conv2d_vjp(geom, g, w),
-        LinearKind::Dense { m, k, n, transposed } => {
-            let mut dx = vec![T::zero(); m * k];
-            matmul(*m, *k, *n, Mat::rows(g, *n), dense_wt(w, *k, *n, *transposed), &mut dx, false, Threads::Pool);
-            dx
-        }
     }
 }
 
@@ -352,27 +335,29 @@ pub fn relevance_bf<T: Float>(
                 LinearKind::Conv(g) => per / g.m.max(1),
                 LinearKind::Dense { .. } => 1,
             };
-            // The bias at output element i of a row (per channel, or spatially varying).
-            let at = |bias: &[T], i: usize| if bias.len() == per { bias[i] } else { bias[(i / inner) % bias.len()] };
+            // The bias of output element i of a row: per channel (runs of `inner` elements), or spatially varying.
+            let at = |bias: &[T], c: usize, i: usize| if bias.len() == per { bias[i] } else { bias[c % bias.len()] };
             let mut ga = vec![T::zero(); per * rows];
             let mut gb = vec![T::zero(); per * rows];
             for row in 0..rows {
-                for i in 0..per {
-                    let e = row * per + i;
-                    let (yv, rv) = (y[e], r[e]);
-                    let stored = layer.bias.as_deref().map_or(T::zero(), |bias| at(bias, i));
-                    let used = b.map_or(T::zero(), |bias| at(bias, i));
-                    let zw = yv - stored;
-                    if yv > T::zero() {
-                        let z = zw + gm * p[e] + used + gm * pos(used);
-                        let gp = rv / stabilize(z, stabilizer);
-                        ga[e] = gp;
-                        gb[e] = gm * gp;
-                    } else if yv < T::zero() {
-                        let z = zw + gm * (zw - p[e]) + used + gm * neg(used);
-                        let gn = rv / stabilize(z, stabilizer);
-                        ga[e] = (T::one() + gm) * gn;
-                        gb[e] = -gm * gn;
+                for c in 0..per / inner.max(1) {
+                    for i in c * inner..(c + 1) * inner {
+                        let e = row * per + i;
+                        let (yv, rv) = (y[e], r[e]);
+                        let stored = layer.bias.as_deref().map_or(T::zero(), |bias| at(bias, c, i));
+                        let used = b.map_or(T::zero(), |bias| at(bias, c, i));
+                        let zw = yv - stored;
+                        if yv > T::zero() {
+                            let z = zw + gm * p[e] + used + gm * pos(used);
+                            let gp = rv / stabilize(z, stabilizer);
+                            ga[e] = gp;
+                            gb[e] = gm * gp;
+                        } else if yv < T::zero() {
+                            let z = zw + gm * (zw - p[e]) + used + gm * neg(used);
+                            let gn = rv / stabilize(z, stabilizer);
+                            ga[e] = (T::one() + gm) * gn;
+                            gb[e] = -gm * gn;
+                        }
                     }
                 }
             }
