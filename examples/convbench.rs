@@ -1,6 +1,8 @@
 //! Times the convolution kernels on EfficientNet-like layers (a profiling aid: `cargo run --release --example convbench`).
 use relprop::ops::conv::{ConvGeom, conv2d, conv2d_vjp};
 use std::time::Instant;
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     let base = ConvGeom {
         n: 1,
@@ -39,7 +41,34 @@ fn main() {
             ConvGeom { c: 3, m: 64, h: 224, w: 224, kh: 7, kw: 7, stride: [2, 2], pads: [3; 4], group: 1, ..base },
         ),
     ];
+    // EfficientNet-Lite0's depthwise layers: (channels, size, kernel, stride).
+    let eff: Vec<(String, ConvGeom)> = [
+        (32, 112, 3, 1),
+        (96, 112, 3, 2),
+        (144, 56, 3, 1),
+        (144, 56, 5, 2),
+        (240, 28, 5, 1),
+        (240, 28, 3, 2),
+        (480, 14, 3, 1),
+        (480, 14, 5, 1),
+        (672, 14, 5, 1),
+        (672, 14, 5, 2),
+        (1152, 7, 5, 1),
+        (1152, 7, 3, 1),
+    ]
+    .into_iter()
+    .map(|(c, hw, k, s)| {
+        let p = k / 2;
+        // TF-style "same" padding of the exported model: stride 2 pads only the end, less at the start.
+        let pads = if s == 1 { [p; 4] } else { [p - 1, p - 1, p, p] };
+        let g = ConvGeom { c, m: c, group: c, h: hw, w: hw, kh: k, kw: k, stride: [s, s], pads, ..base };
+        (format!("eff dw{k} s{s} {c}x{hw}"), g)
+    })
+    .collect();
     let only = std::env::args().nth(1);
+    // A second argument "fwd" skips the VJPs (for profiling the forward kernels alone).
+    let fwd_only = std::env::args().nth(2).is_some_and(|a| a == "fwd");
+    let cases = cases.into_iter().map(|(n, g)| (n.to_string(), g)).chain(eff);
     for (name, g) in cases {
         if only.as_deref().is_some_and(|o| !name.contains(o)) {
             continue;
@@ -52,17 +81,28 @@ fn main() {
         for _ in 0..3 {
             conv2d(&g, &x, &w, None);
         }
-        let reps = 20;
-        let t0 = Instant::now();
-        for _ in 0..reps {
+        // The median of many single calls: this machine's speed drifts, and a mean hides it.
+        let time = |f: &dyn Fn()| {
+            let mut t: Vec<f64> = (0..60)
+                .map(|_| {
+                    let t0 = Instant::now();
+                    f();
+                    t0.elapsed().as_secs_f64()
+                })
+                .collect();
+            t.sort_by(f64::total_cmp);
+            t[t.len() / 2]
+        };
+        let dt = time(&|| {
             std::hint::black_box(conv2d(&g, &x, &w, None));
-        }
-        let dt = t0.elapsed().as_secs_f64() / reps as f64;
-        let t0 = Instant::now();
-        for _ in 0..reps {
-            std::hint::black_box(conv2d_vjp(&g, &dy, &w));
-        }
-        let dtv = t0.elapsed().as_secs_f64() / reps as f64;
+        });
+        let dtv = if fwd_only {
+            f64::NAN
+        } else {
+            time(&|| {
+                std::hint::black_box(conv2d_vjp(&g, &dy, &w));
+            })
+        };
         println!(
             "{name:18} fwd {:7.3} ms {:6.1} GFLOP/s   vjp {:7.3} ms {:6.1} GFLOP/s",
             dt * 1e3,

@@ -1,5 +1,8 @@
 //! Runs a model's forward pass repeatedly for profiling: `perf record target/release/examples/fwdloop MODEL.onnx X.npy [N]`.
 use relprop::graph::{prepare_consts, run};
+// The binary's allocator, so that the profile matches `relprop`.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
     let a: Vec<String> = std::env::args().collect();
     let g = relprop::onnx::load(&a[1]).unwrap();

@@ -2,7 +2,7 @@
 
 use super::ir::*;
 use crate::error::{Error, Result, node_err};
-use crate::ops::conv::{ConvGeom, conv2d};
+use crate::ops::conv::{ConvGeom, conv2d_clamped};
 use crate::ops::elementwise::{BinOp, apply_inplace, repeat_pattern};
 use crate::ops::gemm::{Mat, Threads, matmul};
 use crate::ops::lstm::{LstmWeights, lstm_direction};
@@ -116,12 +116,19 @@ pub fn run_keep<'g, T: Float>(
         env.values[inp.id] = Some(v);
     }
     let last = g.last_use();
-    // RELPROP_PROFILE=1 prints the time per op type to stderr (for finding hot spots).
+    // RELPROP_PROFILE=1 prints the time per op type and the slowest nodes to stderr (for finding
+    // hot spots).
     let profile = std::env::var_os("RELPROP_PROFILE").is_some();
-    let mut prof: std::collections::BTreeMap<&str, (f64, usize)> = Default::default();
+    let mut prof: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
     let mut slow: Vec<(f64, usize)> = Vec::new();
+    // Set when a node's activation was computed with it (see `fused_clamp`).
+    let mut fused_into_previous = false;
     for (ni, node) in g.nodes.iter().enumerate() {
+        if std::mem::take(&mut fused_into_previous) {
+            continue;
+        }
         let t0 = profile.then(std::time::Instant::now);
+        let clamp = fused_clamp(g, ni, &env, &last, keep).map_err(|m| node_err(&node.name, &node.op_type, m))?;
         // An element-wise op whose input dies here works in place: no new buffer, no second pass
         // over fresh memory.
         let reuse = node.input(0).filter(|&i| {
@@ -138,7 +145,11 @@ pub fn run_keep<'g, T: Float>(
             None => None,
         };
         let dies = |i: ValueId| last[i] == ni && !keep(i) && !g.inputs.iter().any(|x| x.id == i);
-        let outs = if let (Some(i), Some(f)) = (reuse, f) {
+        let outs = if let Some(c) = clamp {
+            let ins: Vec<Option<&Value<T>>> = node.inputs.iter().map(|i| i.and_then(|id| env.get(id))).collect();
+            fused_into_previous = true;
+            eval_conv(&ins, node_conv(node), Some(c)).map_err(|m| node_err(&node.name, &node.op_type, m))?
+        } else if let (Some(i), Some(f)) = (reuse, f) {
             let mut v = env.values[i].take();
             if let Some(Value::F(a)) = &mut v {
                 f.apply(a);
@@ -157,12 +168,27 @@ pub fn run_keep<'g, T: Float>(
         };
         if let Some(t0) = t0 {
             let ms = t0.elapsed().as_secs_f64() * 1e3;
-            let e = prof.entry(node.op_type.as_str()).or_default();
+            // Convolutions by kind: their kernels differ (GEMM, im2col + GEMM, depthwise rows).
+            let key = match &node.op {
+                Op::Conv { group, .. } if *group > 1 => format!("{} depthwise/grouped", node.op_type),
+                Op::Conv { .. }
+                    if node
+                        .input(1)
+                        .and_then(|w| env.get(w))
+                        .is_some_and(|w| w.shape().iter().skip(2).all(|&k| k == 1)) =>
+                {
+                    format!("{} 1x1", node.op_type)
+                }
+                _ => node.op_type.clone(),
+            };
+            let e = prof.entry(key).or_default();
             e.0 += ms;
             e.1 += 1;
             slow.push((ms, ni));
         }
-        for (o, v) in node.outputs.iter().zip(outs) {
+        // A fused activation's output is the pair's output.
+        let out_ids = if clamp.is_some() { &g.nodes[ni + 1].outputs } else { &node.outputs };
+        for (o, v) in out_ids.iter().zip(outs) {
             if let Some(o) = o {
                 env.values[*o] = Some(v);
             }
@@ -178,7 +204,9 @@ pub fn run_keep<'g, T: Float>(
             eprintln!("profile: {op:<20} {n:>4} nodes {ms:>9.2} ms");
         }
         slow.sort_by(|a, b| b.0.total_cmp(&a.0));
-        for (ms, ni) in slow.iter().take(12) {
+        // RELPROP_PROFILE=all lists every node, otherwise the slowest twelve.
+        let top = if std::env::var("RELPROP_PROFILE").is_ok_and(|v| v == "all") { slow.len() } else { 12 };
+        for (ms, ni) in slow.iter().take(top) {
             let n = &g.nodes[*ni];
             let shapes: Vec<String> =
                 n.inputs.iter().flatten().filter_map(|v| env.get(*v)).map(|v| format!("{:?}", v.shape())).collect();
@@ -846,6 +874,97 @@ fn lstm<T: Float>(
     Ok(vec![Value::F(ya), Value::F(yha), Value::F(yca)])
 }
 
+/// The clamp of a ReLU or Clip that node `ni + 1` applies to the output of Conv node `ni`, when the
+/// two can run as one kernel: the activation is the convolution output's only reader, the output
+/// is not kept, and the Clip's bounds are attributes or constants. Fusing saves a pass over the
+/// activation's memory (EfficientNet-Lite0 has 33 ReLU6 after convolutions).
+fn fused_clamp<T: Float>(
+    g: &Graph,
+    ni: usize,
+    env: &Env<'_, T>,
+    last: &[usize],
+    keep: &dyn Fn(ValueId) -> bool,
+) -> R<Option<(T, T)>> {
+    let (node, Some(next)) = (&g.nodes[ni], g.nodes.get(ni + 1)) else {
+        return Ok(None);
+    };
+    let (Op::Conv { .. }, Some(Some(y))) = (&node.op, node.outputs.first()) else {
+        return Ok(None);
+    };
+    let y = *y;
+    let only_reader =
+        last[y] == ni + 1 && next.input(0) == Some(y) && next.inputs.iter().skip(1).all(|i| *i != Some(y));
+    if !only_reader || keep(y) || g.inputs.iter().any(|x| x.id == y) {
+        return Ok(None);
+    }
+    Ok(match &next.op {
+        Op::Relu => Some((T::zero(), T::infinity())),
+        Op::Clip { min, max } => {
+            let bound = |k: usize, attr: Option<f64>, default: T| -> R<Option<T>> {
+                match next.inputs.get(k).copied().flatten() {
+                    None => Ok(Some(attr.map(T::of).unwrap_or(default))),
+                    Some(id) if env.values[id].is_none() => match env.get(id) {
+                        Some(v) => scalar(&[Some(v)], 0).map(|s| s.or(attr.map(T::of)).or(Some(default))),
+                        None => Ok(None),
+                    },
+                    // A computed bound: evaluate the Clip on its own.
+                    Some(_) => Ok(None),
+                }
+            };
+            match (bound(1, *min, T::neg_infinity())?, bound(2, *max, T::infinity())?) {
+                (Some(lo), Some(hi)) => Some((lo, hi)),
+                _ => None,
+            }
+        }
+        _ => None,
+    })
+}
+
+fn node_conv(node: &Node) -> (&Window, usize) {
+    match &node.op {
+        Op::Conv { win, group } => (win, *group),
+        _ => unreachable!("fused_clamp only fuses Conv nodes"),
+    }
+}
+
+/// A Conv node's output, clamped to `clamp` when an activation was fused into it.
+fn eval_conv<T: Float>(
+    ins: &[Option<&Value<T>>],
+    (win, group): (&Window, usize),
+    clamp: Option<(T, T)>,
+) -> R<Vec<Value<T>>> {
+    let x = float(ins, 0)?;
+    let w = float(ins, 1)?;
+    let g = conv_geom(win, group, x.shape(), w.shape())?;
+    let bias = match ins.get(2).copied().flatten() {
+        Some(_) => {
+            let b = float(ins, 2)?;
+            let (oh, ow) = g.out_hw().ok_or("geometry")?;
+            if b.len() != g.m && b.len() != g.m * oh * ow {
+                return Err(format!("bias has {} elements, expected {}", b.len(), g.m));
+            }
+            Some(std_slice(b).into_owned())
+        }
+        None => None,
+    };
+    let per_channel = bias.as_ref().is_none_or(|b| b.len() == g.m);
+    let (b, c) = if per_channel { (bias.as_deref(), clamp) } else { (None, None) };
+    let mut y = conv2d_clamped(&g, &std_slice(x), &std_slice(w), b, c);
+    if let (false, Some(b)) = (per_channel, &bias) {
+        // A spatially varying bias [M, OH, OW] (made by canonization), added per sample.
+        for chunk in y.chunks_mut(b.len()) {
+            chunk.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
+        }
+        if let Some((lo, hi)) = clamp {
+            y.iter_mut().for_each(|v| *v = v.max(lo).min(hi));
+        }
+    }
+    let (oh, ow) = g.out_hw().ok_or("geometry")?;
+    let shape: Vec<usize> =
+        pool_out_shape(x.shape(), oh, ow).iter().enumerate().map(|(i, &d)| if i == 1 { g.m } else { d }).collect();
+    Ok(vec![Value::F(array(&shape, y))])
+}
+
 /// Evaluates one node on its inputs.
 pub fn eval_node<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> Result<Vec<Value<T>>> {
     eval_inner(node, ins).map_err(|m| node_err(&node.name, &node.op_type, m))
@@ -859,39 +978,7 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
     }
     let one = |v: Value<T>| Ok(vec![v]);
     match &node.op {
-        Op::Conv { win, group } => {
-            let x = float(ins, 0)?;
-            let w = float(ins, 1)?;
-            let g = conv_geom(win, *group, x.shape(), w.shape())?;
-            let bias = match ins.get(2).copied().flatten() {
-                Some(_) => {
-                    let b = float(ins, 2)?;
-                    let (oh, ow) = g.out_hw().ok_or("geometry")?;
-                    if b.len() != g.m && b.len() != g.m * oh * ow {
-                        return Err(format!("bias has {} elements, expected {}", b.len(), g.m));
-                    }
-                    Some(std_slice(b).into_owned())
-                }
-                None => None,
-            };
-            let per_channel = bias.as_ref().is_none_or(|b| b.len() == g.m);
-            let mut y = conv2d(&g, &std_slice(x), &std_slice(w), if per_channel { bias.as_deref() } else { None });
-            if let (false, Some(b)) = (per_channel, &bias) {
-                // A spatially varying bias [M, OH, OW] (made by canonization), added per sample.
-                for chunk in y.chunks_mut(b.len()) {
-                    chunk.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
-                }
-            }
-            let (oh, ow) = g.out_hw().ok_or("geometry")?;
-            one(Value::F(array(
-                &pool_out_shape(x.shape(), oh, ow)
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &d)| if i == 1 { g.m } else { d })
-                    .collect::<Vec<_>>(),
-                y,
-            )))
-        }
+        Op::Conv { win, group } => eval_conv(ins, (win, *group), None),
         Op::Gemm { alpha, beta, trans_a, trans_b } => {
             let a = float(ins, 0)?;
             let b = float(ins, 1)?;

@@ -168,6 +168,20 @@ fn col2im<T: Float>(g: &ConvGeom, col: &[T], x: &mut [T], rows: Range<usize>, ow
     }
 }
 
+/// The depthwise input VJP as a forward depthwise convolution: `dx[iy, ix] = Σ w[ki, kj] ·
+/// up(dy)[iy + pt − ki·d, ix + pl − kj·d]`, where `up(dy)` holds `dy[oy, ox]` at `(oy·s, ox·s)`
+/// and zeros between, is a stride-1 correlation of `up(dy)` with the flipped kernel, padded by
+/// `(k − 1)·d − pad` before. Returns its geometry (one sample), or None for paddings wider than
+/// the kernel, which this form cannot express.
+fn depthwise_vjp_geom(g: &ConvGeom, oh: usize, ow: usize) -> Option<ConvGeom> {
+    let (hu, wu) = ((oh - 1) * g.stride[0] + 1, (ow - 1) * g.stride[1] + 1);
+    let (eh, ew) = ((g.kh - 1) * g.dilation[0], (g.kw - 1) * g.dilation[1]);
+    let (pt, pl) = (eh.checked_sub(g.pads[0])?, ew.checked_sub(g.pads[1])?);
+    // So that the output is h × w: hu + pt + pb − eh = h.
+    let (pb, pr) = ((g.h + eh).checked_sub(hu + pt)?, (g.w + ew).checked_sub(wu + pl)?);
+    Some(ConvGeom { n: 1, h: hu, w: wu, m: g.c, stride: [1, 1], pads: [pt, pl, pb, pr], ..*g })
+}
+
 /// Depthwise forward for one output channel: `out[oh×ow] (+)= conv(x_plane, k)`.
 fn depthwise_plane<T: Float>(g: &ConvGeom, x: &[T], k: &[T], out: &mut [T], oh: usize, ow: usize) {
     let ph = PhaseRows::new(g, ow);
@@ -189,6 +203,146 @@ fn depthwise_plane<T: Float>(g: &ConvGeom, x: &[T], k: &[T], out: &mut [T], oh: 
                 orow.iter_mut().zip(src).for_each(|(a, &b)| *a += wv * b);
             }
         }
+    }
+}
+
+/// Output columns per register block of the depthwise kernel (one AVX2 vector of f32).
+const DW_BLOCK: usize = 8;
+/// Blocks computed together: independent sums hide the multiply-add latency (one chain of taps
+/// into one register ran at a quarter of the machine's rate).
+const DW_GROUP: usize = 4;
+
+/// A depthwise plane, zero-padded on all sides, each row split by column phase modulo the stride
+/// (see [`PhaseRows`]), so that every tap of every output block is one contiguous read at a
+/// fixed offset. Kept per task: the padding is zeroed once and every plane's scatter rewrites the
+/// same interior slots.
+struct DwScratch<T> {
+    ph: PhaseRows,
+    buf: Vec<T>,
+    /// Offset of each tap (row-major over the kernel) from its block's base.
+    offs: Vec<usize>,
+    /// Base offset of each output block, row-major.
+    bases: Vec<usize>,
+    /// The plane is spread out by this factor (rows, columns) with zeros between: the input VJP
+    /// convolves the output gradient upsampled by the stride (see [`depthwise_vjp_geom`]).
+    up: [usize; 2],
+}
+
+impl<T: Float> DwScratch<T> {
+    fn new(g: &ConvGeom, oh: usize, ow: usize) -> Self {
+        // Room for whole blocks: the last block may read up to DW_BLOCK − 1 columns past ow.
+        let ph = PhaseRows::new(g, ow.div_ceil(DW_BLOCK) * DW_BLOCK);
+        let rows = g.h + g.pads[0] + g.pads[2];
+        let buf = vec![T::zero(); rows * ph.row];
+        let offs = (0..g.kh)
+            .flat_map(|ki| (0..g.kw).map(move |kj| (ki, kj)))
+            .map(|(ki, kj)| ki * g.dilation[0] * ph.row + ph.start(kj))
+            .collect();
+        let bases = (0..oh)
+            .flat_map(|oy| (0..ow).step_by(DW_BLOCK).map(move |c0| (oy, c0)))
+            .map(|(oy, c0)| oy * g.stride[0] * ph.row + c0)
+            .collect();
+        DwScratch { ph, buf, offs, bases, up: [1, 1] }
+    }
+    /// Copies one plane in (its padding and, when upsampled, the slots between its values stay
+    /// zero: every plane writes the same slots).
+    fn load(&mut self, g: &ConvGeom, x: &[T]) {
+        let row = self.ph.row;
+        if self.up == [1, 1] {
+            let dst = self.buf[g.pads[0] * row..].chunks_exact_mut(row);
+            for (src, dst) in x.chunks_exact(g.w).zip(dst) {
+                self.ph.scatter(src, dst);
+            }
+            return;
+        }
+        let [uh, uw] = self.up;
+        let w = (g.w - 1) / uw + 1;
+        for (r, src) in x.chunks_exact(w).enumerate() {
+            let dst = &mut self.buf[(g.pads[0] + r * uh) * row + g.pads[1]..];
+            for (d, &v) in dst.iter_mut().step_by(uw).zip(src) {
+                *d = v;
+            }
+        }
+    }
+}
+
+/// Depthwise forward for one channel: `out[oh×ow] = b + conv(x, k)`, clamped to `clamp` when given
+/// (a fused ReLU/ReLU6). Register-blocked: [`DW_GROUP`] blocks of [`DW_BLOCK`] outputs keep their
+/// sums in registers through all taps and are stored once.
+#[allow(clippy::too_many_arguments)]
+fn depthwise_blocked<T: Float>(
+    g: &ConvGeom,
+    sc: &mut DwScratch<T>,
+    x: &[T],
+    k: &[T],
+    b: T,
+    out: &mut [T],
+    ow: usize,
+    clamp: Option<(T, T)>,
+    accumulate: bool,
+) {
+    sc.load(g, x);
+    let (buf, offs) = (&sc.buf, &sc.offs);
+    let blocks_per_row = ow.div_ceil(DW_BLOCK);
+    let mut store = |bi: usize, mut acc: [T; DW_BLOCK]| {
+        if let Some((lo, hi)) = clamp {
+            acc.iter_mut().for_each(|v| *v = v.max(lo).min(hi));
+        }
+        let (oy, c0) = (bi / blocks_per_row, bi % blocks_per_row * DW_BLOCK);
+        let at = oy * ow + c0;
+        if c0 + DW_BLOCK <= ow {
+            // A fixed-size store; copy_from_slice of a variable length called memcpy per block.
+            let o: &mut [T; DW_BLOCK] = (&mut out[at..at + DW_BLOCK]).try_into().expect("whole block");
+            if accumulate {
+                o.iter_mut().zip(acc).for_each(|(o, a)| *o += a);
+            } else {
+                *o = acc;
+            }
+        } else if accumulate {
+            out[at..at + ow - c0].iter_mut().zip(acc).for_each(|(o, a)| *o += a);
+        } else {
+            out[at..at + ow - c0].iter_mut().zip(acc).for_each(|(o, a)| *o = a);
+        }
+    };
+    // Every read is inside the buffer: checked once here for the last block and the last tap
+    // (bases and offsets only grow), so the inner loop carries no bounds checks. With them, the
+    // loop spent more instructions on checks than on multiply-adds.
+    let last = sc.bases.last().copied().unwrap_or(0) + offs.last().copied().unwrap_or(0) + DW_BLOCK;
+    assert!(last <= buf.len(), "depthwise block reads past its plane");
+    let read = |at: usize| -> &[T; DW_BLOCK] {
+        debug_assert!(at + DW_BLOCK <= buf.len());
+        // SAFETY: `at` is a base plus an offset, both at most the ones checked above.
+        unsafe { &*(buf.as_ptr().add(at) as *const [T; DW_BLOCK]) }
+    };
+    let groups = sc.bases.chunks_exact(DW_GROUP);
+    let rest = groups.remainder();
+    let mut bi = 0;
+    for base in groups {
+        let base: &[usize; DW_GROUP] = base.try_into().expect("chunks_exact");
+        let mut acc = [[b; DW_BLOCK]; DW_GROUP];
+        for (&o, &wv) in offs.iter().zip(k) {
+            for g in 0..DW_GROUP {
+                let src = read(base[g] + o);
+                for j in 0..DW_BLOCK {
+                    acc[g][j] = wv.mul_add(src[j], acc[g][j]);
+                }
+            }
+        }
+        for a in acc {
+            store(bi, a);
+            bi += 1;
+        }
+    }
+    for &bs in rest {
+        let mut a = [b; DW_BLOCK];
+        for (&o, &wv) in offs.iter().zip(k) {
+            let src = read(bs + o);
+            for j in 0..DW_BLOCK {
+                a[j] = wv.mul_add(src[j], a[j]);
+            }
+        }
+        store(bi, a);
+        bi += 1;
     }
 }
 
@@ -254,35 +408,68 @@ impl PhaseRows {
             f(c0, phase * self.len + (c0 + self.pad) / s, (cols - c0).div_ceil(s));
         }
     }
+    /// Slot of column `c`.
+    fn slot(&self, c: usize) -> usize {
+        let p = c + self.pad;
+        (p % self.stride) * self.len + p / self.stride
+    }
+    /// Stride 2 as pairs of columns: (even, odd) padded columns go to the same slot of the two
+    /// phases, a loop the compiler vectorises with shuffles (a strided loop per phase ran scalar
+    /// and was the depthwise kernels' main cost). Returns the first paired column, its slot and the
+    /// number of pairs; the caller places the columns before and after them.
+    fn pairs(&self, cols: usize) -> (usize, usize, usize) {
+        let c0 = self.pad % 2;
+        let npairs = cols.saturating_sub(c0) / 2;
+        (c0, (c0 + self.pad) / 2, npairs)
+    }
     fn scatter<T: Float>(&self, src: &[T], dst: &mut [T]) {
-        if self.stride == 1 {
-            dst[self.pad..self.pad + src.len()].copy_from_slice(src);
-        } else {
-            self.phases(src.len(), |c0, slot, n| {
+        match self.stride {
+            1 => dst[self.pad..self.pad + src.len()].copy_from_slice(src),
+            2 => {
+                let (c0, slot, np) = self.pairs(src.len());
+                let (d0, d1) = dst.split_at_mut(self.len);
+                let pairs = src[c0..c0 + 2 * np].chunks_exact(2);
+                for ((a, b), p) in d0[slot..slot + np].iter_mut().zip(&mut d1[slot..slot + np]).zip(pairs) {
+                    *a = p[0];
+                    *b = p[1];
+                }
+                for c in (0..c0).chain(c0 + 2 * np..src.len()) {
+                    dst[self.slot(c)] = src[c];
+                }
+            }
+            _ => self.phases(src.len(), |c0, slot, n| {
                 for (d, &v) in dst[slot..slot + n].iter_mut().zip(src[c0..].iter().step_by(self.stride)) {
                     *d = v;
                 }
-            });
+            }),
         }
     }
     fn gather_add<T: Float>(&self, src: &[T], dst: &mut [T]) {
-        if self.stride == 1 {
-            dst.iter_mut().zip(&src[self.pad..]).for_each(|(a, &b)| *a += b);
-        } else {
-            let s = self.stride;
-            self.phases(dst.len(), |c0, slot, n| {
-                for (a, &v) in dst[c0..].iter_mut().step_by(s).zip(&src[slot..slot + n]) {
-                    *a += v;
+        match self.stride {
+            1 => dst.iter_mut().zip(&src[self.pad..]).for_each(|(a, &b)| *a += b),
+            2 => {
+                let (c0, slot, np) = self.pairs(dst.len());
+                let (s0, s1) = src.split_at(self.len);
+                let pairs = dst[c0..c0 + 2 * np].chunks_exact_mut(2);
+                for ((&a, &b), p) in s0[slot..slot + np].iter().zip(&s1[slot..slot + np]).zip(pairs) {
+                    p[0] += a;
+                    p[1] += b;
                 }
-            });
+                for c in (0..c0).chain(c0 + 2 * np..dst.len()) {
+                    dst[c] += src[self.slot(c)];
+                }
+            }
+            _ => {
+                let s = self.stride;
+                self.phases(dst.len(), |c0, slot, n| {
+                    for (a, &v) in dst[c0..].iter_mut().step_by(s).zip(&src[slot..slot + n]) {
+                        *a += v;
+                    }
+                });
+            }
         }
     }
 }
-
-/// Planes up to this size (output positions) use the channels-last depthwise kernels; larger
-/// ones vectorise well along rows (measured with examples/convbench: 1.8 ms vs 22 ms for
-/// 96 × 112², 0.55 ms vs 3.6 ms for 1152 × 7²).
-const DEPTHWISE_CL_MAX_PLANE: usize = 256;
 
 /// How many channels one parallel task takes: about four tasks per thread, each with enough
 /// work (≥ 64k multiply-adds) that rayon's scheduling does not dominate; all in one task when
@@ -299,13 +486,21 @@ fn channels_per_task(channels: usize, macs_per_channel: usize, threads: Threads)
 /// Forward convolution. `x` is [n, c, h, w], `wt` is [m, c/group, kh, kw], `bias` is [m];
 /// returns [n, m, oh, ow]. The caller checks the geometry (see [`ConvGeom::out_hw`]).
 pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> Vec<T> {
+    conv2d_clamped(g, x, wt, bias, None)
+}
+
+/// [`conv2d`] followed by clamping every output to `[lo, hi]` (a fused ReLU or ReLU6: the clamp
+/// runs while the output is still in cache instead of as a separate pass over memory).
+pub fn conv2d_clamped<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>, clamp: Option<(T, T)>) -> Vec<T> {
     let (oh, ow) = g.out_hw().expect("geometry checked by caller");
     let ohw = oh * ow;
     let (cg, mg, kdim) = (g.cg(), g.mg(), g.kdim());
-    // The output starts as the bias, so that the GEMM / depthwise kernels accumulate onto it
-    // instead of a separate pass adding it afterwards.
+    let depthwise = g.is_depthwise() && mg == 1;
+    // The GEMM paths' output starts as the bias, written while the buffer is allocated (zeroing it
+    // first and then writing the bias was two passes over memory); the depthwise kernel writes
+    // its bias itself.
     let mut out = match bias {
-        Some(b) => {
+        Some(b) if !depthwise => {
             let mut o = Vec::with_capacity(g.n * g.m * ohw);
             for _ in 0..g.n {
                 for &bv in &b[..g.m] {
@@ -314,12 +509,33 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
             }
             o
         }
-        None => vec![T::zero(); g.n * g.m * ohw],
+        _ => vec![T::zero(); g.n * g.m * ohw],
+    };
+    let apply_clamp = |y: &mut [T]| {
+        if let Some((lo, hi)) = clamp {
+            y.iter_mut().for_each(|v| *v = v.max(lo).min(hi));
+        }
+    };
+    let clamp_cols = |yg: &mut [T], cols: Range<usize>| {
+        if clamp.is_some() {
+            for r in 0..mg {
+                apply_clamp(&mut yg[r * ohw + cols.start..r * ohw + cols.end]);
+            }
+        }
     };
     let sample = |xs: &[T], ys: &mut [T], threads: Threads| {
-        if g.is_depthwise() && mg == 1 && oh * ow <= DEPTHWISE_CL_MAX_PLANE {
-            let y = depthwise_cl(g, xs, wt, bias, threads);
-            ys.copy_from_slice(&y);
+        if depthwise {
+            let kk = g.kh * g.kw;
+            let per = channels_per_task(g.m, ohw * kk, threads);
+            ys.par_chunks_mut(ohw * per).enumerate().for_each(|(t, block)| {
+                let mut sc = DwScratch::new(g, oh, ow);
+                for (i, yplane) in block.chunks_mut(ohw).enumerate() {
+                    let oc = t * per + i;
+                    let xp = &xs[oc * g.h * g.w..(oc + 1) * g.h * g.w];
+                    let b = bias.map_or(T::zero(), |b| b[oc]);
+                    depthwise_blocked(g, &mut sc, xp, &wt[oc * kk..(oc + 1) * kk], b, yplane, ow, clamp, false);
+                }
+            });
             return;
         }
         if g.is_depthwise() {
@@ -328,6 +544,7 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
                 let xp = &xs[ci * g.h * g.w..(ci + 1) * g.h * g.w];
                 let k = &wt[oc * g.kh * g.kw..(oc + 1) * g.kh * g.kw];
                 depthwise_plane(g, xp, k, yplane, oh, ow);
+                apply_clamp(yplane);
             };
             let per = channels_per_task(g.m, ohw * g.kh * g.kw, threads);
             ys.par_chunks_mut(ohw * per).enumerate().for_each(|(t, block)| {
@@ -335,32 +552,27 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
             });
             return;
         }
-        let tile = tile_rows(kdim, oh, ow);
+        // 1×1: one tile, the whole plane (tiles that stay in cache from bias to clamp measured no
+        // faster on EfficientNet-Lite0, smaller ones slower: the product's packing repeats per tile).
+        let tile = if g.is_pointwise() { oh } else { tile_rows(kdim, oh, ow) }.max(1);
         let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::zero(); kdim * tile * ow] };
         for gi in 0..g.group {
             let xg = &xs[gi * cg * g.h * g.w..(gi + 1) * cg * g.h * g.w];
             let a = Mat::rows(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
             let yg = &mut ys[gi * mg * ohw..(gi + 1) * mg * ohw];
-            if g.is_pointwise() {
-                matmul(mg, ohw, kdim, a, Mat::rows(xg, ohw), yg, true, threads);
-                continue;
-            }
             for oy0 in (0..oh).step_by(tile) {
                 let rows = oy0..(oy0 + tile).min(oh);
-                let span = rows.len() * ow;
-                im2col(g, xg, &mut col, rows, ow, threads);
+                let (span, cols) = (rows.len() * ow, oy0 * ow..rows.end * ow);
+                // The tile's input columns: the pixels themselves (1×1) or their patches.
+                let b = if g.is_pointwise() {
+                    Mat { data: &xg[oy0 * ow..], rs: ohw, cs: 1 }
+                } else {
+                    im2col(g, xg, &mut col, rows, ow, threads);
+                    Mat::rows(&col[..kdim * span], span)
+                };
                 // The tile's outputs: columns oy0·ow.. of each output channel (row stride oh·ow).
-                matmul_ld(
-                    mg,
-                    span,
-                    kdim,
-                    a,
-                    Mat::rows(&col[..kdim * span], span),
-                    &mut yg[oy0 * ow..],
-                    ohw,
-                    true,
-                    threads,
-                );
+                matmul_ld(mg, span, kdim, a, b, &mut yg[oy0 * ow..], ohw, true, threads);
+                clamp_cols(yg, cols);
             }
         }
     };
@@ -393,17 +605,25 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
     fn part<T>(dy: &[T], s: usize, len: usize) -> &[T] {
         &dy[s * len..(s + 1) * len]
     }
+    let vjp_geom = if g.is_depthwise() { depthwise_vjp_geom(g, oh, ow) } else { None };
     // `s`: the sample index.
     let sample = |s: usize, dxs: &mut [T], threads: Threads| {
-        if g.is_depthwise() && mg == 1 && oh * ow <= DEPTHWISE_CL_MAX_PLANE {
-            for (k, (dy, wt)) in terms.iter().enumerate() {
-                let d = depthwise_cl_vjp(g, part(dy, s, ysz), wt, threads);
-                if k == 0 {
-                    dxs.copy_from_slice(&d);
-                } else {
-                    dxs.iter_mut().zip(&d).for_each(|(a, b)| *a += *b);
+        if let (1, Some(gv)) = (mg, vjp_geom) {
+            let kk = g.kh * g.kw;
+            let per = channels_per_task(g.c, ohw * kk * terms.len(), threads);
+            dxs.par_chunks_mut(hw * per).enumerate().for_each(|(t, block)| {
+                let mut sc = DwScratch::new(&gv, g.h, g.w);
+                sc.up = g.stride;
+                let mut flipped = vec![T::zero(); kk];
+                for (i, dxp) in block.chunks_mut(hw).enumerate() {
+                    let ch = t * per + i;
+                    for (k, (dy, wt)) in terms.iter().enumerate() {
+                        flipped.iter_mut().zip(wt[ch * kk..(ch + 1) * kk].iter().rev()).for_each(|(f, &v)| *f = v);
+                        let dyp = &part(dy, s, ysz)[ch * ohw..(ch + 1) * ohw];
+                        depthwise_blocked(&gv, &mut sc, dyp, &flipped, T::zero(), dxp, g.w, None, k > 0);
+                    }
                 }
-            }
+            });
             return;
         }
         if g.is_depthwise() {
@@ -451,130 +671,6 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
         dx.par_chunks_mut(xsz).enumerate().for_each(|(s, dxs)| sample(s, dxs, Threads::One));
     } else if g.n == 1 {
         sample(0, &mut dx[..], Threads::Pool);
-    }
-    dx
-}
-
-/// Depthwise convolution (one filter per channel) of one sample in a channels-last layout, so
-/// that the inner loop runs over channels: contiguous and vectorisable whatever the stride or
-/// the plane size (late layers have thousands of 7×7 planes, where row loops are all overhead).
-/// `x` is [c, h, w]; returns [c, oh, ow], starting from `bias`.
-fn depthwise_cl<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>, threads: Threads) -> Vec<T> {
-    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
-    let c = g.c;
-    let (hp, wp) = (g.h + g.pads[0] + g.pads[2], g.w + g.pads[1] + g.pads[3]);
-    // Zero-padded, channels-last copy of the input.
-    let mut xt = vec![T::zero(); hp * wp * c];
-    for ch in 0..c {
-        for y in 0..g.h {
-            let row = &x[(ch * g.h + y) * g.w..(ch * g.h + y + 1) * g.w];
-            let base = ((y + g.pads[0]) * wp + g.pads[1]) * c + ch;
-            for (xx, v) in row.iter().enumerate() {
-                xt[base + xx * c] = *v;
-            }
-        }
-    }
-    let kk = g.kh * g.kw;
-    let mut wt_t = vec![T::zero(); kk * c];
-    for ch in 0..c {
-        for k in 0..kk {
-            wt_t[k * c + ch] = wt[ch * kk + k];
-        }
-    }
-    let mut yt = vec![T::zero(); oh * ow * c];
-    let rows = |(oy, yrow): (usize, &mut [T])| {
-        for ox in 0..ow {
-            let out = &mut yrow[ox * c..(ox + 1) * c];
-            if let Some(b) = bias {
-                out.copy_from_slice(&b[..c]);
-            }
-            for ki in 0..g.kh {
-                let iy = oy * g.stride[0] + ki * g.dilation[0];
-                for kj in 0..g.kw {
-                    let ix = ox * g.stride[1] + kj * g.dilation[1];
-                    let src = &xt[(iy * wp + ix) * c..(iy * wp + ix + 1) * c];
-                    let w = &wt_t[(ki * g.kw + kj) * c..(ki * g.kw + kj + 1) * c];
-                    for ((o, s), w) in out.iter_mut().zip(src).zip(w) {
-                        *o += *s * *w;
-                    }
-                }
-            }
-        }
-    };
-    if threads == Threads::Pool {
-        yt.par_chunks_mut(ow * c).enumerate().for_each(rows);
-    } else {
-        yt.chunks_mut(ow * c).enumerate().for_each(rows);
-    }
-    let mut y = vec![T::zero(); c * oh * ow];
-    for p in 0..oh * ow {
-        for ch in 0..c {
-            y[ch * oh * ow + p] = yt[p * c + ch];
-        }
-    }
-    y
-}
-
-/// Input VJP of [`depthwise_cl`]: `dy` [c, oh, ow] → `dx` [c, h, w]. Parallel over channel blocks,
-/// since neighbouring output rows write to overlapping input rows.
-fn depthwise_cl_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T], threads: Threads) -> Vec<T> {
-    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
-    let c = g.c;
-    let (hp, wp) = (g.h + g.pads[0] + g.pads[2], g.w + g.pads[1] + g.pads[3]);
-    let kk = g.kh * g.kw;
-    let nthreads = if threads == Threads::Pool { rayon::current_num_threads() } else { 1 };
-    let block = c.div_ceil(nthreads).div_ceil(8).max(1) * 8;
-    let blocks: Vec<(usize, usize)> = (0..c).step_by(block).map(|s| (s, (s + block).min(c))).collect();
-    let work = |&(c0, c1): &(usize, usize)| -> Vec<T> {
-        let cb = c1 - c0;
-        let mut dyt = vec![T::zero(); oh * ow * cb];
-        for ch in c0..c1 {
-            for p in 0..oh * ow {
-                dyt[p * cb + ch - c0] = dy[ch * oh * ow + p];
-            }
-        }
-        let mut wt_t = vec![T::zero(); kk * cb];
-        for ch in c0..c1 {
-            for k in 0..kk {
-                wt_t[k * cb + ch - c0] = wt[ch * kk + k];
-            }
-        }
-        let mut dxt = vec![T::zero(); hp * wp * cb];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let gsrc = &dyt[(oy * ow + ox) * cb..(oy * ow + ox + 1) * cb];
-                for ki in 0..g.kh {
-                    let iy = oy * g.stride[0] + ki * g.dilation[0];
-                    for kj in 0..g.kw {
-                        let ix = ox * g.stride[1] + kj * g.dilation[1];
-                        let dst = &mut dxt[(iy * wp + ix) * cb..(iy * wp + ix + 1) * cb];
-                        let w = &wt_t[(ki * g.kw + kj) * cb..(ki * g.kw + kj + 1) * cb];
-                        for ((d, s), w) in dst.iter_mut().zip(gsrc).zip(w) {
-                            *d += *s * *w;
-                        }
-                    }
-                }
-            }
-        }
-        dxt
-    };
-    let parts: Vec<Vec<T>> = if threads == Threads::Pool {
-        blocks.par_iter().map(work).collect()
-    } else {
-        blocks.iter().map(work).collect()
-    };
-    let mut dx = vec![T::zero(); c * g.h * g.w];
-    for (&(c0, c1), dxt) in blocks.iter().zip(&parts) {
-        let cb = c1 - c0;
-        for ch in c0..c1 {
-            for y in 0..g.h {
-                let base = ((y + g.pads[0]) * wp + g.pads[1]) * cb + ch - c0;
-                let row = &mut dx[(ch * g.h + y) * g.w..(ch * g.h + y + 1) * g.w];
-                for (xx, v) in row.iter_mut().enumerate() {
-                    *v = dxt[base + xx * cb];
-                }
-            }
-        }
     }
     dx
 }
@@ -641,10 +737,17 @@ mod tests {
             ConvGeom { c: 4, m: 8, group: 4, kh: 3, kw: 2, ..base },
             ConvGeom { c: 6, m: 4, group: 2, h: 1, kh: 1, kw: 4, pads: [0, 2, 0, 1], ..base },
             ConvGeom { h: 5, w: 5, kh: 5, kw: 5, pads: [0; 4], stride: [3, 3], ..base },
-            // Depthwise planes above DEPTHWISE_CL_MAX_PLANE take the row kernels.
+            // Depthwise: stride 2 with odd and even pads, dilation, a channel multiplier (the
+            // row kernels), a plane narrower than a register block, small late-layer planes.
             ConvGeom { m: 3, group: 3, h: 40, w: 39, stride: [2, 2], dilation: [1, 2], pads: [1, 2, 0, 3], ..base },
             ConvGeom { m: 6, group: 3, h: 17, w: 18, kh: 5, kw: 5, pads: [2, 2, 2, 2], ..base },
             ConvGeom { m: 3, group: 3, h: 36, w: 37, stride: [2, 2], pads: [0, 0, 1, 1], n: 2, ..base },
+            ConvGeom { c: 5, m: 5, group: 5, h: 7, w: 7, kh: 5, kw: 5, pads: [2; 4], n: 2, ..base },
+            ConvGeom { c: 4, m: 4, group: 4, h: 14, w: 13, stride: [2, 2], pads: [0, 1, 1, 1], ..base },
+            ConvGeom { c: 2, m: 2, group: 2, h: 6, w: 3, stride: [3, 1], pads: [1, 0, 2, 1], ..base },
+            ConvGeom { c: 3, m: 3, group: 3, h: 1, w: 20, kh: 1, kw: 5, stride: [1, 2], pads: [0, 2, 0, 2], ..base },
+            // Padding wider than the kernel: the VJP takes the general row kernel.
+            ConvGeom { c: 2, m: 2, group: 2, h: 5, w: 6, pads: [3, 1, 1, 4], ..base },
             // Several im2col tiles (see tile_rows): 576 × 48 columns per row, 37 rows per tile.
             ConvGeom { c: 64, m: 5, h: 48, w: 48, ..base },
             ConvGeom { c: 64, m: 5, h: 96, w: 95, stride: [2, 2], pads: [1, 0, 1, 1], ..base },
@@ -670,6 +773,21 @@ mod tests {
     }
 
     #[test]
+    fn clamped_conv_is_conv_then_clamp() {
+        for g in geoms() {
+            let x = data(g.n * g.c * g.h * g.w, 9);
+            let wt = data(g.m * (g.c / g.group) * g.kh * g.kw, 10);
+            let bias = data(g.m, 11);
+            let y = conv2d_clamped(&g, &x, &wt, Some(&bias), Some((-0.5, 1.5)));
+            let r = conv2d(&g, &x, &wt, Some(&bias));
+            assert!(r.iter().any(|&v| v < -0.5) && r.iter().any(|&v| v > 1.5), "{g:?}: clamp not exercised");
+            for (a, b) in y.iter().zip(&r) {
+                assert_eq!(*a, b.clamp(-0.5, 1.5), "{g:?}");
+            }
+        }
+    }
+
+    #[test]
     fn conv_vjp_is_adjoint_of_conv() {
         // <conv(x), dy> = <x, convᵀ(dy)> for every x, dy: checks the VJP against the naive forward.
         for g in geoms() {
@@ -689,6 +807,21 @@ mod tests {
                 let col = naive(&g, &e, &wt);
                 let want: f64 = col.iter().zip(&dy).map(|(a, b)| a * b).sum();
                 assert!((dx[probe] - want).abs() < 1e-10);
+            }
+        }
+    }
+
+    #[test]
+    fn vjp_sum_is_sum_of_vjps() {
+        for g in geoms() {
+            let (oh, ow) = g.out_hw().unwrap();
+            let (w1, w2) =
+                (data(g.m * (g.c / g.group) * g.kh * g.kw, 12), data(g.m * (g.c / g.group) * g.kh * g.kw, 13));
+            let (d1, d2) = (data(g.n * g.m * oh * ow, 14), data(g.n * g.m * oh * ow, 15));
+            let sum = conv2d_vjp_sum(&g, &[(&d1, &w1), (&d2, &w2)]);
+            let (a, b) = (conv2d_vjp(&g, &d1, &w1), conv2d_vjp(&g, &d2, &w2));
+            for (i, v) in sum.iter().enumerate() {
+                assert!((v - a[i] - b[i]).abs() < 1e-10, "{g:?}");
             }
         }
     }

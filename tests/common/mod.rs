@@ -56,6 +56,11 @@ pub fn ints(name: &str, v: &[i64]) -> proto::AttributeProto {
     proto::AttributeProto { name: Some(name.into()), ints: v.to_vec(), r#type: Some(7), ..Default::default() }
 }
 
+/// An integer attribute.
+pub fn int(name: &str, v: i64) -> proto::AttributeProto {
+    proto::AttributeProto { name: Some(name.into()), i: Some(v), r#type: Some(2), ..Default::default() }
+}
+
 /// A model (IR 8, opset 13) around a graph with one input and one output.
 pub fn model(
     nodes: Vec<proto::NodeProto>,
