@@ -82,8 +82,8 @@ fn zip_map<T: Float>(a: &ArrayD<T>, b: &ArrayD<T>, f: impl Fn(T, T) -> T + Sync)
         use rayon::prelude::*;
         let mut out = vec![T::zero(); xs.len()];
         let body = |(o, (x, y)): (&mut [T], (&[T], &[T]))| {
-            for i in 0..o.len() {
-                o[i] = f(x[i], y[i]);
+            for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
+                *o = f(x, y);
             }
         };
         if xs.len() >= 1 << 16 {
@@ -397,9 +397,13 @@ fn map3<T: Float>(g: &ArrayD<T>, x: &ArrayD<T>, y: &ArrayD<T>, f: impl Fn(T, T, 
         const CHUNK: usize = 1 << 14;
         let mut out = vec![T::zero(); gs.len()];
         let body = |o: &mut [T], start: usize| {
-            for (i, v) in o.iter_mut().enumerate() {
-                let k = start + i;
-                *v = f(gs[k], xs[k], ys[k]);
+            // Operands sliced to the chunk first: indexing the whole slices per element kept three
+            // bounds checks in the loop, which stopped it from vectorising (EfficientNet-Lite0's 33
+            // Clip VJPs took 10 ms).
+            let n = o.len();
+            let (g, x, y) = (&gs[start..start + n], &xs[start..start + n], &ys[start..start + n]);
+            for (((v, &gv), &xv), &yv) in o.iter_mut().zip(g).zip(x).zip(y) {
+                *v = f(gv, xv, yv);
             }
         };
         if gs.len() >= 1 << 16 {
@@ -440,10 +444,10 @@ fn vjp<T: Float>(
         Op::Relu => {
             res[0] = Some(match rule {
                 Rule::GuidedBackprop => {
-                    unary!(|gv, xv, _| { if xv > T::zero() && gv > T::zero() { gv } else { T::zero() } })?
+                    unary!(move |gv, xv, _| { if xv > T::zero() && gv > T::zero() { gv } else { T::zero() } })?
                 }
-                Rule::DeconvNet => unary!(|gv, _, _| gv.max(T::zero()))?,
-                _ => unary!(|gv, xv, _| if xv > T::zero() { gv } else { T::zero() })?,
+                Rule::DeconvNet => unary!(move |gv, _, _| gv.max(T::zero()))?,
+                _ => unary!(move |gv, xv, _| if xv > T::zero() { gv } else { T::zero() })?,
             });
         }
         Op::Clip { min, max } => {
@@ -461,24 +465,24 @@ fn vjp<T: Float>(
                 .and_then(|v| v.to_float().iter().next().copied())
                 .or(max.map(T::of))
                 .unwrap_or(T::infinity());
-            res[0] = Some(unary!(|gv, xv, _| { if xv > lo && xv < hi { gv } else { T::zero() } })?);
+            res[0] = Some(unary!(move |gv, xv, _| { if xv > lo && xv < hi { gv } else { T::zero() } })?);
         }
         Op::LeakyRelu { alpha } => {
             let a = T::of(*alpha);
-            res[0] = Some(unary!(|gv, xv, _| { if xv > T::zero() { gv } else { gv * a } })?);
+            res[0] = Some(unary!(move |gv, xv, _| { if xv > T::zero() { gv } else { gv * a } })?);
         }
-        Op::Sigmoid => res[0] = Some(unary!(|gv, _, yy| gv * yy * (T::one() - yy))?),
-        Op::Tanh => res[0] = Some(unary!(|gv, _, yy| gv * (T::one() - yy * yy))?),
+        Op::Sigmoid => res[0] = Some(unary!(move |gv, _, yy| gv * yy * (T::one() - yy))?),
+        Op::Tanh => res[0] = Some(unary!(move |gv, _, yy| gv * (T::one() - yy * yy))?),
         Op::HardSigmoid { alpha, beta } => {
             let (a, b) = (T::of(*alpha), T::of(*beta));
-            res[0] = Some(unary!(|gv, xv, _| {
+            res[0] = Some(unary!(move |gv, xv, _| {
                 let t = a * xv + b;
                 if t > T::zero() && t < T::one() { gv * a } else { T::zero() }
             })?);
         }
         Op::HardSwish => {
             let three = T::of(3.0);
-            res[0] = Some(unary!(|gv, xv, _| {
+            res[0] = Some(unary!(move |gv, xv, _| {
                 if xv < -three {
                     T::zero()
                 } else if xv > three {
@@ -512,7 +516,7 @@ fn vjp<T: Float>(
             }
             res[0] = Some(v);
         }
-        Op::Sqrt => res[0] = Some(unary!(|gv, _, yy| gv * T::of(0.5) / yy)?),
+        Op::Sqrt => res[0] = Some(unary!(move |gv, _, yy| gv * T::of(0.5) / yy)?),
         Op::BatchNorm { epsilon } => {
             let x = fin(ins, 0)?;
             let scale = fin(ins, 1)?;
