@@ -107,6 +107,54 @@ fn range<T: Float>(dst: &mut [T], start: usize, b: &[T], rep: Repeat, f: impl Fn
     }
 }
 
+/// `f(a[i], b[i])` for every i, in parallel for long slices (the LRP rules' stabilised divisions:
+/// a single thread left the other core idle for a whole pass over memory).
+pub fn map2<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
+    assert_eq!(a.len(), b.len(), "map2 operands differ in length");
+    let mut out = vec![T::zero(); a.len()];
+    let body = |(o, (a, b)): (&mut [T], (&[T], &[T]))| {
+        for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
+            *o = f(a, b);
+        }
+    };
+    if a.len() >= PAR_MIN {
+        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(body);
+    } else {
+        body((&mut out, (a, b)));
+    }
+    out
+}
+
+/// `a[i] = f(a[i], b[i], c[i])` for every i, in parallel for long slices.
+pub fn update2<T: Float>(a: &mut [T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T + Sync) {
+    assert!(a.len() == b.len() && a.len() == c.len(), "update2 operands differ in length");
+    let body = |(a, (b, c)): (&mut [T], (&[T], &[T]))| {
+        for ((a, &b), &c) in a.iter_mut().zip(b).zip(c) {
+            *a = f(*a, b, c);
+        }
+    };
+    if a.len() >= PAR_MIN {
+        a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK).zip(c.par_chunks(CHUNK))).for_each(body);
+    } else {
+        body((a, (b, c)));
+    }
+}
+
+/// `a[i] = f(a[i], b[i])` for every i, in parallel for long slices.
+pub fn update1<T: Float>(a: &mut [T], b: &[T], f: impl Fn(T, T) -> T + Sync) {
+    assert_eq!(a.len(), b.len(), "update1 operands differ in length");
+    let body = |(a, b): (&mut [T], &[T])| {
+        for (a, &b) in a.iter_mut().zip(b) {
+            *a = f(*a, b);
+        }
+    };
+    if a.len() >= PAR_MIN {
+        a.par_chunks_mut(CHUNK).zip(b.par_chunks(CHUNK)).for_each(body);
+    } else {
+        body((a, b));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +212,22 @@ mod tests {
                     assert_eq!(d, reference(op, &bb, &a), "{op:?} right {out:?} {bs:?}");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn parallel_maps_match_serial() {
+        for n in [0, 5, PAR_MIN - 1, PAR_MIN + CHUNK / 3] {
+            let a: Vec<f64> = (0..n).map(|i| (i % 17) as f64 - 8.0).collect();
+            let b: Vec<f64> = (0..n).map(|i| (i % 5) as f64 + 0.5).collect();
+            let m = map2(&a, &b, |x, y| x / y);
+            assert!(m.iter().enumerate().all(|(i, &v)| v == a[i] / b[i]));
+            let mut u = a.clone();
+            update2(&mut u, &a, &b, |s, x, y| s + x * y);
+            assert!(u.iter().enumerate().all(|(i, &v)| v == a[i] + a[i] * b[i]));
+            let mut u = b.clone();
+            update1(&mut u, &a, |s, x| s - x);
+            assert!(u.iter().enumerate().all(|(i, &v)| v == b[i] - a[i]));
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use super::{Rule, stabilize};
 use crate::ops::conv::{ConvGeom, conv2d, conv2d_vjp_sum};
+use crate::ops::elementwise::{map2, update1, update2};
 use crate::ops::gemm::{Mat, Threads, matmul};
 use crate::tensor::Float;
 
@@ -196,8 +197,8 @@ fn dense_wt<T>(w: &[T], k: usize, n: usize, transposed: bool) -> Mat<'_, T> {
 /// One half of a two-part rule: (selector, weights for x⁺, weights for x⁻, bias).
 type Part<'a, T, S, B> = (S, &'a [T], &'a [T], Option<B>);
 
-fn map<T: Float>(v: &[T], f: impl Fn(T) -> T) -> Vec<T> {
-    v.iter().map(|&a| f(a)).collect()
+fn map<T: Float>(v: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    map2(v, v, move |a, _| f(a))
 }
 
 fn pos<T: Float>(v: T) -> T {
@@ -213,15 +214,15 @@ fn ones<T: Float>(_: T) -> T {
 }
 
 fn sum2<T: Float>(a: &[T], b: &[T]) -> Vec<T> {
-    a.iter().zip(b).map(|(x, y)| *x + *y).collect()
+    map2(a, b, |x, y| x + y)
 }
 
 /// `acc += scale · x ⊙ v`; the first term is written into `v`'s buffer (no zeroed accumulator).
 fn add_product<T: Float>(acc: &mut Option<Vec<T>>, x: &[T], mut v: Vec<T>, scale: T) {
     match acc {
-        Some(a) => a.iter_mut().zip(x.iter().zip(&v)).for_each(|(a, (xv, vv))| *a += scale * *xv * *vv),
+        Some(a) => update2(a, x, &v, move |a, xv, vv| a + scale * xv * vv),
         None => {
-            v.iter_mut().zip(x).for_each(|(vv, xv)| *vv = scale * *xv * *vv);
+            update1(&mut v, x, move |vv, xv| scale * xv * vv);
             *acc = Some(v);
         }
     }
@@ -260,10 +261,13 @@ pub fn relevance_bf<T: Float>(
 ) -> Result<Vec<T>, String> {
     let w = &layer.w[..];
     let b = if ignore_bias { None } else { layer.bias.as_deref() };
-    let div = |z: &[T], eps: f64| -> Vec<T> { z.iter().zip(r).map(|(&zv, &rv)| rv / stabilize(zv, eps)).collect() };
+    let div = |z: &[T], eps: f64| -> Vec<T> { map2(z, r, move |zv, rv| rv / stabilize(zv, eps)) };
     let bm = |f: fn(T) -> T| b.map(|b| map(b, f));
     // Most layers follow a ReLU: their input has no negative part, and the rules' x⁻ terms vanish.
-    let has_neg = x.iter().any(|v| *v < T::zero());
+    let has_neg = {
+        use rayon::prelude::*;
+        x.par_chunks(1 << 14).any(|c| c.iter().fold(false, |n, v| n | (*v < T::zero())))
+    };
     let xp: std::borrow::Cow<[T]> = if has_neg { map(x, pos).into() } else { x.into() };
     let xn: Option<Vec<T>> = has_neg.then(|| map(x, neg));
     let mut out: Option<Vec<T>> = None;
@@ -339,27 +343,40 @@ pub fn relevance_bf<T: Float>(
             let at = |bias: &[T], c: usize, i: usize| if bias.len() == per { bias[i] } else { bias[c % bias.len()] };
             let mut ga = vec![T::zero(); per * rows];
             let mut gb = vec![T::zero(); per * rows];
-            for row in 0..rows {
-                for c in 0..per / inner.max(1) {
-                    for i in c * inner..(c + 1) * inner {
-                        let e = row * per + i;
-                        let (yv, rv) = (y[e], r[e]);
-                        let stored = layer.bias.as_deref().map_or(T::zero(), |bias| at(bias, c, i));
-                        let used = b.map_or(T::zero(), |bias| at(bias, c, i));
-                        let zw = yv - stored;
-                        if yv > T::zero() {
-                            let z = zw + gm * p[e] + used + gm * pos(used);
-                            let gp = rv / stabilize(z, stabilizer);
-                            ga[e] = gp;
-                            gb[e] = gm * gp;
-                        } else if yv < T::zero() {
-                            let z = zw + gm * (zw - p[e]) + used + gm * neg(used);
-                            let gn = rv / stabilize(z, stabilizer);
-                            ga[e] = (T::one() + gm) * gn;
-                            gb[e] = -gm * gn;
-                        }
+            let nch = per / inner.max(1);
+            // One channel plane of one row: `q` = row · channels + channel. Planes run in parallel
+            // when large (a single thread left the other core idle for two passes over memory).
+            let plane = |q: usize, ga: &mut [T], gb: &mut [T]| {
+                let (row, c) = (q / nch.max(1), q % nch.max(1));
+                for (j, (ga, gb)) in ga.iter_mut().zip(gb.iter_mut()).enumerate() {
+                    let i = c * inner + j;
+                    let e = row * per + i;
+                    let (yv, rv) = (y[e], r[e]);
+                    let stored = layer.bias.as_deref().map_or(T::zero(), |bias| at(bias, c, i));
+                    let used = b.map_or(T::zero(), |bias| at(bias, c, i));
+                    let zw = yv - stored;
+                    if yv > T::zero() {
+                        let z = zw + gm * p[e] + used + gm * pos(used);
+                        let gp = rv / stabilize(z, stabilizer);
+                        *ga = gp;
+                        *gb = gm * gp;
+                    } else if yv < T::zero() {
+                        let z = zw + gm * (zw - p[e]) + used + gm * neg(used);
+                        let gn = rv / stabilize(z, stabilizer);
+                        *ga = (T::one() + gm) * gn;
+                        *gb = -gm * gn;
                     }
                 }
+            };
+            let inner = inner.max(1);
+            if inner >= 1 << 10 && ga.len() >= 1 << 16 {
+                use rayon::prelude::*;
+                ga.par_chunks_mut(inner)
+                    .zip(gb.par_chunks_mut(inner))
+                    .enumerate()
+                    .for_each(|(q, (a, b))| plane(q, a, b));
+            } else {
+                ga.chunks_mut(inner).zip(gb.chunks_mut(inner)).enumerate().for_each(|(q, (a, b))| plane(q, a, b));
             }
             add_product(&mut out, &xp, layer.vjp_sum(&[(&ga, w), (&gb, &wp)]), T::one());
         }
