@@ -111,18 +111,14 @@ fn range<T: Float>(dst: &mut [T], start: usize, b: &[T], rep: Repeat, f: impl Fn
 /// a single thread left the other core idle for a whole pass over memory).
 pub fn map2<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> {
     assert_eq!(a.len(), b.len(), "map2 operands differ in length");
-    let mut out = vec![T::zero(); a.len()];
-    let body = |(o, (a, b)): (&mut [T], (&[T], &[T]))| {
-        for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-            *o = f(a, b);
-        }
-    };
+    // Collected straight into the new buffer (no zero-filling pass first).
     if a.len() >= PAR_MIN {
-        out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK))).for_each(body);
+        let mut out = Vec::with_capacity(a.len());
+        a.par_iter().zip(b).with_min_len(CHUNK).map(|(&a, &b)| f(a, b)).collect_into_vec(&mut out);
+        out
     } else {
-        body((&mut out, (a, b)));
+        a.iter().zip(b).map(|(&a, &b)| f(a, b)).collect()
     }
-    out
 }
 
 /// `a[i] = f(a[i], b[i], c[i])` for every i, in parallel for long slices.
