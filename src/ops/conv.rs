@@ -499,9 +499,17 @@ pub fn conv2d_clamped<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[
     // The GEMM paths' output starts as the bias, written while the buffer is allocated (zeroing it
     // first and then writing the bias was two passes over memory); the depthwise kernel writes
     // its bias itself.
+    let total = g.n * g.m * ohw;
     let mut out = match bias {
+        // Large outputs are filled by all threads (a serial fill of a 4.8 MB plane was a visible
+        // part of EfficientNet's first layers).
+        Some(b) if !depthwise && total >= 1 << 16 => {
+            let mut o = vec![T::zero(); total];
+            o.par_chunks_mut(ohw.max(1)).enumerate().for_each(|(p, plane)| plane.fill(b[p % g.m]));
+            o
+        }
         Some(b) if !depthwise => {
-            let mut o = Vec::with_capacity(g.n * g.m * ohw);
+            let mut o = Vec::with_capacity(total);
             for _ in 0..g.n {
                 for &bv in &b[..g.m] {
                     o.extend(std::iter::repeat_n(bv, ohw));
@@ -509,17 +517,20 @@ pub fn conv2d_clamped<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[
             }
             o
         }
-        _ => vec![T::zero(); g.n * g.m * ohw],
+        _ => vec![T::zero(); total],
     };
     let apply_clamp = |y: &mut [T]| {
         if let Some((lo, hi)) = clamp {
             y.iter_mut().for_each(|v| *v = v.max(lo).min(hi));
         }
     };
-    let clamp_cols = |yg: &mut [T], cols: Range<usize>| {
+    let clamp_cols = |yg: &mut [T], cols: Range<usize>, threads: Threads| {
         if clamp.is_some() {
-            for r in 0..mg {
-                apply_clamp(&mut yg[r * ohw + cols.start..r * ohw + cols.end]);
+            let rows = yg.chunks_mut(ohw).map(|r| &mut r[cols.clone()]);
+            if threads == Threads::Pool && mg * cols.len() >= 1 << 16 {
+                rows.collect::<Vec<_>>().into_par_iter().for_each(apply_clamp);
+            } else {
+                rows.for_each(apply_clamp);
             }
         }
     };
@@ -572,7 +583,7 @@ pub fn conv2d_clamped<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[
                 };
                 // The tile's outputs: columns oy0·ow.. of each output channel (row stride oh·ow).
                 matmul_ld(mg, span, kdim, a, b, &mut yg[oy0 * ow..], ohw, true, threads);
-                clamp_cols(yg, cols);
+                clamp_cols(yg, cols, threads);
             }
         }
     };
@@ -746,6 +757,8 @@ mod tests {
             ConvGeom { c: 4, m: 4, group: 4, h: 14, w: 13, stride: [2, 2], pads: [0, 1, 1, 1], ..base },
             ConvGeom { c: 2, m: 2, group: 2, h: 6, w: 3, stride: [3, 1], pads: [1, 0, 2, 1], ..base },
             ConvGeom { c: 3, m: 3, group: 3, h: 1, w: 20, kh: 1, kw: 5, stride: [1, 2], pads: [0, 2, 0, 2], ..base },
+            // Outputs large enough for the parallel bias fill and clamp.
+            ConvGeom { c: 2, m: 8, h: 100, w: 90, kh: 1, kw: 1, pads: [0; 4], ..base },
             // Padding wider than the kernel: the VJP takes the general row kernel.
             ConvGeom { c: 2, m: 2, group: 2, h: 5, w: 6, pads: [3, 1, 1, 4], ..base },
             // Several im2col tiles (see tile_rows): 576 × 48 columns per row, 37 rows per tile.
