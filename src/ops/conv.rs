@@ -251,7 +251,7 @@ impl<T: Float> DwScratch<T> {
         // Whole groups only: the last group repeats the last block and stores nothing for the
         // copies. Left-over blocks computed one at a time waited on one chain of multiply-adds
         // (7×7 planes have seven blocks).
-        while bases.len() % DW_GROUP != 0 {
+        while !bases.len().is_multiple_of(DW_GROUP) {
             bases.push(bases.last().copied().unwrap_or(0));
             dsts.push((0, 0));
         }
