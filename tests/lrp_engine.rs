@@ -164,7 +164,12 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
         pads: [1, 0, 1, 2],
         group: 1,
     };
-    let geoms = [base, ConvGeom { c: 4, m: 4, group: 4, stride: [1, 2], dilation: [1, 2], pads: [0, 2, 1, 1], ..base }];
+    let geoms = [
+        base,
+        ConvGeom { c: 4, m: 4, group: 4, stride: [1, 2], dilation: [1, 2], pads: [0, 2, 1, 1], ..base },
+        // Groups with several input and output channels each.
+        ConvGeom { c: 4, m: 6, group: 2, ..base },
+    ];
     let mut rng = Lcg(7);
     for trial in 0..3 {
         // Dense layers (input mixed-sign, like a first layer or after a non-ReLU activation).

@@ -179,6 +179,64 @@ impl<T: Float> LinearLayer<'_, T> {
         self.vjp_sum(&[(g, w)])
     }
 
+    /// The flat rule, `R_in = Jᵀ_1 (R / z_1)` with all-one weights and inputs and no bias, without
+    /// running the all-ones layer: `z_1` counts each output's in-bounds inputs, and `Jᵀ_1 g`
+    /// spreads the sum of `g` over a group's output channels back over its window, the same for
+    /// every input channel of the group (a one-channel transposed convolution instead of an
+    /// M-channel one, and no forward at all).
+    fn flat(&self, r: &[T], stabilizer: f64) -> Vec<T> {
+        match &self.kind {
+            LinearKind::Conv(g) => {
+                let (oh, ow) = g.out_hw().unwrap_or((0, 0));
+                let count = |o: usize, ax: usize, size: usize, k: usize| {
+                    (0..k)
+                        .filter(|&t| {
+                            (o * g.stride[ax] + t * g.dilation[ax]).checked_sub(g.pads[ax]).is_some_and(|i| i < size)
+                        })
+                        .count()
+                };
+                let rows: Vec<usize> = (0..oh).map(|o| count(o, 0, g.h, g.kh)).collect();
+                let cols: Vec<usize> = (0..ow).map(|o| count(o, 1, g.w, g.kw)).collect();
+                let (cg, mg, ohw) = (g.c / g.group, g.m / g.group, oh * ow);
+                let z: Vec<T> = (0..ohw)
+                    .map(|p| super::stabilize(T::of((cg * rows[p / ow] * cols[p % ow]) as f64), stabilizer))
+                    .collect();
+                // Σ over each group's output channels of R / z_1.
+                let mut gs = vec![T::zero(); g.n * g.group * ohw];
+                for (s, gsum) in gs.chunks_mut(g.group * ohw).enumerate() {
+                    for (m, plane) in r[s * g.m * ohw..(s + 1) * g.m * ohw].chunks(ohw).enumerate() {
+                        let dst = &mut gsum[(m / mg) * ohw..(m / mg + 1) * ohw];
+                        for ((d, &rv), &zv) in dst.iter_mut().zip(plane).zip(&z) {
+                            *d += rv / zv;
+                        }
+                    }
+                }
+                let one = ConvGeom { c: g.group, m: g.group, ..*g };
+                let ones = vec![T::one(); g.group * g.kh * g.kw];
+                let spread = conv2d_vjp_sum(&one, &[(&gs, &ones)]);
+                let hw = g.h * g.w;
+                let mut out = vec![T::zero(); g.n * g.c * hw];
+                for (s, o) in out.chunks_mut(g.c * hw).enumerate() {
+                    for (c, plane) in o.chunks_mut(hw).enumerate() {
+                        let src = (s * g.group + c / cg) * hw;
+                        plane.copy_from_slice(&spread[src..src + hw]);
+                    }
+                }
+                out
+            }
+            LinearKind::Dense { m, k, n, .. } => {
+                // z_1 = k for every output; each input receives its row's Σ R / z_1.
+                let z = super::stabilize(T::of(*k as f64), stabilizer);
+                let mut out = vec![T::zero(); m * k];
+                for (o, row) in out.chunks_mut(*k).zip(r.chunks(*n)) {
+                    let total = row.iter().fold(T::zero(), |a, &v| a + v / z);
+                    o.fill(total);
+                }
+                out
+            }
+        }
+    }
+
     /// A tensor shaped like the input holding `per_channel[c]` in input channel c.
     fn fill_channels(&self, len: usize, per_channel: &[f64]) -> Vec<T> {
         let (c, block) = match &self.kind {
@@ -422,10 +480,11 @@ pub fn relevance_bf<T: Float>(
             add_product(&mut out, &low, layer.vjp(&g, &wp), -T::one());
             add_product(&mut out, &high, layer.vjp(&g, &wn), -T::one());
         }
-        Rule::Flat | Rule::WSquare => {
-            let wm = layer.modified(if matches!(rule, Rule::Flat) { WeightMod::Ones } else { WeightMod::Square });
-            // zennit: flat zeroes the bias; w² squares it unless it is ignored.
-            let bias = if matches!(rule, Rule::Flat) { None } else { bm(|v| v * v) };
+        Rule::Flat => out = Some(layer.flat(r, stabilizer)),
+        Rule::WSquare => {
+            let wm = layer.modified(WeightMod::Square);
+            // zennit: w² squares the bias unless it is ignored.
+            let bias = bm(|v| v * v);
             let one = vec![T::one(); x.len()];
             let z = layer.fwd(&one, &wm, bias.as_deref());
             out = Some(layer.vjp(&div(&z, stabilizer), &wm));
@@ -433,4 +492,44 @@ pub fn relevance_bf<T: Float>(
         other => return Err(format!("rule {other} does not apply to a linear layer")),
     }
     Ok(out.unwrap_or_else(|| vec![T::zero(); x.len()]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flat_without_the_ones_layer_equals_running_it() {
+        // Batched and grouped, with stride, dilation and uneven pads; and a dense layer with rows.
+        let g = ConvGeom {
+            n: 2,
+            c: 4,
+            h: 6,
+            w: 7,
+            m: 6,
+            kh: 3,
+            kw: 2,
+            stride: [2, 1],
+            dilation: [1, 2],
+            pads: [1, 2, 0, 1],
+            group: 2,
+        };
+        let (oh, ow) = g.out_hw().unwrap();
+        let kinds = [
+            (LinearKind::Conv(g), g.n * g.m * oh * ow, g.n * g.c * g.h * g.w, g.m * 2 * 6),
+            (LinearKind::Dense { m: 3, k: 5, n: 4, transposed: false }, 12, 15, 20),
+        ];
+        for (kind, nout, nin, nw) in kinds {
+            let r: Vec<f64> = (0..nout).map(|i| ((i * 7) % 11) as f64 - 5.0).collect();
+            let layer = LinearLayer { kind, w: vec![0.5; nw].into(), bias: None, cache: None };
+            let ones_w = vec![1.0; nw];
+            let z = layer.fwd(&vec![1.0; nin], &ones_w, None);
+            let want = layer.vjp(&map2(&z, &r, |zv, rv| rv / stabilize(zv, 1e-6)), &ones_w);
+            let got = layer.flat(&r, 1e-6);
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-12 * (1.0 + b.abs()), "{:?}: {a} vs {b}", layer.kind);
+            }
+        }
+    }
 }
