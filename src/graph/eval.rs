@@ -360,6 +360,48 @@ fn bin_op(op: &Op) -> Option<BinOp> {
     })
 }
 
+/// Binds `f` to the activation's scalar function, one monomorphic closure per arm.
+macro_rules! with_act_fn {
+    ($act:expr, |$f:ident| $body:expr) => {{
+        let (zero, one) = (T::zero(), T::one());
+        match $act {
+            Act::Relu => {
+                let $f = move |v: T| if v > zero { v } else { zero };
+                $body
+            }
+            Act::Clip(lo, hi) => {
+                let $f = move |v: T| v.max(lo).min(hi);
+                $body
+            }
+            Act::Leaky(al) => {
+                let $f = move |v: T| if v >= zero { v } else { al * v };
+                $body
+            }
+            Act::Sigmoid => {
+                let $f = move |v: T| one / (one + (-v).exp());
+                $body
+            }
+            Act::Tanh => {
+                let $f = |v: T| v.tanh();
+                $body
+            }
+            Act::HardSigmoid(al, b) => {
+                let $f = move |v: T| (al * v + b).max(zero).min(one);
+                $body
+            }
+            Act::HardSwish => {
+                let (al, b) = (T::of(1.0 / 6.0), T::of(0.5));
+                let $f = move |v: T| v * (al * v + b).max(zero).min(one);
+                $body
+            }
+            Act::Sqrt => {
+                let $f = |v: T| v.sqrt();
+                $body
+            }
+        }
+    }};
+}
+
 /// An element-wise activation with its parameters, applied in place by [`Act::apply`].
 #[derive(Clone, Copy)]
 enum Act<T> {
@@ -386,20 +428,24 @@ impl<T: Float> Act<T> {
                 _ => a.mapv_inplace(f),
             }
         }
-        let (zero, one) = (T::zero(), T::one());
-        match self {
-            Act::Relu => run(a, move |v| if v > zero { v } else { zero }),
-            Act::Clip(lo, hi) => run(a, move |v| v.max(lo).min(hi)),
-            Act::Leaky(al) => run(a, move |v| if v >= zero { v } else { al * v }),
-            Act::Sigmoid => run(a, move |v| one / (one + (-v).exp())),
-            Act::Tanh => run(a, |v| v.tanh()),
-            Act::HardSigmoid(al, b) => run(a, move |v| (al * v + b).max(zero).min(one)),
-            Act::HardSwish => {
-                let (al, b) = (T::of(1.0 / 6.0), T::of(0.5));
-                run(a, move |v| v * (al * v + b).max(zero).min(one))
+        with_act_fn!(self, |f| run(a, f))
+    }
+
+    /// The activation of `a` into a new array, in one pass (when the input is kept, copying it
+    /// first and then applying in place read and wrote the data twice).
+    fn apply_to(self, a: &ArrayD<T>) -> ArrayD<T> {
+        fn run<T: Float>(a: &ArrayD<T>, f: impl Fn(T) -> T + Sync) -> ArrayD<T> {
+            match a.as_slice() {
+                Some(s) if s.len() >= 1 << 16 => {
+                    use rayon::prelude::*;
+                    let mut out = Vec::with_capacity(s.len());
+                    s.par_iter().with_min_len(1 << 14).map(|&v| f(v)).collect_into_vec(&mut out);
+                    array(a.shape(), out)
+                }
+                _ => a.mapv(f),
             }
-            Act::Sqrt => run(a, |v| v.sqrt()),
         }
+        with_act_fn!(self, |f| run(a, f))
     }
 }
 
@@ -972,9 +1018,7 @@ pub fn eval_node<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> Result<Vec
 
 fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T>>> {
     if let Some(act) = elementwise(node, ins)? {
-        let mut a = float(ins, 0)?.as_standard_layout().into_owned();
-        act.apply(&mut a);
-        return Ok(vec![Value::F(a)]);
+        return Ok(vec![Value::F(act.apply_to(float(ins, 0)?))]);
     }
     let one = |v: Value<T>| Ok(vec![v]);
     match &node.op {
