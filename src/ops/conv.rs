@@ -93,6 +93,14 @@ fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T], rows: Range<usize>, ow
                     let ix0 = xs.start * g.stride[1] + kj * g.dilation[1] - g.pads[1];
                     if g.stride[1] == 1 {
                         drow[xs.clone()].copy_from_slice(&src[ix0..ix0 + xs.len()]);
+                    } else if g.stride[1] == 2 {
+                        // Pairs, so that the compiler vectorises the gather with shuffles (step_by
+                        // ran scalar); the last value may have no partner inside the row.
+                        let (n, d) = (xs.len(), &mut drow[xs.clone()]);
+                        for (v, p) in d[..n - 1].iter_mut().zip(src[ix0..ix0 + 2 * (n - 1)].chunks_exact(2)) {
+                            *v = p[0];
+                        }
+                        d[n - 1] = src[ix0 + 2 * (n - 1)];
                     } else {
                         for (v, &s) in drow[xs.clone()].iter_mut().zip(src[ix0..].iter().step_by(g.stride[1])) {
                             *v = s;
@@ -150,6 +158,13 @@ fn col2im<T: Float>(g: &ConvGeom, col: &[T], x: &mut [T], rows: Range<usize>, ow
                         for (d, &v) in dst[ix0..ix0 + s.len()].iter_mut().zip(s) {
                             *d += v;
                         }
+                    } else if g.stride[1] == 2 && !s.is_empty() {
+                        // Pairs, as in im2col: the strided loop ran scalar.
+                        let n = s.len();
+                        for (p, &v) in dst[ix0..ix0 + 2 * (n - 1)].chunks_exact_mut(2).zip(&s[..n - 1]) {
+                            p[0] += v;
+                        }
+                        dst[ix0 + 2 * (n - 1)] += s[n - 1];
                     } else {
                         for (d, &v) in dst[ix0..].iter_mut().step_by(g.stride[1]).zip(s) {
                             *d += v;
