@@ -148,7 +148,7 @@ pub fn run_keep<'g, T: Float>(
         let outs = if let Some(c) = clamp {
             let ins: Vec<Option<&Value<T>>> = node.inputs.iter().map(|i| i.and_then(|id| env.get(id))).collect();
             fused_into_previous = true;
-            eval_conv(&ins, node_conv(node), Some(c)).map_err(|m| node_err(&node.name, &node.op_type, m))?
+            eval_conv(node, &ins, Some(c)).map_err(|m| node_err(&node.name, &node.op_type, m))?
         } else if let (Some(i), Some(f)) = (reuse, f) {
             let mut v = env.values[i].take();
             if let Some(Value::F(a)) = &mut v {
@@ -949,10 +949,12 @@ fn fused_clamp<T: Float>(
             let bound = |k: usize, attr: Option<f64>, default: T| -> R<Option<T>> {
                 match next.inputs.get(k).copied().flatten() {
                     None => Ok(Some(attr.map(T::of).unwrap_or(default))),
-                    Some(id) if env.values[id].is_none() => match env.get(id) {
-                        Some(v) => scalar(&[Some(v)], 0).map(|s| s.or(attr.map(T::of)).or(Some(default))),
-                        None => Ok(None),
-                    },
+                    // A constant bound; one that is not a scalar is left to the Clip itself to
+                    // report, under its own name.
+                    Some(id) if env.values[id].is_none() => Ok(env
+                        .get(id)
+                        .and_then(|v| scalar(&[Some(v)], 0).ok())
+                        .map(|s| s.or(attr.map(T::of)).unwrap_or(default))),
                     // A computed bound: evaluate the Clip on its own.
                     Some(_) => Ok(None),
                 }
@@ -966,19 +968,12 @@ fn fused_clamp<T: Float>(
     })
 }
 
-fn node_conv(node: &Node) -> (&Window, usize) {
-    match &node.op {
-        Op::Conv { win, group } => (win, *group),
-        _ => unreachable!("fused_clamp only fuses Conv nodes"),
-    }
-}
-
 /// A Conv node's output, clamped to `clamp` when an activation was fused into it.
-fn eval_conv<T: Float>(
-    ins: &[Option<&Value<T>>],
-    (win, group): (&Window, usize),
-    clamp: Option<(T, T)>,
-) -> R<Vec<Value<T>>> {
+fn eval_conv<T: Float>(node: &Node, ins: &[Option<&Value<T>>], clamp: Option<(T, T)>) -> R<Vec<Value<T>>> {
+    let Op::Conv { win, group } = &node.op else {
+        return Err(format!("{} is not a convolution", node.op_type));
+    };
+    let group = *group;
     let x = float(ins, 0)?;
     let w = float(ins, 1)?;
     let g = conv_geom(win, group, x.shape(), w.shape())?;
@@ -1022,7 +1017,7 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
     }
     let one = |v: Value<T>| Ok(vec![v]);
     match &node.op {
-        Op::Conv { win, group } => eval_conv(ins, (win, *group), None),
+        Op::Conv { .. } => eval_conv(node, ins, None),
         Op::Gemm { alpha, beta, trans_a, trans_b } => {
             let a = float(ins, 0)?;
             let b = float(ins, 1)?;

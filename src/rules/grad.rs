@@ -79,19 +79,7 @@ fn zip_map<T: Float>(a: &ArrayD<T>, b: &ArrayD<T>, f: impl Fn(T, T) -> T + Sync)
     if a.shape() == b.shape()
         && let (Some(xs), Some(ys)) = (a.as_slice(), b.as_slice())
     {
-        use rayon::prelude::*;
-        let mut out = vec![T::zero(); xs.len()];
-        let body = |(o, (x, y)): (&mut [T], (&[T], &[T]))| {
-            for ((o, &x), &y) in o.iter_mut().zip(x).zip(y) {
-                *o = f(x, y);
-            }
-        };
-        if xs.len() >= 1 << 16 {
-            out.par_chunks_mut(1 << 14).zip(xs.par_chunks(1 << 14).zip(ys.par_chunks(1 << 14))).for_each(body);
-        } else {
-            body((&mut out[..], (xs, ys)));
-        }
-        return Ok(array(a.shape(), out));
+        return Ok(array(a.shape(), crate::ops::elementwise::map2(xs, ys, f)));
     }
     let shape = broadcast_shape(a.shape(), b.shape())?;
     let av = a.broadcast(IxDyn(&shape)).ok_or("broadcast")?;
