@@ -197,30 +197,6 @@ fn depthwise_vjp_geom(g: &ConvGeom, oh: usize, ow: usize) -> Option<ConvGeom> {
     Some(ConvGeom { n: 1, h: hu, w: wu, m: g.c, stride: [1, 1], pads: [pt, pl, pb, pr], ..*g })
 }
 
-/// Depthwise forward for one output channel: `out[oh×ow] (+)= conv(x_plane, k)`.
-fn depthwise_plane<T: Float>(g: &ConvGeom, x: &[T], k: &[T], out: &mut [T], oh: usize, ow: usize) {
-    let ph = PhaseRows::new(g, ow);
-    let mut buf = vec![T::zero(); g.h * ph.row];
-    for iy in 0..g.h {
-        ph.scatter(&x[iy * g.w..(iy + 1) * g.w], &mut buf[iy * ph.row..(iy + 1) * ph.row]);
-    }
-    // Output row outermost: the row stays in L1 while all taps add into it.
-    for oy in 0..oh {
-        let orow = &mut out[oy * ow..(oy + 1) * ow];
-        for ki in 0..g.kh {
-            let Some(iy) = (oy * g.stride[0] + ki * g.dilation[0]).checked_sub(g.pads[0]).filter(|&i| i < g.h) else {
-                continue;
-            };
-            let row = &buf[iy * ph.row..(iy + 1) * ph.row];
-            for kj in 0..g.kw {
-                let wv = k[ki * g.kw + kj];
-                let src = &row[ph.start(kj)..ph.start(kj) + ow];
-                orow.iter_mut().zip(src).for_each(|(a, &b)| *a += wv * b);
-            }
-        }
-    }
-}
-
 /// Output columns per register block of the depthwise kernel (one AVX2 vector of f32).
 const DW_BLOCK: usize = 8;
 /// Blocks computed together: independent sums hide the multiply-add latency (one chain of taps
@@ -255,11 +231,10 @@ impl<T: Float> DwScratch<T> {
             .flat_map(|ki| (0..g.kw).map(move |kj| (ki, kj)))
             .map(|(ki, kj)| ki * g.dilation[0] * ph.row + ph.start(kj))
             .collect();
-        let bases: Vec<usize> = (0..oh)
+        let mut bases: Vec<usize> = (0..oh)
             .flat_map(|oy| (0..ow).step_by(DW_BLOCK).map(move |c0| (oy, c0)))
             .map(|(oy, c0)| oy * g.stride[0] * ph.row + c0)
             .collect();
-        let mut bases: Vec<usize> = bases;
         let mut dsts: Vec<(usize, usize)> = (0..oh)
             .flat_map(|oy| (0..ow).step_by(DW_BLOCK).map(move |c0| (oy * ow + c0, DW_BLOCK.min(ow - c0))))
             .collect();
@@ -369,7 +344,8 @@ fn depthwise_blocked<T: Float>(
     }
 }
 
-/// Depthwise input-VJP for one channel: `dx_plane += convᵀ(dy_plane, k)`.
+/// Depthwise input-VJP for one channel, `dx_plane += convᵀ(dy_plane, k)`, row by row: only for
+/// paddings wider than the kernel, which the blocked form cannot express (see [`depthwise_vjp_geom`]).
 fn depthwise_plane_t<T: Float>(g: &ConvGeom, dy: &[T], k: &[T], dx: &mut [T], oh: usize, ow: usize) {
     let ph = PhaseRows::new(g, ow);
     let mut buf = vec![T::zero(); g.h * ph.row];
@@ -518,7 +494,7 @@ pub fn conv2d_clamped<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[
     let (oh, ow) = g.out_hw().expect("geometry checked by caller");
     let ohw = oh * ow;
     let (cg, mg, kdim) = (g.cg(), g.mg(), g.kdim());
-    let depthwise = g.is_depthwise() && mg == 1;
+    let depthwise = g.is_depthwise();
     // The GEMM paths' output starts as the bias, written while the buffer is allocated (zeroing it
     // first and then writing the bias was two passes over memory); the depthwise kernel writes
     // its bias itself.
@@ -564,25 +540,12 @@ pub fn conv2d_clamped<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[
             ys.par_chunks_mut(ohw * per).enumerate().for_each(|(t, block)| {
                 let mut sc = DwScratch::new(g, oh, ow);
                 for (i, yplane) in block.chunks_mut(ohw).enumerate() {
+                    // Output channel oc reads input channel oc / mg (mg > 1: a channel multiplier).
                     let oc = t * per + i;
-                    let xp = &xs[oc * g.h * g.w..(oc + 1) * g.h * g.w];
+                    let xp = &xs[oc / mg * g.h * g.w..(oc / mg + 1) * g.h * g.w];
                     let b = bias.map_or(T::zero(), |b| b[oc]);
                     depthwise_blocked(g, &mut sc, xp, &wt[oc * kk..(oc + 1) * kk], b, yplane, clamp, false);
                 }
-            });
-            return;
-        }
-        if g.is_depthwise() {
-            let work = |(oc, yplane): (usize, &mut [T])| {
-                let ci = oc / mg;
-                let xp = &xs[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-                let k = &wt[oc * g.kh * g.kw..(oc + 1) * g.kh * g.kw];
-                depthwise_plane(g, xp, k, yplane, oh, ow);
-                apply_clamp(yplane);
-            };
-            let per = channels_per_task(g.m, ohw * g.kh * g.kw, threads);
-            ys.par_chunks_mut(ohw * per).enumerate().for_each(|(t, block)| {
-                block.chunks_mut(ohw).enumerate().for_each(|(k, plane)| work((t * per + k, plane)))
             });
             return;
         }
@@ -642,24 +605,30 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
     let vjp_geom = if g.is_depthwise() { depthwise_vjp_geom(g, oh, ow) } else { None };
     // `s`: the sample index.
     let sample = |s: usize, dxs: &mut [T], threads: Threads| {
-        if let (1, Some(gv)) = (mg, vjp_geom) {
+        if let Some(gv) = vjp_geom {
             let kk = g.kh * g.kw;
-            let per = channels_per_task(g.c, ohw * kk * terms.len(), threads);
+            let per = channels_per_task(g.c, ohw * mg * kk * terms.len(), threads);
             dxs.par_chunks_mut(hw * per).enumerate().for_each(|(t, block)| {
                 let mut sc = DwScratch::new(&gv, g.h, g.w);
                 sc.up = g.stride;
                 let mut flipped = vec![T::zero(); kk];
                 for (i, dxp) in block.chunks_mut(hw).enumerate() {
-                    let ch = t * per + i;
-                    for (k, (dy, wt)) in terms.iter().enumerate() {
-                        flipped.iter_mut().zip(wt[ch * kk..(ch + 1) * kk].iter().rev()).for_each(|(f, &v)| *f = v);
-                        let dyp = &part(dy, s, ysz)[ch * ohw..(ch + 1) * ohw];
-                        depthwise_blocked(&gv, &mut sc, dyp, &flipped, T::zero(), dxp, None, k > 0);
+                    // Input channel ci gets the VJPs of its mg output channels, summed.
+                    let ci = t * per + i;
+                    let mut first = true;
+                    for (dy, wt) in terms {
+                        for oc in ci * mg..(ci + 1) * mg {
+                            flipped.iter_mut().zip(wt[oc * kk..(oc + 1) * kk].iter().rev()).for_each(|(f, &v)| *f = v);
+                            let dyp = &part(dy, s, ysz)[oc * ohw..(oc + 1) * ohw];
+                            depthwise_blocked(&gv, &mut sc, dyp, &flipped, T::zero(), dxp, None, !first);
+                            first = false;
+                        }
                     }
                 }
             });
             return;
         }
+        // Padding wider than the kernel (see depthwise_vjp_geom): the row kernel.
         if g.is_depthwise() {
             let work = |(ci, xplane): (usize, &mut [T])| {
                 for (dy, wt) in terms {

@@ -6,6 +6,7 @@ use super::{Rule, stabilize};
 use crate::ops::conv::{ConvGeom, conv2d, conv2d_vjp_sum};
 use crate::ops::elementwise::{map2, update1, update2};
 use crate::ops::gemm::{Mat, Threads, matmul};
+use crate::ops::pool::valid_outputs;
 use crate::tensor::Float;
 
 /// The geometry of a linear layer.
@@ -50,8 +51,6 @@ pub enum WeightMod {
     Pos,
     /// `w⁻`.
     Neg,
-    /// All ones (flat).
-    Ones,
     /// `w²`.
     Square,
 }
@@ -62,7 +61,6 @@ impl WeightMod {
         match self {
             WeightMod::Pos => map(w, pos),
             WeightMod::Neg => map(w, neg),
-            WeightMod::Ones => map(w, ones),
             WeightMod::Square => map(w, |v| v * v),
         }
     }
@@ -73,7 +71,6 @@ impl WeightMod {
         match rule {
             Rule::ZPlus | Rule::Gamma(_) => vec![WeightMod::Pos],
             Rule::AlphaBeta { .. } | Rule::ZBox => vec![WeightMod::Pos, WeightMod::Neg],
-            Rule::Flat => vec![WeightMod::Ones],
             Rule::WSquare => vec![WeightMod::Square],
             _ => vec![],
         }
@@ -188,15 +185,17 @@ impl<T: Float> LinearLayer<'_, T> {
         match &self.kind {
             LinearKind::Conv(g) => {
                 let (oh, ow) = g.out_hw().unwrap_or((0, 0));
-                let count = |o: usize, ax: usize, size: usize, k: usize| {
-                    (0..k)
-                        .filter(|&t| {
-                            (o * g.stride[ax] + t * g.dilation[ax]).checked_sub(g.pads[ax]).is_some_and(|i| i < size)
-                        })
-                        .count()
+                // In-bounds taps per output row and column: each tap adds one to the outputs it
+                // lands inside the input for.
+                let count = |size: usize, out: usize, ax: usize, k: usize| {
+                    let mut n = vec![0usize; out];
+                    for t in 0..k {
+                        let valid = valid_outputs(size, out, g.stride[ax], t, g.dilation[ax], g.pads[ax]);
+                        n[valid].iter_mut().for_each(|c| *c += 1);
+                    }
+                    n
                 };
-                let rows: Vec<usize> = (0..oh).map(|o| count(o, 0, g.h, g.kh)).collect();
-                let cols: Vec<usize> = (0..ow).map(|o| count(o, 1, g.w, g.kw)).collect();
+                let (rows, cols) = (count(g.h, oh, 0, g.kh), count(g.w, ow, 1, g.kw));
                 let (cg, mg, ohw) = (g.c / g.group, g.m / g.group, oh * ow);
                 let z: Vec<T> = (0..ohw)
                     .map(|p| super::stabilize(T::of((cg * rows[p / ow] * cols[p % ow]) as f64), stabilizer))
@@ -265,10 +264,6 @@ fn pos<T: Float>(v: T) -> T {
 
 fn neg<T: Float>(v: T) -> T {
     v.min(T::zero())
-}
-
-fn ones<T: Float>(_: T) -> T {
-    T::one()
 }
 
 fn sum2<T: Float>(a: &[T], b: &[T]) -> Vec<T> {
