@@ -4,8 +4,10 @@ use std::time::Instant;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
+    // BATCH=8 times the batch-8 path (samples split over threads, one thread per product).
+    let batch = std::env::var("BATCH").ok().and_then(|b| b.parse().ok()).unwrap_or(1);
     let base = ConvGeom {
-        n: 1,
+        n: batch,
         c: 96,
         h: 112,
         w: 112,
@@ -77,7 +79,7 @@ fn main() {
         let w = vec![0.1f32; g.m * (g.c / g.group) * g.kh * g.kw];
         let (oh, ow) = g.out_hw().unwrap();
         let dy = vec![0.5f32; g.n * g.m * oh * ow];
-        let flops = 2.0 * (g.m * oh * ow * (g.c / g.group) * g.kh * g.kw) as f64;
+        let flops = 2.0 * (g.n * g.m * oh * ow * (g.c / g.group) * g.kh * g.kw) as f64;
         for _ in 0..3 {
             conv2d(&g, &x, &w, None);
         }

@@ -144,20 +144,34 @@ pub fn max_pool_values<T: Float>(g: &PoolGeom, x: &[T]) -> Vec<T> {
                 let row = &plane[iy * g.w..(iy + 1) * g.w];
                 let orow = &mut o[oy * ow..(oy + 1) * ow];
                 for (kj, r) in cols.iter().enumerate() {
-                    let off = kj * dx;
-                    for ox in r.clone() {
-                        let v = row[ox * sx + off - g.pads[1]];
-                        let b = &mut orow[ox];
-                        #[allow(clippy::eq_op)] // v != v is the NaN test
-                        if v > *b || v != v {
-                            *b = v;
+                    if r.is_empty() {
+                        continue;
+                    }
+                    let ix0 = r.start * sx + kj * dx - g.pads[1];
+                    let (n, o) = (r.len(), &mut orow[r.clone()]);
+                    // A select, not a branch (random data mispredicted half the compares: ResNet-50's
+                    // max pool took 37 ms at batch 8), and stride 2 through pairs, which vectorises.
+                    match sx {
+                        1 => o.iter_mut().zip(&row[ix0..ix0 + n]).for_each(|(b, &v)| *b = pick(*b, v)),
+                        2 => {
+                            let pairs = row[ix0..ix0 + 2 * (n - 1)].chunks_exact(2);
+                            o[..n - 1].iter_mut().zip(pairs).for_each(|(b, p)| *b = pick(*b, p[0]));
+                            o[n - 1] = pick(o[n - 1], row[ix0 + 2 * (n - 1)]);
                         }
+                        _ => o.iter_mut().zip(row[ix0..].iter().step_by(sx)).for_each(|(b, &v)| *b = pick(*b, v)),
                     }
                 }
             }
         }
     });
     out
+}
+
+/// The running maximum after seeing `v`; a NaN wins and stays.
+#[inline(always)]
+fn pick<T: Float>(best: T, v: T) -> T {
+    #[allow(clippy::eq_op)] // v != v is the NaN test
+    if v > best || v != v { v } else { best }
 }
 
 /// VJP of max pooling: routes each output's value to its winning input element.
@@ -276,6 +290,8 @@ mod tests {
             (9, 7, 3, 1, 2, [2, 2, 2, 2], false),
             (5, 5, 5, 3, 1, [2, 1, 2, 2], true),
             (1, 11, 1, 1, 1, [0; 4], false),
+            (12, 37, 3, 2, 1, [1, 1, 1, 1], false),
+            (12, 38, 3, 2, 1, [1, 1, 1, 1], true),
         ] {
             let mut g = geom(h, w, k, st, pads, ceil);
             g.dilation = [d, d];
