@@ -69,39 +69,38 @@ impl PoolGeom {
 
 /// Max pooling; returns the output and, per output element, the flat index of the winning input
 /// element within its plane (first maximal element on ties, as PyTorch). Windows that lie wholly
-/// in padding yield -inf and index `u32::MAX`.
+/// in padding yield -inf and index `u32::MAX`. Loops run tap by tap in window order (so a later
+/// tap wins only when strictly greater) over whole output rows, as [`max_pool_values`].
 pub fn max_pool<T: Float>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
     let (oh, ow) = g.out_hw().expect("geometry checked by caller");
     let ohw = oh * ow;
+    let [sy, sx] = g.stride;
+    let [dy, dx] = g.dilation;
+    let cols: Vec<std::ops::Range<usize>> =
+        (0..g.kernel[1]).map(|kj| valid_outputs(g.w, ow, sx, kj, dx, g.pads[1])).collect();
     let mut out = vec![T::neg_infinity(); g.planes * ohw];
     let mut idx = vec![u32::MAX; g.planes * ohw];
     out.par_chunks_mut(ohw).zip(idx.par_chunks_mut(ohw)).enumerate().for_each(|(p, (o, ix))| {
         let plane = &x[p * g.h * g.w..(p + 1) * g.h * g.w];
-        for oy in 0..oh {
-            for ox in 0..ow {
-                let mut best = T::neg_infinity();
-                let mut bi = u32::MAX;
-                for ki in 0..g.kernel[0] {
-                    let iy = (oy * g.stride[0] + ki * g.dilation[0]) as isize - g.pads[0] as isize;
-                    if iy < 0 || iy >= g.h as isize {
-                        continue;
-                    }
-                    for kj in 0..g.kernel[1] {
-                        let ix = (ox * g.stride[1] + kj * g.dilation[1]) as isize - g.pads[1] as isize;
-                        if ix < 0 || ix >= g.w as isize {
-                            continue;
-                        }
-                        let k = iy as usize * g.w + ix as usize;
-                        let v = plane[k];
-                        // NaN propagates like PyTorch: a NaN wins.
-                        if v > best || bi == u32::MAX || v.is_nan() && !best.is_nan() {
-                            best = v;
-                            bi = k as u32;
-                        }
+        for ki in 0..g.kernel[0] {
+            for oy in valid_outputs(g.h, oh, sy, ki, dy, g.pads[0]) {
+                let iy = oy * sy + ki * dy - g.pads[0];
+                let row = &plane[iy * g.w..(iy + 1) * g.w];
+                let orow = &mut o[oy * ow..(oy + 1) * ow];
+                let irow = &mut ix[oy * ow..(oy + 1) * ow];
+                for (kj, r) in cols.iter().enumerate() {
+                    let off = kj * dx;
+                    for ox in r.clone() {
+                        let k = ox * sx + off - g.pads[1];
+                        let (v, b, bi) = (row[k], orow[ox], irow[ox]);
+                        // NaN propagates like PyTorch: the first NaN wins; the first in-bounds tap
+                        // is taken even when it is -inf.
+                        #[allow(clippy::eq_op)] // v != v is the NaN test
+                        let take = v > b || bi == u32::MAX || (v != v && b == b);
+                        orow[ox] = if take { v } else { b };
+                        irow[ox] = if take { (iy * g.w + k) as u32 } else { bi };
                     }
                 }
-                o[oy * ow + ox] = best;
-                ix[oy * ow + ox] = bi;
             }
         }
     });
@@ -271,6 +270,47 @@ mod tests {
         }
     }
 
+    /// The per-window loop: the reference for [`max_pool`]'s tap-by-tap order. Returns the output and, per output element, the flat index of the winning input
+    /// element within its plane (first maximal element on ties, as PyTorch). Windows that lie wholly
+    /// in padding yield -inf and index `u32::MAX`.
+    fn max_pool_naive<T: Float>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
+        let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+        let ohw = oh * ow;
+        let mut out = vec![T::neg_infinity(); g.planes * ohw];
+        let mut idx = vec![u32::MAX; g.planes * ohw];
+        out.par_chunks_mut(ohw).zip(idx.par_chunks_mut(ohw)).enumerate().for_each(|(p, (o, ix))| {
+            let plane = &x[p * g.h * g.w..(p + 1) * g.h * g.w];
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    let mut best = T::neg_infinity();
+                    let mut bi = u32::MAX;
+                    for ki in 0..g.kernel[0] {
+                        let iy = (oy * g.stride[0] + ki * g.dilation[0]) as isize - g.pads[0] as isize;
+                        if iy < 0 || iy >= g.h as isize {
+                            continue;
+                        }
+                        for kj in 0..g.kernel[1] {
+                            let ix = (ox * g.stride[1] + kj * g.dilation[1]) as isize - g.pads[1] as isize;
+                            if ix < 0 || ix >= g.w as isize {
+                                continue;
+                            }
+                            let k = iy as usize * g.w + ix as usize;
+                            let v = plane[k];
+                            // NaN propagates like PyTorch: a NaN wins.
+                            if v > best || bi == u32::MAX || v.is_nan() && !best.is_nan() {
+                                best = v;
+                                bi = k as u32;
+                            }
+                        }
+                    }
+                    o[oy * ow + ox] = best;
+                    ix[oy * ow + ox] = bi;
+                }
+            }
+        });
+        (out, idx)
+    }
+
     #[test]
     fn output_sizes_follow_pytorch() {
         // torch.nn.MaxPool2d(3, 2, ceil_mode=True) on 112 → 56; floor → 55.
@@ -297,7 +337,13 @@ mod tests {
             g.dilation = [d, d];
             let mut x: Vec<f32> = (0..2 * h * w).map(|i| ((i * 37) % 17) as f32 - 8.0).collect();
             x[h * w + 3] = f32::NAN;
-            let (y, _) = max_pool(&g, &x);
+            x[1] = f32::NEG_INFINITY;
+            let (y, iy) = max_pool(&g, &x);
+            let (yn, ixn) = max_pool_naive(&g, &x);
+            assert_eq!(iy, ixn, "indices for {h}x{w} k{k} s{st} d{d} {pads:?}");
+            for (a, b) in y.iter().zip(&yn) {
+                assert!(a == b || a.is_nan() && b.is_nan());
+            }
             let z = max_pool_values(&g, &x);
             assert_eq!(y.len(), z.len());
             for (a, b) in y.iter().zip(&z) {
