@@ -89,16 +89,29 @@ pub fn max_pool<T: Float>(g: &PoolGeom, x: &[T]) -> (Vec<T>, Vec<u32>) {
                 let orow = &mut o[oy * ow..(oy + 1) * ow];
                 let irow = &mut ix[oy * ow..(oy + 1) * ow];
                 for (kj, r) in cols.iter().enumerate() {
-                    let off = kj * dx;
-                    for ox in r.clone() {
-                        let k = ox * sx + off - g.pads[1];
-                        let (v, b, bi) = (row[k], orow[ox], irow[ox]);
-                        // NaN propagates like PyTorch: the first NaN wins; the first in-bounds tap
-                        // is taken even when it is -inf.
+                    if r.is_empty() {
+                        continue;
+                    }
+                    let ix0 = r.start * sx + kj * dx - g.pads[1];
+                    let (n, o, oi) = (r.len(), &mut orow[r.clone()], &mut irow[r.clone()]);
+                    let base = (iy * g.w + ix0) as u32;
+                    // NaN propagates like PyTorch: the first NaN wins; the first in-bounds tap is
+                    // taken even when it is -inf. Written as selects over slices (a gather by
+                    // computed index ran scalar).
+                    let step = |(j, ((b, bi), &v)): (usize, ((&mut T, &mut u32), &T))| {
                         #[allow(clippy::eq_op)] // v != v is the NaN test
-                        let take = v > b || bi == u32::MAX || (v != v && b == b);
-                        orow[ox] = if take { v } else { b };
-                        irow[ox] = if take { (iy * g.w + k) as u32 } else { bi };
+                        let take = v > *b || *bi == u32::MAX || (v != v && *b == *b);
+                        *b = if take { v } else { *b };
+                        *bi = if take { base + (j * sx) as u32 } else { *bi };
+                    };
+                    let dst = o.iter_mut().zip(oi.iter_mut());
+                    match sx {
+                        1 => dst.zip(&row[ix0..ix0 + n]).enumerate().for_each(step),
+                        2 => {
+                            let pairs = row[ix0..ix0 + 2 * n - 1].chunks(2).map(|p| &p[0]);
+                            dst.zip(pairs).enumerate().for_each(step)
+                        }
+                        _ => dst.zip(row[ix0..].iter().step_by(sx)).enumerate().for_each(step),
                     }
                 }
             }
