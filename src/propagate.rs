@@ -249,8 +249,10 @@ pub fn explain<T: Float>(
         Some(seed_arr.into_dyn().into_shape_with_order(out.shape()).map_err(|e| Error::Invalid(e.to_string()))?);
     let mut intermediate = HashMap::new();
     let mut dropped = 0.0;
-    // RELPROP_PROFILE=1 prints the backward time per op type and rule to stderr, as the forward does.
+    // RELPROP_PROFILE=1 prints the backward time per op type and rule to stderr, as the forward does;
+    // RELPROP_PROFILE=all per node.
     let profile = std::env::var_os("RELPROP_PROFILE").is_some();
+    let per_node = std::env::var("RELPROP_PROFILE").is_ok_and(|v| v == "all");
     let mut prof: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
     for (ni, (n, rule)) in g.nodes.iter().zip(&plan.rules).enumerate().rev() {
         let t0 = profile.then(std::time::Instant::now);
@@ -301,7 +303,13 @@ pub fn explain<T: Float>(
             }
         }
         if let Some(t0) = t0 {
-            let e = prof.entry(format!("{} {rule}", n.op_type)).or_default();
+            let key = if per_node {
+                let shape = |v: Option<&Value<T>>| v.map(|v| format!("{:?}", v.shape())).unwrap_or_default();
+                format!("{ni:04} {} {rule} {} {}", n.op_type, n.name, shape(ins.first().copied().flatten()))
+            } else {
+                format!("{} {rule}", n.op_type)
+            };
+            let e = prof.entry(key).or_default();
             e.0 += t0.elapsed().as_secs_f64() * 1e3;
             e.1 += 1;
         }

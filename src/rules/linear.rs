@@ -298,11 +298,13 @@ pub fn relevance<T: Float>(
     relevance_bf(layer, rule, x, y, r, ignore_bias, stabilizer, bounds, 0.0)
 }
 
-/// One output plane of the γ rule with x ≥ 0 (see `relevance_bf`): the forward output `y` (with
-/// its stored bias), the incoming relevance `r` and `p` = x·w⁺.
+/// One output plane of the γ rule (see `relevance_bf`): the forward output `y` (with its stored
+/// bias), the incoming relevance `r` and `p` = x⁺·w⁺ + x⁻·w⁻.
 struct GammaPlane<'a, T> {
     gamma: T,
     eps: f64,
+    /// Seeds for x⁻'s factor: the roles of positive and negative outputs swapped.
+    mirror: bool,
     y: &'a [T],
     r: &'a [T],
     p: &'a [T],
@@ -324,7 +326,7 @@ impl<T: Float> GammaPlane<'_, T> {
             let up = yv > T::zero();
             let z = if up { zp } else { zn };
             let g = rv / (z + if z >= T::zero() { eps } else { -eps });
-            let (a, bb) = if up { (g, gm * g) } else { ((T::one() + gm) * g, -gm * g) };
+            let (a, bb) = if up != self.mirror { (g, gm * g) } else { ((T::one() + gm) * g, -gm * g) };
             let live = up || yv < T::zero();
             *ga = if live { a } else { T::zero() };
             *gb = if live { bb } else { T::zero() };
@@ -414,13 +416,21 @@ pub fn relevance_bf<T: Float>(
                 }
             }
         }
-        Rule::Gamma(gamma) if xn.is_none() => {
-            // With x ≥ 0 one modified forward suffices: P = x·w⁺, and since w⁻ = w − w⁺ the other is
-            // x·w − P, where x·w is the cached output less its bias. The two VJPs
-            // Jᵀ_{w+γw⁺} g⁺ + Jᵀ_{w+γw⁻} g⁻ regroup as Jᵀ_w (g⁺ + (1+γ)g⁻) + Jᵀ_{w⁺} γ(g⁺ − g⁻).
+        Rule::Gamma(gamma) => {
+            // Outputs with z > 0 use x⁺(w+γw⁺) + x⁻(w+γw⁻) (+ b + γb⁺), those with z < 0 the mirror
+            // image. Both regroup around the cached x·w (the output less its stored bias) and one
+            // modified forward A = x⁺·w⁺ + x⁻·w⁻: the first is x·w + γA, the second x·w + γ(x·w − A)
+            // since the four products sum to x·w. With seeds g⁺ (z > 0) and g⁻ (z < 0), x⁺'s factor
+            // (w+γw⁺)ᵀg⁺ + (w+γw⁻)ᵀg⁻ is Jᵀ_w (g⁺ + (1+γ)g⁻) + Jᵀ_{w⁺} γ(g⁺ − g⁻) as w⁻ = w − w⁺,
+            // and x⁻'s factor is the same with g⁺ and g⁻ in swapped roles: two VJPs per input sign
+            // instead of four, and one forward (two with x⁻) instead of four.
             let gm = T::of(*gamma);
             let wp = layer.modified(WeightMod::Pos);
-            let p = layer.fwd(&xp, &wp, None);
+            let mut p = layer.fwd(&xp, &wp, None);
+            if let Some(xn) = &xn {
+                let wn = layer.modified(WeightMod::Neg);
+                p = sum2(&p, &layer.fwd(xn, &wn, None));
+            }
             let (per, rows) = layer.out_rows();
             let inner = match &layer.kind {
                 LinearKind::Conv(g) => per / g.m.max(1),
@@ -430,66 +440,47 @@ pub fn relevance_bf<T: Float>(
             let nch = per / inner;
             // Output element j of plane q (= row · channels + channel c) has a stored bias and a
             // bias the rule uses, per channel or spatially varying (per == bias length).
-            let mut ga = vec![T::zero(); per * rows];
-            let mut gb = vec![T::zero(); per * rows];
-            let plane = |q: usize, ga: &mut [T], gb: &mut [T]| {
-                let c = q % nch.max(1);
-                let span = q * inner..(q + 1) * inner;
-                let (yq, rq, pq) = (&y[span.clone()], &r[span.clone()], &p[span]);
-                let args = GammaPlane { gamma: gm, eps: stabilizer, y: yq, r: rq, p: pq };
-                fn bias_of<T: Float>(bias: Option<&[T]>, per: usize, c: usize, inner: usize) -> Result<T, &[T]> {
-                    match bias {
-                        Some(bs) if bs.len() == per => Err(&bs[c * inner..(c + 1) * inner]),
-                        Some(bs) => Ok(bs[c % bs.len()]),
-                        None => Ok(T::zero()),
+            let seeds = |mirror: bool| {
+                let mut ga = vec![T::zero(); per * rows];
+                let mut gb = vec![T::zero(); per * rows];
+                let plane = |q: usize, ga: &mut [T], gb: &mut [T]| {
+                    let c = q % nch.max(1);
+                    let span = q * inner..(q + 1) * inner;
+                    let (yq, rq, pq) = (&y[span.clone()], &r[span.clone()], &p[span]);
+                    let args = GammaPlane { gamma: gm, eps: stabilizer, mirror, y: yq, r: rq, p: pq };
+                    fn bias_of<T: Float>(bias: Option<&[T]>, per: usize, c: usize, inner: usize) -> Result<T, &[T]> {
+                        match bias {
+                            Some(bs) if bs.len() == per => Err(&bs[c * inner..(c + 1) * inner]),
+                            Some(bs) => Ok(bs[c % bs.len()]),
+                            None => Ok(T::zero()),
+                        }
                     }
+                    // Monomorphised per bias kind, so that the common per-channel case vectorises.
+                    match (bias_of(layer.bias.as_deref(), per, c, inner), bias_of(b, per, c, inner)) {
+                        (Ok(s), Ok(u)) => args.run(|_| s, |_| u, ga, gb),
+                        (Ok(s), Err(u)) => args.run(|_| s, |j| u[j], ga, gb),
+                        (Err(s), Ok(u)) => args.run(|j| s[j], |_| u, ga, gb),
+                        (Err(s), Err(u)) => args.run(|j| s[j], |j| u[j], ga, gb),
+                    }
+                };
+                // Planes run in parallel when large (a single thread left the other core idle).
+                if inner >= 1 << 10 && ga.len() >= 1 << 16 {
+                    use rayon::prelude::*;
+                    ga.par_chunks_mut(inner)
+                        .zip(gb.par_chunks_mut(inner))
+                        .enumerate()
+                        .for_each(|(q, (a, b))| plane(q, a, b));
+                } else {
+                    ga.chunks_mut(inner).zip(gb.chunks_mut(inner)).enumerate().for_each(|(q, (a, b))| plane(q, a, b));
                 }
-                // Monomorphised per bias kind, so that the common per-channel case vectorises.
-                match (bias_of(layer.bias.as_deref(), per, c, inner), bias_of(b, per, c, inner)) {
-                    (Ok(s), Ok(u)) => args.run(|_| s, |_| u, ga, gb),
-                    (Ok(s), Err(u)) => args.run(|_| s, |j| u[j], ga, gb),
-                    (Err(s), Ok(u)) => args.run(|j| s[j], |_| u, ga, gb),
-                    (Err(s), Err(u)) => args.run(|j| s[j], |j| u[j], ga, gb),
-                }
+                (ga, gb)
             };
-            // Planes run in parallel when large (a single thread left the other core idle).
-            if inner >= 1 << 10 && ga.len() >= 1 << 16 {
-                use rayon::prelude::*;
-                ga.par_chunks_mut(inner)
-                    .zip(gb.par_chunks_mut(inner))
-                    .enumerate()
-                    .for_each(|(q, (a, b))| plane(q, a, b));
-            } else {
-                ga.chunks_mut(inner).zip(gb.chunks_mut(inner)).enumerate().for_each(|(q, (a, b))| plane(q, a, b));
-            }
+            let (ga, gb) = seeds(false);
             add_product(&mut out, &xp, layer.vjp_sum(&[(&ga, w), (&gb, &wp)]), T::one());
-        }
-        Rule::Gamma(gamma) => {
-            let gm = T::of(*gamma);
-            let wgp: Vec<T> = w.iter().map(|&v| v + gm * pos(v)).collect();
-            let wgn: Vec<T> = w.iter().map(|&v| v + gm * neg(v)).collect();
-            let bgp = b.map(|b| b.iter().map(|&v| v + gm * pos(v)).collect::<Vec<T>>());
-            let bgn = b.map(|b| b.iter().map(|&v| v + gm * neg(v)).collect::<Vec<T>>());
-            // Outputs with z > 0 use (x⁺, w+γw⁺) + (x⁻, w+γw⁻); those with z < 0 the mirror image.
-            let parts: [Part<T, bool, &Vec<T>>; 2] =
-                [(true, &wgp, &wgn, bgp.as_ref()), (false, &wgn, &wgp, bgn.as_ref())];
-            for (positive, w_for_pos, w_for_neg, bias) in parts {
-                let mut z = layer.fwd(&xp, w_for_pos, bias.map(|v| &v[..]));
-                if let Some(xn) = &xn {
-                    z = sum2(&z, &layer.fwd(xn, w_for_neg, None));
-                }
-                let g: Vec<T> = z
-                    .iter()
-                    .zip(r.iter().zip(y))
-                    .map(|(&zv, (&rv, &yv))| {
-                        let on = if positive { yv > T::zero() } else { yv < T::zero() };
-                        if on { rv / stabilize(zv, stabilizer) } else { T::zero() }
-                    })
-                    .collect();
-                add_product(&mut out, &xp, layer.vjp(&g, w_for_pos), T::one());
-                if let Some(xn) = &xn {
-                    add_product(&mut out, xn, layer.vjp(&g, w_for_neg), T::one());
-                }
+            if let Some(xn) = &xn {
+                drop((ga, gb));
+                let (ha, hb) = seeds(true);
+                add_product(&mut out, xn, layer.vjp_sum(&[(&ha, w), (&hb, &wp)]), T::one());
             }
         }
         Rule::ZBox => {
