@@ -261,6 +261,16 @@ pub fn explain<T: Float>(
             continue;
         }
         let Some(rule) = rule else { continue };
+        if let Some((o, i)) = pass_through(n, rule, &env, &rel, &plan.variable, &keep_ids) {
+            // Pass: the relevance moves to the input as it is (copying it cost ResNet-50's 49
+            // ReLUs 45 ms at batch 8).
+            let r = rel[o].take();
+            match (&mut rel[i], r) {
+                (Some(acc), Some(r)) => *acc += &r,
+                (slot, r) => *slot = r,
+            }
+            continue;
+        }
         let ins: Vec<Option<&Value<T>>> = n.inputs.iter().map(|i| i.and_then(|id| env.get(id))).collect();
         let outs: Vec<Option<&Value<T>>> = n.outputs.iter().map(|o| o.and_then(|id| env.get(id))).collect();
         // Variables that carry relevance: float tensors, and the integer indices of an embedding lookup.
@@ -332,6 +342,32 @@ pub fn explain<T: Float>(
         }
     }
     Ok(Explanation { relevance, output: out, targets, scores, intermediate, dropped })
+}
+
+/// For a node under the pass rule whose one output carries relevance of its one variable input's
+/// shape (an activation), that (output, input); the general path handles every other case.
+fn pass_through<T: Float>(
+    n: &crate::graph::Node,
+    rule: &Rule,
+    env: &crate::graph::Env<T>,
+    rel: &[Option<ArrayD<T>>],
+    variable: &[bool],
+    keep: &[ValueId],
+) -> Option<(ValueId, ValueId)> {
+    // An embedding lookup's integer indices count as its variable input in the general path.
+    if !matches!(rule, Rule::Pass) || matches!(n.op, Op::Gather { .. }) {
+        return None;
+    }
+    let [Some(o)] = n.outputs[..] else { return None };
+    let mut vars = n.inputs.iter().flatten().filter(|&&v| variable[v] && matches!(env.get(v), Some(Value::F(_))));
+    let (Some(&i), None) = (vars.next(), vars.next()) else { return None };
+    let same = match (env.get(i), &rel[o]) {
+        (Some(Value::F(x)), Some(r)) => {
+            x.shape() == r.shape() && rel[i].as_ref().is_none_or(|a| a.shape() == r.shape())
+        }
+        _ => false,
+    };
+    (same && !keep.contains(&o) && i != o).then_some((o, i))
 }
 
 /// The index of the largest value in each sample (row of the first axis) of `out`.
