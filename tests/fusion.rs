@@ -59,3 +59,61 @@ fn fused_activation_equals_separate_ops() {
         }
     }
 }
+
+/// x [1, 4, 6, 5] → conv_a → ReLU → s; x → conv_t → t; conv_b(s) + skip → z (→ ReLU → y), where
+/// the skip is t (read by the Add alone: its buffer becomes the output), s (the convolution's own
+/// input) or x (a graph input); `apart` also makes conv_b's output a graph output, which forbids
+/// the fusion. Returns the final output.
+fn residual(skip: &str, swap: bool, relu: bool, apart: bool) -> Vec<f32> {
+    let shape = [1, 4, 6, 5];
+    let conv = |name: &str, x: &str, w: &str, b: &str, out: &str| {
+        common::node("Conv", name, &[x, w, b], &[out], vec![ints("pads", &[1, 1, 1, 1])])
+    };
+    let mut nodes = vec![
+        conv("conv_a", "x", "wa", "ba", "a"),
+        common::node("Relu", "relu_a", &["a"], &["s"], vec![]),
+        conv("conv_t", "x", "wt", "bt", "t"),
+        conv("conv_b", "s", "wb", "bb", "c"),
+        common::node("Add", "add", &if swap { [skip, "c"] } else { ["c", skip] }, &["z"], vec![]),
+    ];
+    let last = if relu {
+        nodes.push(common::node("Relu", "relu_z", &["z"], &["y"], vec![]));
+        "y"
+    } else {
+        "z"
+    };
+    let mut inits = Vec::new();
+    for (k, n) in ["a", "t", "b"].iter().enumerate() {
+        inits.push(tensor(&format!("w{n}"), &[4, 4, 3, 3], data(4 * 4 * 9, 3 + k).iter().map(|v| v / 4.0).collect()));
+        inits.push(tensor(&format!("b{n}"), &[4], vec![0.5, -0.25, 0.0, 0.1]));
+    }
+    let mut model = common::model(nodes, inits, vi("x", &shape), vi(last, &shape));
+    if apart {
+        model.graph.as_mut().unwrap().output.push(vi("c", &shape));
+    }
+    // t is otherwise unused when the skip is another value.
+    if skip != "t" {
+        model.graph.as_mut().unwrap().output.push(vi("t", &shape));
+    }
+    let g = relprop::onnx::load_bytes(&model.encode_to_vec(), std::path::Path::new(".")).unwrap();
+    let consts = prepare_consts::<f32>(&g);
+    let x = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, 4, 6, 5]), data(4 * 6 * 5, 4)).unwrap();
+    run(&g, &consts, vec![Value::F(x)]).unwrap()[0].to_float().iter().copied().collect()
+}
+
+#[test]
+fn fused_residual_sum_equals_separate_ops() {
+    for skip in ["t", "s", "x"] {
+        for swap in [false, true] {
+            for relu in [false, true] {
+                let fused = residual(skip, swap, relu, false);
+                let apart = residual(skip, swap, relu, true);
+                assert!(apart.iter().any(|&v| v < 0.0) || relu, "the sum must have both signs");
+                assert!(apart.iter().any(|&v| v == 0.0) || !relu, "the ReLU must bite");
+                for (f, a) in fused.iter().zip(&apart) {
+                    assert!((f - a).abs() <= 1e-5 * (1.0 + a.abs()), "skip {skip} swap {swap} relu {relu}: {f} vs {a}");
+                }
+            }
+        }
+    }
+}

@@ -2,7 +2,7 @@
 
 use super::ir::*;
 use crate::error::{Error, Result, node_err};
-use crate::ops::conv::{ConvGeom, conv2d_clamped};
+use crate::ops::conv::{ConvGeom, conv2d_onto};
 use crate::ops::elementwise::{BinOp, apply_inplace, repeat_pattern};
 use crate::ops::gemm::{Mat, Threads, matmul};
 use crate::ops::lstm::{LstmWeights, lstm_direction};
@@ -121,14 +121,16 @@ pub fn run_keep<'g, T: Float>(
     let profile = std::env::var_os("RELPROP_PROFILE").is_some();
     let mut prof: std::collections::BTreeMap<String, (f64, usize)> = Default::default();
     let mut slow: Vec<(f64, usize)> = Vec::new();
-    // Set when a node's activation was computed with it (see `fused_clamp`).
-    let mut fused_into_previous = false;
+    // Nodes still to skip: they ran inside the convolution before them (see `fusion`).
+    let mut fused_into_previous = 0usize;
     for (ni, node) in g.nodes.iter().enumerate() {
-        if std::mem::take(&mut fused_into_previous) {
+        if fused_into_previous > 0 {
+            fused_into_previous -= 1;
             continue;
         }
         let t0 = profile.then(std::time::Instant::now);
-        let clamp = fused_clamp(g, ni, &env, &last, keep).map_err(|m| node_err(&node.name, &node.op_type, m))?;
+        let fused = fusion(g, ni, &env, &last, keep).map_err(|m| node_err(&node.name, &node.op_type, m))?;
+        let dies = |i: ValueId| last[i] == ni && !keep(i) && !g.inputs.iter().any(|x| x.id == i);
         // An element-wise op whose input dies here works in place: no new buffer, no second pass
         // over fresh memory.
         let reuse = node.input(0).filter(|&i| {
@@ -144,11 +146,28 @@ pub fn run_keep<'g, T: Float>(
             }
             None => None,
         };
-        let dies = |i: ValueId| last[i] == ni && !keep(i) && !g.inputs.iter().any(|x| x.id == i);
-        let outs = if let Some(c) = clamp {
+        let outs = if let Some(f) = &fused {
+            // The residual operand becomes the output buffer: moved when this is its last use
+            // (and the convolution does not read it), copied otherwise.
+            let init = match f.skip {
+                Some(s)
+                    if last[s] == ni + 1
+                        && !keep(s)
+                        && !g.inputs.iter().any(|x| x.id == s)
+                        && !node.inputs.contains(&Some(s)) =>
+                {
+                    env.values[s].take()
+                }
+                Some(s) => env.values[s].clone(),
+                None => None,
+            };
+            let init = match init {
+                Some(Value::F(a)) => Some(into_vec(a)),
+                _ => None,
+            };
             let ins: Vec<Option<&Value<T>>> = node.inputs.iter().map(|i| i.and_then(|id| env.get(id))).collect();
-            fused_into_previous = true;
-            eval_conv(node, &ins, Some(c)).map_err(|m| node_err(&node.name, &node.op_type, m))?
+            fused_into_previous = f.nodes;
+            eval_conv(node, &ins, f.clamp, init).map_err(|m| node_err(&node.name, &node.op_type, m))?
         } else if let (Some(i), Some(f)) = (reuse, f) {
             let mut v = env.values[i].take();
             if let Some(Value::F(a)) = &mut v {
@@ -186,8 +205,8 @@ pub fn run_keep<'g, T: Float>(
             e.1 += 1;
             slow.push((ms, ni));
         }
-        // A fused activation's output is the pair's output.
-        let out_ids = if clamp.is_some() { &g.nodes[ni + 1].outputs } else { &node.outputs };
+        // The last fused node's output is the group's output.
+        let out_ids = &g.nodes[ni + fused.as_ref().map_or(0, |f| f.nodes)].outputs;
         for (o, v) in out_ids.iter().zip(outs) {
             if let Some(o) = o {
                 env.values[*o] = Some(v);
@@ -920,56 +939,99 @@ fn lstm<T: Float>(
     Ok(vec![Value::F(ya), Value::F(yha), Value::F(yca)])
 }
 
-/// The clamp of a ReLU or Clip that node `ni + 1` applies to the output of Conv node `ni`, when the
-/// two can run as one kernel: the activation is the convolution output's only reader, the output
-/// is not kept, and the Clip's bounds are attributes or constants. Fusing saves a pass over the
-/// activation's memory (EfficientNet-Lite0 has 33 ReLU6 after convolutions).
-fn fused_clamp<T: Float>(
+/// Nodes after a Conv that run inside its kernel: a residual Add (`skip` is its other operand,
+/// which the convolution accumulates onto) and a ReLU or constant-bound Clip (`clamp`). `nodes` is
+/// how many nodes after the Conv this covers.
+struct Fused<T> {
+    skip: Option<ValueId>,
+    clamp: Option<(T, T)>,
+    nodes: usize,
+}
+
+/// What can run inside Conv node `ni` (see [`Fused`]): each fused node is the only reader of the
+/// value before it, which is not kept, and the Add's other operand is already computed with the
+/// convolution's output shape. Fusing saves a pass over memory per node (EfficientNet-Lite0 has 33
+/// ReLU6 after convolutions; ResNet-50 16 residual sums, each followed by a ReLU).
+fn fusion<T: Float>(
     g: &Graph,
     ni: usize,
     env: &Env<'_, T>,
     last: &[usize],
     keep: &dyn Fn(ValueId) -> bool,
-) -> R<Option<(T, T)>> {
-    let (node, Some(next)) = (&g.nodes[ni], g.nodes.get(ni + 1)) else {
+) -> R<Option<Fused<T>>> {
+    let node = &g.nodes[ni];
+    let (Op::Conv { win, group }, Some(Some(y))) = (&node.op, node.outputs.first()) else {
         return Ok(None);
     };
-    let (Op::Conv { .. }, Some(Some(y))) = (&node.op, node.outputs.first()) else {
-        return Ok(None);
+    // `v`, made by node k - 1, is read by node k alone, and is neither kept nor a graph input.
+    let only_reader = |v: ValueId, k: usize| {
+        g.nodes.get(k).is_some_and(|n| last[v] == k && n.inputs.iter().filter(|i| **i == Some(v)).count() == 1)
+            && !keep(v)
+            && !g.inputs.iter().any(|x| x.id == v)
     };
-    let y = *y;
-    let only_reader =
-        last[y] == ni + 1 && next.input(0) == Some(y) && next.inputs.iter().skip(1).all(|i| *i != Some(y));
-    if !only_reader || keep(y) || g.inputs.iter().any(|x| x.id == y) {
-        return Ok(None);
-    }
-    Ok(match &next.op {
-        Op::Relu => Some((T::zero(), T::infinity())),
-        Op::Clip { min, max } => {
-            let bound = |k: usize, attr: Option<f64>, default: T| -> R<Option<T>> {
-                match next.inputs.get(k).copied().flatten() {
-                    None => Ok(Some(attr.map(T::of).unwrap_or(default))),
-                    // A constant bound; one that is not a scalar is left to the Clip itself to
-                    // report, under its own name.
-                    Some(id) if env.values[id].is_none() => Ok(env
-                        .get(id)
-                        .and_then(|v| scalar(&[Some(v)], 0).ok())
-                        .map(|s| s.or(attr.map(T::of)).unwrap_or(default))),
-                    // A computed bound: evaluate the Clip on its own.
-                    Some(_) => Ok(None),
-                }
-            };
-            match (bound(1, *min, T::neg_infinity())?, bound(2, *max, T::infinity())?) {
-                (Some(lo), Some(hi)) => Some((lo, hi)),
-                _ => None,
-            }
+    let mut out = *y;
+    let mut f = Fused { skip: None, clamp: None, nodes: 0 };
+    if only_reader(out, ni + 1)
+        && let Op::Add = g.nodes[ni + 1].op
+        && let [Some(a), Some(b)] = g.nodes[ni + 1].inputs[..]
+        && let Some(Some(z)) = g.nodes[ni + 1].outputs.first()
+    {
+        let skip = if a == out { b } else { a };
+        // The operand must be computed, of the output's shape, and the convolution not depthwise
+        // (its kernel stores instead of accumulating).
+        let shapes =
+            (env.values[skip].as_ref(), node.input(0).and_then(|i| env.get(i)), node.input(1).and_then(|i| env.get(i)));
+        if let (Some(Value::F(s)), Some(x), Some(w)) = shapes
+            && *group == 1
+            && let Ok(geom) = conv_geom(win, *group, x.shape(), w.shape())
+            && let Some((oh, ow)) = geom.out_hw()
+            && s.shape() == conv_out_shape(x.shape(), geom.m, oh, ow)
+        {
+            f.skip = Some(skip);
+            f.nodes = 1;
+            out = *z;
         }
-        _ => None,
-    })
+    }
+    let k = ni + 1 + f.nodes;
+    if only_reader(out, k) && g.nodes[k].input(0) == Some(out) {
+        let next = &g.nodes[k];
+        f.clamp = match &next.op {
+            Op::Relu => Some((T::zero(), T::infinity())),
+            Op::Clip { min, max } => {
+                let bound = |k: usize, attr: Option<f64>, default: T| -> R<Option<T>> {
+                    match next.inputs.get(k).copied().flatten() {
+                        None => Ok(Some(attr.map(T::of).unwrap_or(default))),
+                        // A constant bound; one that is not a scalar is left to the Clip itself to
+                        // report, under its own name.
+                        Some(id) if env.values[id].is_none() => Ok(env
+                            .get(id)
+                            .and_then(|v| scalar(&[Some(v)], 0).ok())
+                            .map(|s| s.or(attr.map(T::of)).unwrap_or(default))),
+                        // A computed bound: evaluate the Clip on its own.
+                        Some(_) => Ok(None),
+                    }
+                };
+                match (bound(1, *min, T::neg_infinity())?, bound(2, *max, T::infinity())?) {
+                    (Some(lo), Some(hi)) => Some((lo, hi)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        if f.clamp.is_some() {
+            f.nodes += 1;
+        }
+    }
+    Ok((f.nodes > 0).then_some(f))
 }
 
 /// A Conv node's output, clamped to `clamp` when an activation was fused into it.
-fn eval_conv<T: Float>(node: &Node, ins: &[Option<&Value<T>>], clamp: Option<(T, T)>) -> R<Vec<Value<T>>> {
+fn eval_conv<T: Float>(
+    node: &Node,
+    ins: &[Option<&Value<T>>],
+    clamp: Option<(T, T)>,
+    init: Option<Vec<T>>,
+) -> R<Vec<Value<T>>> {
     let Op::Conv { win, group } = &node.op else {
         return Err(format!("{} is not a convolution", node.op_type));
     };
@@ -990,7 +1052,10 @@ fn eval_conv<T: Float>(node: &Node, ins: &[Option<&Value<T>>], clamp: Option<(T,
     };
     let per_channel = bias.as_ref().is_none_or(|b| b.len() == g.m);
     let (b, c) = if per_channel { (bias.as_deref(), clamp) } else { (None, None) };
-    let mut y = conv2d_clamped(&g, &std_slice(x), &std_slice(w), b, c);
+    if init.as_ref().is_some_and(|v| g.group > 1 || v.len() != g.n * g.m * g.out_hw().map_or(0, |(h, w)| h * w)) {
+        return Err("the residual operand fused into this convolution does not fit its output".into());
+    }
+    let mut y = conv2d_onto(&g, &std_slice(x), &std_slice(w), b, c, init);
     if let (false, Some(b)) = (per_channel, &bias) {
         // A spatially varying bias [M, OH, OW] (made by canonization), added per sample.
         for chunk in y.chunks_mut(b.len()) {
@@ -1001,9 +1066,27 @@ fn eval_conv<T: Float>(node: &Node, ins: &[Option<&Value<T>>], clamp: Option<(T,
         }
     }
     let (oh, ow) = g.out_hw().ok_or("geometry")?;
-    let shape: Vec<usize> =
-        pool_out_shape(x.shape(), oh, ow).iter().enumerate().map(|(i, &d)| if i == 1 { g.m } else { d }).collect();
-    Ok(vec![Value::F(array(&shape, y))])
+    Ok(vec![Value::F(array(&conv_out_shape(x.shape(), g.m, oh, ow), y))])
+}
+
+/// A convolution's output shape: the input's, with `m` channels and the pooled spatial size.
+fn conv_out_shape(x: &[usize], m: usize, oh: usize, ow: usize) -> Vec<usize> {
+    pool_out_shape(x, oh, ow).iter().enumerate().map(|(i, &d)| if i == 1 { m } else { d }).collect()
+}
+
+/// A tensor's elements in standard order, without a copy when it already has that layout.
+fn into_vec<T: Float>(a: ArrayD<T>) -> Vec<T> {
+    if a.is_standard_layout() {
+        let len = a.len();
+        let (mut v, off) = a.into_raw_vec_and_offset();
+        let off = off.unwrap_or(0);
+        if off == 0 && v.len() == len {
+            return v;
+        }
+        v.truncate(off + len);
+        return v.split_off(off);
+    }
+    a.iter().cloned().collect()
 }
 
 /// Evaluates one node on its inputs.
@@ -1017,7 +1100,7 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
     }
     let one = |v: Value<T>| Ok(vec![v]);
     match &node.op {
-        Op::Conv { .. } => eval_conv(node, ins, None),
+        Op::Conv { .. } => eval_conv(node, ins, None, None),
         Op::Gemm { alpha, beta, trans_a, trans_b } => {
             let a = float(ins, 0)?;
             let b = float(ins, 1)?;

@@ -491,6 +491,20 @@ pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> 
 /// [`conv2d`] followed by clamping every output to `[lo, hi]` (a fused ReLU or ReLU6: the clamp
 /// runs while the output is still in cache instead of as a separate pass over memory).
 pub fn conv2d_clamped<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>, clamp: Option<(T, T)>) -> Vec<T> {
+    conv2d_onto(g, x, wt, bias, clamp, None)
+}
+
+/// [`conv2d_clamped`] of `init + conv(x)`: a residual sum computed by the convolution, which
+/// accumulates onto `init` (its buffer becomes the output) instead of a separate pass adding two
+/// tensors. `init` is [n, m, oh, ow]; not for depthwise convolutions (their kernel stores).
+pub fn conv2d_onto<T: Float>(
+    g: &ConvGeom,
+    x: &[T],
+    wt: &[T],
+    bias: Option<&[T]>,
+    clamp: Option<(T, T)>,
+    init: Option<Vec<T>>,
+) -> Vec<T> {
     let (oh, ow) = g.out_hw().expect("geometry checked by caller");
     let ohw = oh * ow;
     let (cg, mg, kdim) = (g.cg(), g.mg(), g.kdim());
@@ -499,24 +513,40 @@ pub fn conv2d_clamped<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[
     // first and then writing the bias was two passes over memory); the depthwise kernel writes
     // its bias itself.
     let total = g.n * g.m * ohw;
-    let mut out = match bias {
-        // Large outputs are filled by all threads (a serial fill of a 4.8 MB plane was a visible
-        // part of EfficientNet's first layers).
-        Some(b) if !depthwise && total >= 1 << 16 => {
-            let mut o = vec![T::zero(); total];
-            o.par_chunks_mut(ohw.max(1)).enumerate().for_each(|(p, plane)| plane.fill(b[p % g.m]));
-            o
-        }
-        Some(b) if !depthwise => {
-            let mut o = Vec::with_capacity(total);
-            for _ in 0..g.n {
-                for &bv in &b[..g.m] {
-                    o.extend(std::iter::repeat_n(bv, ohw));
-                }
+    // The caller checks both (a silently ignored initial output would be a wrong sum).
+    assert!(
+        init.as_ref().is_none_or(|v| !depthwise && v.len() == total),
+        "an initial output needs a non-depthwise convolution and the output's length"
+    );
+    let mut out = match (init, bias) {
+        (Some(mut o), b) => {
+            if let Some(b) = b {
+                o.par_chunks_mut(ohw.max(1)).enumerate().for_each(|(p, plane)| {
+                    let bv = b[p % g.m];
+                    plane.iter_mut().for_each(|v| *v += bv);
+                });
             }
             o
         }
-        _ => vec![T::zero(); total],
+        (None, bias) => match bias {
+            // Large outputs are filled by all threads (a serial fill of a 4.8 MB plane was a visible
+            // part of EfficientNet's first layers).
+            Some(b) if !depthwise && total >= 1 << 16 => {
+                let mut o = vec![T::zero(); total];
+                o.par_chunks_mut(ohw.max(1)).enumerate().for_each(|(p, plane)| plane.fill(b[p % g.m]));
+                o
+            }
+            Some(b) if !depthwise => {
+                let mut o = Vec::with_capacity(total);
+                for _ in 0..g.n {
+                    for &bv in &b[..g.m] {
+                        o.extend(std::iter::repeat_n(bv, ohw));
+                    }
+                }
+                o
+            }
+            _ => vec![T::zero(); total],
+        },
     };
     let apply_clamp = |y: &mut [T]| {
         if let Some((lo, hi)) = clamp {
