@@ -2,7 +2,7 @@
 //! convolution), by im2col / col2im and GEMM, with a direct kernel for depthwise layers where a
 //! GEMM with one output row would waste the matrix unit.
 
-use super::gemm::{Mat, Threads, matmul, matmul_ld};
+use super::gemm::{Epilogue, Mat, Threads, matmul, matmul_epi};
 use super::pool::valid_outputs;
 use crate::tensor::Float;
 use rayon::prelude::*;
@@ -518,51 +518,11 @@ pub fn conv2d_onto<T: Float>(
         init.as_ref().is_none_or(|v| !depthwise && v.len() == total),
         "an initial output needs a non-depthwise convolution and the output's length"
     );
-    let mut out = match (init, bias) {
-        (Some(mut o), b) => {
-            if let Some(b) = b {
-                o.par_chunks_mut(ohw.max(1)).enumerate().for_each(|(p, plane)| {
-                    let bv = b[p % g.m];
-                    plane.iter_mut().for_each(|v| *v += bv);
-                });
-            }
-            o
-        }
-        (None, bias) => match bias {
-            // Large outputs are filled by all threads (a serial fill of a 4.8 MB plane was a visible
-            // part of EfficientNet's first layers).
-            Some(b) if !depthwise && total >= 1 << 16 => {
-                let mut o = vec![T::zero(); total];
-                o.par_chunks_mut(ohw.max(1)).enumerate().for_each(|(p, plane)| plane.fill(b[p % g.m]));
-                o
-            }
-            Some(b) if !depthwise => {
-                let mut o = Vec::with_capacity(total);
-                for _ in 0..g.n {
-                    for &bv in &b[..g.m] {
-                        o.extend(std::iter::repeat_n(bv, ohw));
-                    }
-                }
-                o
-            }
-            _ => vec![T::zero(); total],
-        },
-    };
-    let apply_clamp = |y: &mut [T]| {
-        if let Some((lo, hi)) = clamp {
-            y.iter_mut().for_each(|v| *v = v.max(lo).min(hi));
-        }
-    };
-    let clamp_cols = |yg: &mut [T], cols: Range<usize>, threads: Threads| {
-        if clamp.is_some() {
-            let rows = yg.chunks_mut(ohw).map(|r| &mut r[cols.clone()]);
-            if threads == Threads::Pool && mg * cols.len() >= 1 << 16 {
-                rows.collect::<Vec<_>>().into_par_iter().for_each(apply_clamp);
-            } else {
-                rows.for_each(apply_clamp);
-            }
-        }
-    };
+    // The GEMM paths add the bias and clamp in the product's epilogue, while each part of the
+    // output is still in cache (a bias fill before the product and a clamp pass after it were two
+    // more passes over memory); the depthwise kernel writes its bias and clamp itself.
+    let accumulate = init.is_some();
+    let mut out = init.unwrap_or_else(|| vec![T::zero(); total]);
     let sample = |xs: &[T], ys: &mut [T], threads: Threads| {
         if depthwise {
             let kk = g.kh * g.kw;
@@ -589,7 +549,7 @@ pub fn conv2d_onto<T: Float>(
             let yg = &mut ys[gi * mg * ohw..(gi + 1) * mg * ohw];
             for oy0 in (0..oh).step_by(tile) {
                 let rows = oy0..(oy0 + tile).min(oh);
-                let (span, cols) = (rows.len() * ow, oy0 * ow..rows.end * ow);
+                let span = rows.len() * ow;
                 // The tile's input columns: the pixels themselves (1×1) or their patches.
                 let b = if g.is_pointwise() {
                     Mat { data: &xg[oy0 * ow..], rs: ohw, cs: 1 }
@@ -598,8 +558,17 @@ pub fn conv2d_onto<T: Float>(
                     Mat::rows(&col[..kdim * span], span)
                 };
                 // The tile's outputs: columns oy0·ow.. of each output channel (row stride oh·ow).
-                matmul_ld(mg, span, kdim, a, b, &mut yg[oy0 * ow..], ohw, true, threads);
-                clamp_cols(yg, cols, threads);
+                let epi = |row: usize, _: usize, seg: &mut [T]| {
+                    if let Some(b) = bias {
+                        let bv = b[gi * mg + row];
+                        seg.iter_mut().for_each(|v| *v += bv);
+                    }
+                    if let Some((lo, hi)) = clamp {
+                        seg.iter_mut().for_each(|v| *v = v.max(lo).min(hi));
+                    }
+                };
+                let epi: Option<Epilogue<T>> = (bias.is_some() || clamp.is_some()).then_some(&epi);
+                matmul_epi(mg, span, kdim, a, b, &mut yg[oy0 * ow..], ohw, accumulate, threads, epi);
             }
         }
     };
@@ -779,8 +748,10 @@ mod tests {
             ConvGeom { c: 4, m: 4, group: 4, h: 14, w: 13, stride: [2, 2], pads: [0, 1, 1, 1], ..base },
             ConvGeom { c: 2, m: 2, group: 2, h: 6, w: 3, stride: [3, 1], pads: [1, 0, 2, 1], ..base },
             ConvGeom { c: 3, m: 3, group: 3, h: 1, w: 20, kh: 1, kw: 5, stride: [1, 2], pads: [0, 2, 0, 2], ..base },
-            // Outputs large enough for the parallel bias fill and clamp.
-            ConvGeom { c: 2, m: 8, h: 100, w: 90, kh: 1, kw: 1, pads: [0; 4], ..base },
+            // Outputs large enough for a product in several parts (by columns, then by rows),
+            // each with its bias and clamp epilogue.
+            ConvGeom { c: 2, m: 32, h: 100, w: 90, kh: 1, kw: 1, pads: [0; 4], ..base },
+            ConvGeom { c: 3, m: 700, h: 20, w: 20, ..base },
             // Padding wider than the kernel: the VJP takes the general row kernel.
             ConvGeom { c: 2, m: 2, group: 2, h: 5, w: 6, pads: [3, 1, 1, 4], ..base },
             // Several im2col tiles (see tile_rows): 576 × 48 columns per row, 37 rows per tile.
@@ -803,6 +774,25 @@ mod tests {
             }
             for (a, b) in y.iter().zip(&r) {
                 assert!((a - b).abs() < 1e-10, "{g:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn conv_onto_an_initial_output_adds_it_before_the_clamp() {
+        for g in geoms().into_iter().filter(|g| !g.is_depthwise()) {
+            let (oh, ow) = g.out_hw().unwrap();
+            let x = data(g.n * g.c * g.h * g.w, 9);
+            let wt = data(g.m * (g.c / g.group) * g.kh * g.kw, 10);
+            let bias = data(g.m, 11);
+            let init = data(g.n * g.m * oh * ow, 12);
+            for clamp in [None, Some((-0.5, 1.5))] {
+                let y = conv2d_onto(&g, &x, &wt, Some(&bias), clamp, Some(init.clone()));
+                let r = conv2d(&g, &x, &wt, Some(&bias));
+                for ((a, b), i) in y.iter().zip(&r).zip(&init) {
+                    let (lo, hi) = clamp.unwrap_or((f64::NEG_INFINITY, f64::INFINITY));
+                    assert!((a - (b + i).clamp(lo, hi)).abs() < 1e-12, "{g:?}");
+                }
             }
         }
     }

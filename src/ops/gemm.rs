@@ -62,15 +62,42 @@ pub fn matmul_ld<T: Float>(
     accumulate: bool,
     threads: Threads,
 ) {
+    matmul_epi(m, n, k, a, b, c, ldc, accumulate, threads, None)
+}
+
+/// Runs on a finished part of a product's output while it is still in cache: `(row, first
+/// column, that row's segment of the part)`. A bias and an activation, for example.
+pub type Epilogue<'e, T> = &'e (dyn Fn(usize, usize, &mut [T]) + Sync);
+
+/// [`matmul_ld`], then `epi` on each part of the output as soon as it is computed. With an
+/// epilogue the output is split into parts of about a megabyte, so that the epilogue reads what
+/// the product has just written from cache instead of making another pass over memory.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_epi<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    c: &mut [T],
+    ldc: usize,
+    accumulate: bool,
+    threads: Threads,
+    epi: Option<Epilogue<'_, T>>,
+) {
     assert!(ldc >= n, "matmul output row stride below its width");
     assert!(m == 0 || n == 0 || c.len() >= (m - 1) * ldc + n, "matmul output too small");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
-        if !accumulate {
-            for row in 0..m {
-                c[row * ldc..row * ldc + n].iter_mut().for_each(|v| *v = T::zero());
+        for row in 0..m {
+            let seg = &mut c[row * ldc..row * ldc + n];
+            if !accumulate {
+                seg.iter_mut().for_each(|v| *v = T::zero());
+            }
+            if let Some(f) = epi {
+                f(row, 0, seg);
             }
         }
         return;
@@ -89,6 +116,11 @@ pub fn matmul_ld<T: Float>(
     let len = if split_rows { m } else { n };
     // Blocks on 16-column / 8-row boundaries keep the kernels' vector tails out of the middle.
     let align = if split_rows { 8 } else { 16 };
+    let parts = match epi {
+        // Parts of ~256k elements, at least one per thread.
+        Some(_) => parts.max((m * n).div_ceil(1 << 18)),
+        None => parts,
+    };
     let parts = parts.min(len.div_ceil(align)).max(1);
     let step = len.div_ceil(parts).div_ceil(align) * align;
     let cp = SendPtr(c.as_mut_ptr());
@@ -126,9 +158,17 @@ pub fn matmul_ld<T: Float>(
                 gemm::Parallelism::None,
             );
         }
+        if let Some(f) = epi {
+            let (rows, cols) = if split_rows { (lo..hi, 0..n) } else { (0..m, lo..hi) };
+            for row in rows {
+                // SAFETY: this block's own elements (as above), now written by the product.
+                let seg = unsafe { std::slice::from_raw_parts_mut(cp.0.add(row * ldc + cols.start), cols.len()) };
+                f(row, cols.start, seg);
+            }
+        }
     };
-    if parts == 1 {
-        block(0);
+    if parts == 1 || threads == Threads::One {
+        (0..parts).for_each(block);
     } else {
         use rayon::prelude::*;
         (0..parts).into_par_iter().for_each(block);
