@@ -85,17 +85,44 @@ pub fn matmul_epi<T: Float>(
     threads: Threads,
     epi: Option<Epilogue<'_, T>>,
 ) {
+    // SAFETY: `c` is initialised and its length is the bound.
+    unsafe { matmul_raw(m, n, k, a, b, c.as_mut_ptr(), c.len(), ldc, accumulate, threads, epi) }
+}
+
+/// [`matmul_epi`] into raw memory of `c_len` elements, which may be uninitialised when not
+/// `accumulate`: the product writes every element of the output block before anything reads it.
+///
+/// # Safety
+/// `c` must be valid for writes of `c_len` elements, not aliased during the call, and initialised
+/// where `accumulate` reads it.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn matmul_raw<T: Float>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat<T>,
+    b: Mat<T>,
+    c: *mut T,
+    c_len: usize,
+    ldc: usize,
+    accumulate: bool,
+    threads: Threads,
+    epi: Option<Epilogue<'_, T>>,
+) {
     assert!(ldc >= n, "matmul output row stride below its width");
-    assert!(m == 0 || n == 0 || c.len() >= (m - 1) * ldc + n, "matmul output too small");
+    assert!(m == 0 || n == 0 || c_len >= (m - 1) * ldc + n, "matmul output too small");
     if m == 0 || n == 0 {
         return;
     }
     if k == 0 {
         for row in 0..m {
-            let seg = &mut c[row * ldc..row * ldc + n];
-            if !accumulate {
-                seg.iter_mut().for_each(|v| *v = T::zero());
-            }
+            // SAFETY: within the bound asserted above; written before the slice is made.
+            let seg = unsafe {
+                if !accumulate {
+                    (0..n).for_each(|j| c.add(row * ldc + j).write(T::zero()));
+                }
+                std::slice::from_raw_parts_mut(c.add(row * ldc), n)
+            };
             if let Some(f) = epi {
                 f(row, 0, seg);
             }
@@ -123,7 +150,7 @@ pub fn matmul_epi<T: Float>(
     };
     let parts = parts.min(len.div_ceil(align)).max(1);
     let step = len.div_ceil(parts).div_ceil(align) * align;
-    let cp = SendPtr(c.as_mut_ptr());
+    let cp = SendPtr(c);
     let block = |p: usize| {
         let lo = p * step;
         let hi = ((p + 1) * step).min(len);
@@ -176,7 +203,7 @@ pub fn matmul_epi<T: Float>(
 }
 
 /// A raw output pointer shared by threads that write disjoint elements.
-struct SendPtr<T>(*mut T);
+pub(crate) struct SendPtr<T>(pub(crate) *mut T);
 // SAFETY: used only for disjoint writes, see `matmul`.
 unsafe impl<T> Send for SendPtr<T> {}
 // SAFETY: as above.
