@@ -3,7 +3,7 @@
 //! `R_in = Σ_k x_k ⊙ Jᵀ_{w_k}(R / z)`, with zennit's modifiers and stabilisers.
 
 use super::{Rule, stabilize};
-use crate::ops::conv::{ConvGeom, conv2d, conv2d_vjp_sum};
+use crate::ops::conv::{ConvGeom, conv2d, conv2d_vjp, conv2d_vjp_sum};
 use crate::ops::elementwise::{map2, update1, update2};
 use crate::ops::gemm::{Mat, Threads, matmul};
 use crate::ops::pool::valid_outputs;
@@ -78,17 +78,34 @@ impl WeightMod {
 }
 
 /// Modified weights of one layer, computed once per plan and composite.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct WeightCache<T> {
     /// The modified weights by modification.
     pub map: std::collections::HashMap<WeightMod, Vec<T>>,
+    /// `[w⁺ | w⁻]` stacked along the input channels, made on first use (only layers whose input
+    /// has both signs need it, which is known at run time).
+    stacked: std::sync::OnceLock<Vec<T>>,
 }
 
 impl<T: Float> WeightCache<T> {
     /// Computes the modifications `rule` wants for weights `w`.
     pub fn build(rule: &Rule, w: &[T]) -> Self {
-        WeightCache { map: WeightMod::for_rule(rule).into_iter().map(|m| (m, m.apply(w))).collect() }
+        WeightCache {
+            map: WeightMod::for_rule(rule).into_iter().map(|m| (m, m.apply(w))).collect(),
+            stacked: Default::default(),
+        }
     }
+}
+
+/// `[w⁺ | w⁻]`: each output channel's row of `row` weights positive part, then negative part (the
+/// weights of a convolution with twice the input channels, reading `[x⁺; x⁻]`).
+fn stack_pos_neg<T: Float>(w: &[T], row: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(2 * w.len());
+    for r in w.chunks(row.max(1)) {
+        out.extend(r.iter().map(|&v| pos(v)));
+        out.extend(r.iter().map(|&v| neg(v)));
+    }
+    out
 }
 
 /// Per-channel input bounds for the z^B rule (input channel c: `low[c] ≤ x ≤ high[c]`).
@@ -334,6 +351,55 @@ impl<T: Float> GammaPlane<'_, T> {
     }
 }
 
+/// The z⁺ rule's relevance at a plain convolution's input whose values have both signs:
+/// `x⁺ ⊙ Jᵀ_{w⁺} g + x⁻ ⊙ Jᵀ_{w⁻} g` with `g = r / (x⁺·w⁺ + x⁻·w⁻ + b⁺)`, computed as a
+/// convolution with twice the input channels (`[x⁺; x⁻]`, `[w⁺ | w⁻]`): one forward and one VJP.
+fn stacked_zplus<T: Float>(
+    layer: &LinearLayer<'_, T>,
+    g: &ConvGeom,
+    xp: &[T],
+    xn: &[T],
+    r: &[T],
+    bias: Option<&[T]>,
+    stabilizer: f64,
+) -> Vec<T> {
+    let g2 = ConvGeom { c: 2 * g.c, ..*g };
+    let row = g.c * g.kh * g.kw;
+    let own;
+    let w2: &[T] = match layer.cache {
+        Some(c) if matches!(layer.w, std::borrow::Cow::Borrowed(_)) => {
+            c.stacked.get_or_init(|| stack_pos_neg(&layer.w, row))
+        }
+        _ => {
+            own = stack_pos_neg(&layer.w, row);
+            &own
+        }
+    };
+    let plane = g.c * g.h * g.w;
+    let mut x2 = Vec::with_capacity(2 * xp.len());
+    for (p, n) in xp.chunks(plane).zip(xn.chunks(plane)) {
+        x2.extend_from_slice(p);
+        x2.extend_from_slice(n);
+    }
+    let mut z = match bias {
+        Some(b) if b.len() != g.m => {
+            let mut y = conv2d(&g2, &x2, w2, None);
+            y.chunks_mut(b.len()).for_each(|c| c.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv));
+            y
+        }
+        _ => conv2d(&g2, &x2, w2, bias),
+    };
+    update1(&mut z, r, move |zv, rv| rv / stabilize(zv, stabilizer));
+    let mut d = conv2d_vjp(&g2, &z, w2);
+    // d holds [Jᵀ_{w⁺} g; Jᵀ_{w⁻} g] per sample, in x2's layout: multiply by x2 and fold the halves.
+    update1(&mut d, &x2, |dv, xv| dv * xv);
+    let mut out = Vec::with_capacity(xp.len());
+    for s in d.chunks(2 * plane) {
+        out.extend(s[..plane].iter().zip(&s[plane..]).map(|(a, b)| *a + *b));
+    }
+    out
+}
+
 /// [`relevance`] with Arras et al.'s bias factor for the ε rule on dense layers: a share
 /// `bias_factor · (b_k + ε·sign z_k) / K` of each output's relevance goes to each of its K inputs.
 #[allow(clippy::too_many_arguments)]
@@ -401,15 +467,34 @@ pub fn relevance_bf<T: Float>(
             let wn = if has_neg || beta != 0.0 { layer.modified(WeightMod::Neg) } else { Vec::new().into() };
             // Positive part: x⁺w⁺ + x⁻w⁻ (+ b⁺); negative part: x⁺w⁻ + x⁻w⁺ (+ b⁻).
             let parts: [Part<T, f64, Vec<T>>; 2] = [(alpha, &wp, &wn, bm(pos)), (-beta, &wn, &wp, bm(neg))];
-            for (scale, w_for_pos, w_for_neg, bias) in parts {
+            for (k, (scale, w_for_pos, w_for_neg, bias)) in parts.into_iter().enumerate() {
                 if scale == 0.0 {
+                    continue;
+                }
+                // A plain convolution over inputs of both signs: the positive part as one
+                // convolution of [x⁺; x⁻] with [w⁺ | w⁻] and one VJP, instead of two of each and a
+                // sum (EfficientNet-Lite0's expansion convolutions read the unactivated projections).
+                if let (0, Some(xn), LinearKind::Conv(g)) = (k, &xn, &layer.kind)
+                    && g.group == 1
+                {
+                    let mut r_in = stacked_zplus(layer, g, &xp, xn, r, bias.as_deref(), stabilizer);
+                    let sc = T::of(scale);
+                    match &mut out {
+                        Some(a) => update1(a, &r_in, move |a, v| a + sc * v),
+                        None => {
+                            r_in.iter_mut().for_each(|v| *v = sc * *v);
+                            out = Some(r_in);
+                        }
+                    }
                     continue;
                 }
                 let mut z = layer.fwd(&xp, w_for_pos, bias.as_deref());
                 if let Some(xn) = &xn {
                     z = sum2(&z, &layer.fwd(xn, w_for_neg, None));
                 }
-                let g = div(&z, stabilizer);
+                // The stabilised ratio in z's own buffer (a new one cost a pass over fresh memory).
+                let mut g = z;
+                update1(&mut g, r, move |zv, rv| rv / stabilize(zv, stabilizer));
                 add_product(&mut out, &xp, layer.vjp(&g, w_for_pos), T::of(scale));
                 if let Some(xn) = &xn {
                     add_product(&mut out, xn, layer.vjp(&g, w_for_neg), T::of(scale));
