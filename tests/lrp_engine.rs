@@ -169,6 +169,8 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
         ConvGeom { c: 4, m: 4, group: 4, stride: [1, 2], dilation: [1, 2], pads: [0, 2, 1, 1], ..base },
         // Groups with several input and output channels each.
         ConvGeom { c: 4, m: 6, group: 2, ..base },
+        // An output larger than its input (an expansion): z⁺ over mixed signs runs stacked.
+        ConvGeom { m: 8, kh: 1, kw: 1, stride: [1, 1], pads: [0; 4], ..base },
     ];
     let mut rng = Lcg(7);
     for trial in 0..3 {
