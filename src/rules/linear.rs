@@ -8,6 +8,7 @@ use crate::ops::elementwise::{map2, update1, update2};
 use crate::ops::gemm::{Mat, Threads, matmul};
 use crate::ops::pool::valid_outputs;
 use crate::tensor::Float;
+use std::borrow::Cow;
 
 /// The geometry of a linear layer.
 #[derive(Clone, Debug)]
@@ -351,6 +352,32 @@ impl<T: Float> GammaPlane<'_, T> {
     }
 }
 
+/// `[x⁺; x⁻]` per sample and `[w⁺ | w⁻]` (cached per plan when the layer's weights are stored
+/// ones): a convolution with twice the input channels that computes `x⁺·w⁺ + x⁻·w⁻` at once.
+fn stacked<'w, T: Float>(layer: &'w LinearLayer<'_, T>, g: &ConvGeom, xp: &[T], xn: &[T]) -> (Vec<T>, Cow<'w, [T]>) {
+    let row = g.c * g.kh * g.kw;
+    let w2 = match layer.cache {
+        Some(c) if matches!(layer.w, Cow::Borrowed(_)) => {
+            Cow::Borrowed(&c.stacked.get_or_init(|| stack_pos_neg(&layer.w, row))[..])
+        }
+        _ => Cow::Owned(stack_pos_neg(&layer.w, row)),
+    };
+    let plane = g.c * g.h * g.w;
+    let mut x2 = Vec::with_capacity(2 * xp.len());
+    for (p, n) in xp.chunks(plane).zip(xn.chunks(plane)) {
+        x2.extend_from_slice(p);
+        x2.extend_from_slice(n);
+    }
+    (x2, w2)
+}
+
+/// Whether a plain convolution's output is larger than its input, where the stacked form of a
+/// two-sign rule pays (it saves passes over the output and adds passes over the input; DenseNet's
+/// 1×1 convolutions, inputs four times their outputs, were 8 % slower with it).
+fn stacking_pays(g: &ConvGeom) -> bool {
+    g.group == 1 && g.out_hw().is_some_and(|(oh, ow)| g.m * oh * ow > g.c * g.h * g.w)
+}
+
 /// The z⁺ rule's relevance at a plain convolution's input whose values have both signs:
 /// `x⁺ ⊙ Jᵀ_{w⁺} g + x⁻ ⊙ Jᵀ_{w⁻} g` with `g = r / (x⁺·w⁺ + x⁻·w⁻ + b⁺)`, computed as a
 /// convolution with twice the input channels (`[x⁺; x⁻]`, `[w⁺ | w⁻]`): one forward and one VJP.
@@ -364,23 +391,9 @@ fn stacked_zplus<T: Float>(
     stabilizer: f64,
 ) -> Vec<T> {
     let g2 = ConvGeom { c: 2 * g.c, ..*g };
-    let row = g.c * g.kh * g.kw;
-    let own;
-    let w2: &[T] = match layer.cache {
-        Some(c) if matches!(layer.w, std::borrow::Cow::Borrowed(_)) => {
-            c.stacked.get_or_init(|| stack_pos_neg(&layer.w, row))
-        }
-        _ => {
-            own = stack_pos_neg(&layer.w, row);
-            &own
-        }
-    };
+    let (x2, w2) = stacked(layer, g, xp, xn);
+    let w2 = &w2[..];
     let plane = g.c * g.h * g.w;
-    let mut x2 = Vec::with_capacity(2 * xp.len());
-    for (p, n) in xp.chunks(plane).zip(xn.chunks(plane)) {
-        x2.extend_from_slice(p);
-        x2.extend_from_slice(n);
-    }
     let mut z = match bias {
         Some(b) if b.len() != g.m => {
             let mut y = conv2d(&g2, &x2, w2, None);
@@ -474,12 +487,8 @@ pub fn relevance_bf<T: Float>(
                 // A plain convolution over inputs of both signs: the positive part as one
                 // convolution of [x⁺; x⁻] with [w⁺ | w⁻] and one VJP, instead of two of each and a
                 // sum (EfficientNet-Lite0's expansion convolutions read the unactivated projections).
-                // It saves passes over the output and adds passes over the input, so it is taken
-                // when the output is the larger (DenseNet's 1×1 convolutions, four times smaller
-                // than their input, were 8 % slower with it).
                 if let (0, Some(xn), LinearKind::Conv(g)) = (k, &xn, &layer.kind)
-                    && g.group == 1
-                    && g.out_hw().is_some_and(|(oh, ow)| g.m * oh * ow > g.c * g.h * g.w)
+                    && stacking_pays(g)
                 {
                     let mut r_in = stacked_zplus(layer, g, &xp, xn, r, bias.as_deref(), stabilizer);
                     let sc = T::of(scale);
@@ -515,11 +524,16 @@ pub fn relevance_bf<T: Float>(
             // instead of four, and one forward (two with x⁻) instead of four.
             let gm = T::of(*gamma);
             let wp = layer.modified(WeightMod::Pos);
-            let mut p = layer.fwd(&xp, &wp, None);
-            if let Some(xn) = &xn {
-                let wn = layer.modified(WeightMod::Neg);
-                p = sum2(&p, &layer.fwd(xn, &wn, None));
-            }
+            let p = match (&xn, &layer.kind) {
+                (None, _) => layer.fwd(&xp, &wp, None),
+                (Some(xn), LinearKind::Conv(g)) if stacking_pays(g) => {
+                    let (x2, w2) = stacked(layer, g, &xp, xn);
+                    conv2d(&ConvGeom { c: 2 * g.c, ..*g }, &x2, &w2, None)
+                }
+                (Some(xn), _) => {
+                    sum2(&layer.fwd(&xp, &wp, None), &layer.fwd(xn, &layer.modified(WeightMod::Neg), None))
+                }
+            };
             let (per, rows) = layer.out_rows();
             let inner = match &layer.kind {
                 LinearKind::Conv(g) => per / g.m.max(1),
