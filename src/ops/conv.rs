@@ -6,6 +6,7 @@ use super::gemm::{Epilogue, Mat, SendPtr, Threads, matmul, matmul_raw};
 use super::pool::valid_outputs;
 use crate::tensor::Float;
 use rayon::prelude::*;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// Geometry of a 2-d convolution.
@@ -66,44 +67,53 @@ impl ConvGeom {
 }
 
 /// Fills `col[kdim × rows·ow]` with the patches of output rows `rows` of one group of one sample
-/// (`x` is [cg, h, w]).
-fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T], rows: Range<usize>, ow: usize, threads: Threads) {
+/// (`x` is [cg, h, w]), and returns that prefix of `col`. Every element of it is written (the padding
+/// as zeros), so the buffer may start uninitialised: zero-filling ResNet-50's ~4 MB column buffers
+/// per sample was a pass over memory as long as the copy itself.
+fn im2col<'c, T: Float>(
+    g: &ConvGeom,
+    x: &[T],
+    col: &'c mut [MaybeUninit<T>],
+    rows: Range<usize>,
+    ow: usize,
+    threads: Threads,
+) -> &'c [T] {
     let (h, w) = (g.h, g.w);
     let oh = rows.end;
     let span = rows.len() * ow;
     let taps = g.kh * g.kw;
-    let fill = |ci: usize, dst: &mut [T]| {
+    let fill = |ci: usize, dst: &mut [MaybeUninit<T>]| {
         let plane = &x[ci * h * w..(ci + 1) * h * w];
         for ki in 0..g.kh {
             let ys = clip(valid_outputs(h, oh, g.stride[0], ki, g.dilation[0], g.pads[0]), &rows);
             for kj in 0..g.kw {
                 let xs = valid_outputs(w, ow, g.stride[1], kj, g.dilation[1], g.pads[1]);
                 let d = &mut dst[(ki * g.kw + kj) * span..(ki * g.kw + kj + 1) * span];
-                d[..(ys.start - rows.start) * ow].fill(T::zero());
-                d[(ys.end - rows.start) * ow..].fill(T::zero());
+                zero(&mut d[..(ys.start - rows.start) * ow]);
+                zero(&mut d[(ys.end - rows.start) * ow..]);
                 for oy in ys.clone() {
                     let iy = oy * g.stride[0] + ki * g.dilation[0] - g.pads[0];
                     let src = &plane[iy * w..(iy + 1) * w];
                     let drow = &mut d[(oy - rows.start) * ow..(oy - rows.start + 1) * ow];
-                    drow[..xs.start].fill(T::zero());
-                    drow[xs.end..].fill(T::zero());
+                    zero(&mut drow[..xs.start]);
+                    zero(&mut drow[xs.end..]);
                     if xs.is_empty() {
                         continue;
                     }
                     let ix0 = xs.start * g.stride[1] + kj * g.dilation[1] - g.pads[1];
                     if g.stride[1] == 1 {
-                        drow[xs.clone()].copy_from_slice(&src[ix0..ix0 + xs.len()]);
+                        drow[xs.clone()].write_copy_of_slice(&src[ix0..ix0 + xs.len()]);
                     } else if g.stride[1] == 2 {
                         // Pairs, so that the compiler vectorises the gather with shuffles (step_by
                         // ran scalar); the last value may have no partner inside the row.
                         let (n, d) = (xs.len(), &mut drow[xs.clone()]);
                         for (v, p) in d[..n - 1].iter_mut().zip(src[ix0..ix0 + 2 * (n - 1)].chunks_exact(2)) {
-                            *v = p[0];
+                            v.write(p[0]);
                         }
-                        d[n - 1] = src[ix0 + 2 * (n - 1)];
+                        d[n - 1].write(src[ix0 + 2 * (n - 1)]);
                     } else {
                         for (v, &s) in drow[xs.clone()].iter_mut().zip(src[ix0..].iter().step_by(g.stride[1])) {
-                            *v = s;
+                            v.write(s);
                         }
                     }
                 }
@@ -117,6 +127,15 @@ fn im2col<T: Float>(g: &ConvGeom, x: &[T], col: &mut [T], rows: Range<usize>, ow
         }
         _ => col[..g.cg() * per].chunks_mut(per).enumerate().for_each(|(ci, d)| fill(ci, d)),
     }
+    // SAFETY: every element of the prefix was written above (each tap's rows are written or
+    // zeroed, each row's columns copied or zeroed).
+    unsafe { std::slice::from_raw_parts(col.as_ptr() as *const T, g.cg() * per) }
+}
+
+fn zero<T: Float>(d: &mut [MaybeUninit<T>]) {
+    d.iter_mut().for_each(|v| {
+        v.write(T::zero());
+    });
 }
 
 /// `r ∩ within` (empty at `within`'s bounds when they do not meet).
@@ -571,7 +590,14 @@ pub fn conv2d_onto<T: Float>(
         // 1×1: one tile, the whole plane (tiles that stay in cache from bias to clamp measured no
         // faster on EfficientNet-Lite0, smaller ones slower: the product's packing repeats per tile).
         let tile = if g.is_pointwise() { oh } else { tile_rows(kdim, oh, ow) }.max(1);
-        let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::zero(); kdim * tile * ow] };
+        let mut col: Vec<MaybeUninit<T>> = Vec::with_capacity(if g.is_pointwise() { 0 } else { kdim * tile * ow });
+        // SAFETY: MaybeUninit needs no initialisation.
+        unsafe { col.set_len(col.capacity()) };
+        // Unit tests poison it, so that an element im2col misses shows up as NaN.
+        #[cfg(test)]
+        col.iter_mut().for_each(|v| {
+            v.write(T::of(f64::NAN));
+        });
         for gi in 0..g.group {
             let xg = &xs[gi * cg * g.h * g.w..(gi + 1) * cg * g.h * g.w];
             let a = Mat::rows(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
@@ -582,8 +608,7 @@ pub fn conv2d_onto<T: Float>(
                 let b = if g.is_pointwise() {
                     Mat { data: &xg[oy0 * ow..], rs: ohw, cs: 1 }
                 } else {
-                    im2col(g, xg, &mut col, rows, ow, threads);
-                    Mat::rows(&col[..kdim * span], span)
+                    Mat::rows(im2col(g, xg, &mut col, rows, ow, threads), span)
                 };
                 // The tile's outputs: columns oy0·ow.. of each output channel (row stride oh·ow).
                 let epi = |row: usize, _: usize, seg: &mut [T]| {
