@@ -662,6 +662,9 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
     let (cg, mg, kdim) = (g.cg(), g.mg(), g.kdim());
     let hw = g.h * g.w;
     let mut dx = vec![T::zero(); g.n * g.c * hw];
+    if terms.is_empty() {
+        return dx;
+    }
     let xsz = g.c * hw;
     let ysz = g.m * ohw;
     fn part<T>(dy: &[T], s: usize, len: usize) -> &[T] {
@@ -724,7 +727,15 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
             return;
         }
         let tile = tile_rows(kdim, oh, ow);
-        let mut col = if g.is_pointwise() { Vec::new() } else { vec![T::zero(); kdim * tile * ow] };
+        // Uninitialised: the first term's product writes each tile's columns before anything
+        // reads them (a zero fill was a pass over memory per sample and tile).
+        let mut col: Vec<MaybeUninit<T>> = Vec::with_capacity(if g.is_pointwise() { 0 } else { kdim * tile * ow });
+        // SAFETY: MaybeUninit needs no initialisation.
+        unsafe { col.set_len(col.capacity()) };
+        #[cfg(test)]
+        col.iter_mut().for_each(|v| {
+            v.write(T::of(f64::NAN));
+        });
         for gi in 0..g.group {
             let dxg = &mut dxs[gi * cg * hw..(gi + 1) * cg * hw];
             if g.is_pointwise() {
@@ -738,13 +749,18 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
             for oy0 in (0..oh).step_by(tile) {
                 let rows = oy0..(oy0 + tile).min(oh);
                 let span = rows.len() * ow;
+                let cp = col.as_mut_ptr() as *mut T;
                 for (k, (dy, wt)) in terms.iter().enumerate() {
                     let a = Mat::rows_t(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
                     // The tile's columns of dy: row stride oh·ow.
                     let b = Mat { data: &part(dy, s, ysz)[gi * mg * ohw + oy0 * ow..], rs: ohw, cs: 1 };
-                    matmul(kdim, span, mg, a, b, &mut col[..kdim * span], k > 0, threads);
+                    // SAFETY: kdim·span ≤ the buffer's length; the first term writes without
+                    // reading, the later ones accumulate onto what it wrote.
+                    unsafe { matmul_raw(kdim, span, mg, a, b, cp, kdim * span, span, k > 0, threads, None) };
                 }
-                col2im(g, &col, dxg, rows, ow, threads);
+                // SAFETY: written by the products above (terms is not empty, checked on entry).
+                let filled = unsafe { std::slice::from_raw_parts(cp as *const T, kdim * span) };
+                col2im(g, filled, dxg, rows, ow, threads);
             }
         }
     };
