@@ -8,9 +8,6 @@ use relprop::rules::Bounds;
 use relprop::rules::grad::RuleOpts;
 use relprop::tensor::Value;
 fn main() -> anyhow::Result<()> {
-    // As the relprop binary does (see src/main.rs): mimalloc's purge delay (option 15) off.
-    // SAFETY: sets an allocator option before any thread starts.
-    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
     let a: Vec<String> = std::env::args().collect();
     let mut g = relprop::onnx::load(&a[1])?;
     g.free_batch();

@@ -4,9 +4,6 @@ use relprop::graph::{prepare_consts, run};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
-    // As the relprop binary does (see src/main.rs): mimalloc's purge delay (option 15) off.
-    // SAFETY: sets an allocator option before any thread starts.
-    unsafe { libmimalloc_sys::mi_option_set(15, -1) };
     let a: Vec<String> = std::env::args().collect();
     let g = relprop::onnx::load(&a[1]).unwrap();
     let x: relprop::tensor::Value<f32> = relprop::io::read_npy(std::path::Path::new(&a[2])).unwrap();
