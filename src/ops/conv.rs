@@ -541,9 +541,6 @@ pub fn conv2d_onto<T: Float>(
     let ohw = oh * ow;
     let (cg, mg, kdim) = (g.cg(), g.mg(), g.kdim());
     let depthwise = g.is_depthwise();
-    // The GEMM paths' output starts as the bias, written while the buffer is allocated (zeroing it
-    // first and then writing the bias was two passes over memory); the depthwise kernel writes
-    // its bias itself.
     let total = g.n * g.m * ohw;
     // The caller checks both (a silently ignored initial output would be a wrong sum).
     assert!(

@@ -62,35 +62,19 @@ pub fn matmul_ld<T: Float>(
     accumulate: bool,
     threads: Threads,
 ) {
-    matmul_epi(m, n, k, a, b, c, ldc, accumulate, threads, None)
+    // SAFETY: `c` is initialised and its length is the bound.
+    unsafe { matmul_raw(m, n, k, a, b, c.as_mut_ptr(), c.len(), ldc, accumulate, threads, None) }
 }
 
 /// Runs on a finished part of a product's output while it is still in cache: `(row, first
 /// column, that row's segment of the part)`. A bias and an activation, for example.
 pub type Epilogue<'e, T> = &'e (dyn Fn(usize, usize, &mut [T]) + Sync);
 
-/// [`matmul_ld`], then `epi` on each part of the output as soon as it is computed. With an
-/// epilogue the output is split into parts of about a megabyte, so that the epilogue reads what
-/// the product has just written from cache instead of making another pass over memory.
-#[allow(clippy::too_many_arguments)]
-pub fn matmul_epi<T: Float>(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: Mat<T>,
-    b: Mat<T>,
-    c: &mut [T],
-    ldc: usize,
-    accumulate: bool,
-    threads: Threads,
-    epi: Option<Epilogue<'_, T>>,
-) {
-    // SAFETY: `c` is initialised and its length is the bound.
-    unsafe { matmul_raw(m, n, k, a, b, c.as_mut_ptr(), c.len(), ldc, accumulate, threads, epi) }
-}
-
-/// [`matmul_epi`] into raw memory of `c_len` elements, which may be uninitialised when not
-/// `accumulate`: the product writes every element of the output block before anything reads it.
+/// [`matmul_ld`] into raw memory of `c_len` elements, which may be uninitialised when not
+/// `accumulate` (the product writes every element of the output block before anything reads
+/// it), then `epi` on each part of the output as soon as it is computed. With an epilogue the
+/// output is split into parts of about a megabyte, so that the epilogue reads what the product
+/// has just written from cache instead of making another pass over memory.
 ///
 /// # Safety
 /// `c` must be valid for writes of `c_len` elements, not aliased during the call, and initialised

@@ -403,12 +403,14 @@ fn stacked_zplus<T: Float>(
         _ => conv2d(&g2, &x2, w2, bias),
     };
     update1(&mut z, r, move |zv, rv| rv / stabilize(zv, stabilizer));
-    let mut d = conv2d_vjp(&g2, &z, w2);
-    // d holds [Jᵀ_{w⁺} g; Jᵀ_{w⁻} g] per sample, in x2's layout: multiply by x2 and fold the halves.
-    update1(&mut d, &x2, |dv, xv| dv * xv);
+    drop(x2);
+    let d = conv2d_vjp(&g2, &z, w2);
+    // d holds [Jᵀ_{w⁺} g; Jᵀ_{w⁻} g] per sample: x⁺ times the first half plus x⁻ times the second,
+    // in one pass.
     let mut out = Vec::with_capacity(xp.len());
-    for s in d.chunks(2 * plane) {
-        out.extend(s[..plane].iter().zip(&s[plane..]).map(|(a, b)| *a + *b));
+    for ((s, p), n) in d.chunks(2 * plane).zip(xp.chunks(plane)).zip(xn.chunks(plane)) {
+        let (dp, dn) = s.split_at(plane);
+        out.extend(dp.iter().zip(dn).zip(p.iter().zip(n)).map(|((a, b), (xv, nv))| *a * *xv + *b * *nv));
     }
     out
 }
