@@ -3,7 +3,7 @@
 use super::ir::*;
 use crate::error::{Error, Result, node_err};
 use crate::ops::conv::{ConvGeom, conv2d_onto};
-use crate::ops::elementwise::{BinOp, apply_inplace, repeat_pattern};
+use crate::ops::elementwise::{self, BinOp, apply_inplace, repeat_pattern};
 use crate::ops::gemm::{Mat, Threads, matmul};
 use crate::ops::lstm::{LstmWeights, lstm_direction};
 use crate::ops::pool::{PoolGeom, avg_pool, max_pool_values};
@@ -389,7 +389,7 @@ macro_rules! with_act_fn {
                 $body
             }
             Act::Clip(lo, hi) => {
-                let $f = move |v: T| v.max(lo).min(hi);
+                let $f = move |v: T| elementwise::clamp(v, lo, hi);
                 $body
             }
             Act::Leaky(al) => {
@@ -405,12 +405,12 @@ macro_rules! with_act_fn {
                 $body
             }
             Act::HardSigmoid(al, b) => {
-                let $f = move |v: T| (al * v + b).max(zero).min(one);
+                let $f = move |v: T| elementwise::clamp(al * v + b, zero, one);
                 $body
             }
             Act::HardSwish => {
                 let (al, b) = (T::of(1.0 / 6.0), T::of(0.5));
-                let $f = move |v: T| v * (al * v + b).max(zero).min(one);
+                let $f = move |v: T| v * elementwise::clamp(al * v + b, zero, one);
                 $body
             }
             Act::Sqrt => {
@@ -457,8 +457,18 @@ impl<T: Float> Act<T> {
             match a.as_slice() {
                 Some(s) if s.len() >= 1 << 16 => {
                     use rayon::prelude::*;
+                    // A chunk per task into the uninitialised output: rayon's element-wise
+                    // `collect_into_vec` ran scalar.
                     let mut out = Vec::with_capacity(s.len());
-                    s.par_iter().with_min_len(1 << 14).map(|&v| f(v)).collect_into_vec(&mut out);
+                    out.spare_capacity_mut()[..s.len()].par_chunks_mut(1 << 14).zip(s.par_chunks(1 << 14)).for_each(
+                        |(o, x)| {
+                            o.iter_mut().zip(x).for_each(|(o, &v)| {
+                                o.write(f(v));
+                            })
+                        },
+                    );
+                    // SAFETY: every element was written above.
+                    unsafe { out.set_len(s.len()) };
                     array(a.shape(), out)
                 }
                 _ => a.mapv(f),
@@ -1062,7 +1072,7 @@ fn eval_conv<T: Float>(
             chunk.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
         }
         if let Some((lo, hi)) = clamp {
-            y.iter_mut().for_each(|v| *v = v.max(lo).min(hi));
+            y.iter_mut().for_each(|v| *v = elementwise::clamp(*v, lo, hi));
         }
     }
     let (oh, ow) = g.out_hw().ok_or("geometry")?;
@@ -1178,7 +1188,7 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             };
             match value(ins, 0)? {
                 Value::I(a) => one(Value::I(a.mapv(|v| v.clamp(lo.f64() as i64, hi.f64() as i64)))),
-                Value::F(_) => unary(ins, |v| v.max(lo).min(hi)),
+                Value::F(_) => unary(ins, |v| elementwise::clamp(v, lo, hi)),
             }
         }
         Op::LeakyRelu { alpha } => {
@@ -1189,11 +1199,11 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
         Op::Tanh => unary(ins, |v| v.tanh()),
         Op::HardSigmoid { alpha, beta } => {
             let (a, b) = (T::of(*alpha), T::of(*beta));
-            unary(ins, |v| (a * v + b).max(T::zero()).min(T::one()))
+            unary(ins, |v| elementwise::clamp(a * v + b, T::zero(), T::one()))
         }
         Op::HardSwish => {
             let (a, b) = (T::of(1.0 / 6.0), T::of(0.5));
-            unary(ins, |v| v * (a * v + b).max(T::zero()).min(T::one()))
+            unary(ins, |v| v * elementwise::clamp(a * v + b, T::zero(), T::one()))
         }
         Op::Softmax { axis, legacy } => {
             let x = float(ins, 0)?;

@@ -2,7 +2,7 @@
 //! convolution), by im2col / col2im and GEMM, with a direct kernel for depthwise layers where a
 //! GEMM with one output row would waste the matrix unit.
 
-use super::gemm::{Epilogue, Mat, SendPtr, Threads, matmul, matmul_raw};
+use super::gemm::{Epilogue, Mat, SendPtr, Threads, matmul_raw};
 use super::pool::valid_outputs;
 use crate::tensor::Float;
 use rayon::prelude::*;
@@ -49,10 +49,12 @@ impl ConvGeom {
         Some(((ph - eh) / self.stride[0] + 1, (pw - ew) / self.stride[1] + 1))
     }
 
-    fn cg(&self) -> usize {
+    /// Input channels per group.
+    pub fn cg(&self) -> usize {
         self.c / self.group
     }
-    fn mg(&self) -> usize {
+    /// Output channels per group.
+    pub fn mg(&self) -> usize {
         self.m / self.group
     }
     fn kdim(&self) -> usize {
@@ -320,7 +322,7 @@ unsafe fn depthwise_blocked<T: Float>(
         accumulate: bool,
     ) {
         if let Some((lo, hi)) = clamp {
-            acc.iter_mut().for_each(|v| *v = v.max(lo).min(hi));
+            acc.iter_mut().for_each(|v| *v = super::elementwise::clamp(*v, lo, hi));
         }
         // SAFETY: the destinations lie inside the plane (`DwScratch::new` places them, checked
         // below), which the caller makes valid; read only when accumulating onto initialised memory.
@@ -614,7 +616,7 @@ pub fn conv2d_onto<T: Float>(
                         seg.iter_mut().for_each(|v| *v += bv);
                     }
                     if let Some((lo, hi)) = clamp {
-                        seg.iter_mut().for_each(|v| *v = v.max(lo).min(hi));
+                        seg.iter_mut().for_each(|v| *v = super::elementwise::clamp(*v, lo, hi));
                     }
                 };
                 let epi: Option<Epilogue<T>> = (bias.is_some() || clamp.is_some()).then_some(&epi);
@@ -658,10 +660,13 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
     let ohw = oh * ow;
     let (cg, mg, kdim) = (g.cg(), g.mg(), g.kdim());
     let hw = g.h * g.w;
-    let mut dx = vec![T::zero(); g.n * g.c * hw];
     if terms.is_empty() {
-        return dx;
+        return vec![T::zero(); g.n * g.c * hw];
     }
+    if g.is_pointwise() && !g.is_depthwise() {
+        return pointwise_vjp_sum(g, terms);
+    }
+    let mut dx = vec![T::zero(); g.n * g.c * hw];
     let xsz = g.c * hw;
     let ysz = g.m * ohw;
     fn part<T>(dy: &[T], s: usize, len: usize) -> &[T] {
@@ -735,14 +740,6 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
         });
         for gi in 0..g.group {
             let dxg = &mut dxs[gi * cg * hw..(gi + 1) * cg * hw];
-            if g.is_pointwise() {
-                for (k, (dy, wt)) in terms.iter().enumerate() {
-                    let a = Mat::rows_t(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
-                    let b = Mat::rows(&part(dy, s, ysz)[gi * mg * ohw..(gi + 1) * mg * ohw], ohw);
-                    matmul(kdim, ohw, mg, a, b, dxg, k > 0, threads);
-                }
-                continue;
-            }
             for oy0 in (0..oh).step_by(tile) {
                 let rows = oy0..(oy0 + tile).min(oh);
                 let span = rows.len() * ow;
@@ -766,6 +763,42 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
     } else if g.n == 1 {
         sample(0, &mut dx[..], Threads::Pool);
     }
+    dx
+}
+
+/// [`conv2d_vjp_sum`] of a 1×1 convolution (not depthwise): per sample and group one product per
+/// term, straight from dy. The first product writes every element of dx, so dx starts
+/// uninitialised (zeroing it was a pass over memory as long as the products' output).
+fn pointwise_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> {
+    let (hw, cg, mg) = (g.h * g.w, g.cg(), g.mg());
+    let (xsz, ysz, total) = (g.c * hw, g.m * hw, g.n * g.c * hw);
+    let mut dx: Vec<T> = Vec::with_capacity(total);
+    let dp = SendPtr(dx.as_mut_ptr());
+    // Unit tests poison it, so that an element the products miss shows up as NaN.
+    #[cfg(test)]
+    // SAFETY: within the allocated capacity.
+    (0..total).for_each(|i| unsafe { dp.0.add(i).write(T::of(f64::NAN)) });
+    let sample = |s: usize, threads: Threads| {
+        let dp = &dp;
+        for gi in 0..g.group {
+            let start = s * xsz + gi * cg * hw;
+            for (k, (dy, wt)) in terms.iter().enumerate() {
+                let a = Mat::rows_t(&wt[gi * mg * cg..(gi + 1) * mg * cg], cg);
+                let b = Mat::rows(&dy[s * ysz + gi * mg * hw..s * ysz + (gi + 1) * mg * hw], hw);
+                // SAFETY: group gi of sample s, [cg, h, w], written by this call alone; the first
+                // term writes without reading, the later ones accumulate onto what it wrote.
+                unsafe { matmul_raw(cg, hw, mg, a, b, dp.0.add(start), cg * hw, hw, k > 0, threads, None) };
+            }
+        }
+    };
+    if g.n > 1 {
+        (0..g.n).into_par_iter().for_each(|s| sample(s, Threads::One));
+    } else if g.n == 1 {
+        sample(0, Threads::Pool);
+    }
+    // SAFETY: the groups' blocks cover every sample's [c, h, w]; terms is not empty (checked by
+    // the caller), so the first product wrote each element.
+    unsafe { dx.set_len(total) };
     dx
 }
 
@@ -827,6 +860,8 @@ mod tests {
             ConvGeom { n: 2, stride: [2, 2], pads: [0, 0, 1, 1], ..base },
             ConvGeom { stride: [2, 3], pads: [2, 0, 1, 3], dilation: [2, 1], ..base },
             ConvGeom { kh: 1, kw: 1, pads: [0; 4], n: 3, ..base },
+            // Grouped 1×1 over several samples: the VJP's blocks per sample and group.
+            ConvGeom { c: 6, m: 4, group: 2, kh: 1, kw: 1, pads: [0; 4], n: 2, ..base },
             ConvGeom { c: 6, m: 6, group: 6, n: 2, kh: 5, kw: 5, pads: [2, 1, 2, 3], stride: [2, 2], ..base },
             ConvGeom { c: 4, m: 8, group: 4, kh: 3, kw: 2, ..base },
             ConvGeom { c: 6, m: 4, group: 2, h: 1, kh: 1, kw: 4, pads: [0, 2, 0, 1], ..base },

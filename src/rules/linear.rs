@@ -9,6 +9,7 @@ use crate::ops::gemm::{Mat, Threads, matmul};
 use crate::ops::pool::valid_outputs;
 use crate::tensor::Float;
 use std::borrow::Cow;
+use std::mem::MaybeUninit;
 
 /// The geometry of a linear layer.
 #[derive(Clone, Debug)]
@@ -71,7 +72,7 @@ impl WeightMod {
     pub fn for_rule(rule: &Rule) -> Vec<WeightMod> {
         match rule {
             Rule::ZPlus | Rule::Gamma(_) => vec![WeightMod::Pos],
-            Rule::AlphaBeta { .. } | Rule::ZBox => vec![WeightMod::Pos, WeightMod::Neg],
+            Rule::AlphaBeta { .. } => vec![WeightMod::Pos, WeightMod::Neg],
             Rule::WSquare => vec![WeightMod::Square],
             _ => vec![],
         }
@@ -254,13 +255,47 @@ impl<T: Float> LinearLayer<'_, T> {
         }
     }
 
-    /// A tensor shaped like the input holding `per_channel[c]` in input channel c.
-    fn fill_channels(&self, len: usize, per_channel: &[f64]) -> Vec<T> {
-        let (c, block) = match &self.kind {
-            LinearKind::Conv(g) => (g.c, g.h * g.w),
-            LinearKind::Dense { k, .. } => (*k, 1),
+    /// `w_lh = low_c·w⁺ + high_c·w⁻`, each weight scaled by the bounds of the input channel it
+    /// reads (a conv's input channel, a dense layer's input feature); one bound serves all channels.
+    fn box_weights(&self, low: &[f64], high: &[f64]) -> Vec<T> {
+        let w = &self.w[..];
+        let channel: Box<dyn Fn(usize) -> usize> = match &self.kind {
+            LinearKind::Conv(g) => {
+                let (cg, mg, kk) = (g.cg(), g.mg(), g.kh * g.kw);
+                // Weight i belongs to output channel o = i / (cg·kk) and reads input channel
+                // (o / mg)·cg + (i / kk) % cg.
+                Box::new(move |i| (i / (cg * kk) / mg.max(1)) * cg + (i / kk.max(1)) % cg.max(1))
+            }
+            &LinearKind::Dense { n, k, transposed, .. } => {
+                if transposed {
+                    Box::new(move |i| i % k.max(1))
+                } else {
+                    Box::new(move |i| i / n.max(1))
+                }
+            }
         };
-        (0..len).map(|i| T::of(per_channel[((i / block) % c) % per_channel.len()])).collect()
+        let at = |b: &[f64], c: usize| T::of(b[c % b.len().max(1)]);
+        w.iter().enumerate().map(|(i, &v)| at(low, channel(i)) * pos(v) + at(high, channel(i)) * neg(v)).collect()
+    }
+
+    /// The forward output `y` less the layer's stored bias (per channel, spatially varying, or per
+    /// feature), as [`LinearLayer::fwd`] adds it.
+    fn without_bias(&self, y: &[T]) -> Vec<T> {
+        let mut z = y.to_vec();
+        if let Some(b) = &self.bias {
+            let inner = match &self.kind {
+                LinearKind::Conv(g) if b.len() == g.m => g.out_hw().map_or(0, |(oh, ow)| oh * ow),
+                _ => 1,
+            };
+            if inner > 0 && !b.is_empty() {
+                // Runs of `inner` outputs share one bias value, cycling through `b`.
+                for (q, run) in z.chunks_mut(inner).enumerate() {
+                    let bv = b[q % b.len()];
+                    run.iter_mut().for_each(|v| *v -= bv);
+                }
+            }
+        }
+        z
     }
 }
 
@@ -321,33 +356,41 @@ pub fn relevance<T: Float>(
 struct GammaPlane<'a, T> {
     gamma: T,
     eps: f64,
-    /// Seeds for x⁻'s factor: the roles of positive and negative outputs swapped.
-    mirror: bool,
     y: &'a [T],
     r: &'a [T],
     p: &'a [T],
 }
 
 impl<T: Float> GammaPlane<'_, T> {
-    /// Writes the two VJP seeds: `ga` for Jᵀ_w and `gb` for Jᵀ_{w⁺}. Both signs are computed and
-    /// one selected (a branch per element ran scalar and took an eighth of ResNet-50's εγ□ pass).
+    /// Writes the two VJP seeds: `ga` for Jᵀ_w and `gb` for Jᵀ_{w⁺}, every element (the buffers
+    /// start uninitialised). Both signs are computed and one selected (a branch per element ran
+    /// scalar and took an eighth of ResNet-50's εγ□ pass); `MIRROR` is a constant so that the
+    /// selection is one mask, not a vector of booleans to compare.
     #[inline(always)]
-    fn run(&self, stored: impl Fn(usize) -> T, used: impl Fn(usize) -> T, ga: &mut [T], gb: &mut [T]) {
+    fn run<const MIRROR: bool>(
+        &self,
+        stored: impl Fn(usize) -> T,
+        used: impl Fn(usize) -> T,
+        ga: &mut [MaybeUninit<T>],
+        gb: &mut [MaybeUninit<T>],
+    ) {
         let gm = self.gamma;
         let eps = T::of(self.eps);
+        let zero = T::zero();
         let it = ga.iter_mut().zip(gb.iter_mut()).zip(self.y.iter().zip(self.r).zip(self.p));
         for (j, ((ga, gb), ((&yv, &rv), &pv))) in it.enumerate() {
             let (st, us) = (stored(j), used(j));
             let zw = yv - st;
             let zp = zw + gm * pv + us + gm * pos(us);
             let zn = zw + gm * (zw - pv) + us + gm * neg(us);
-            let up = yv > T::zero();
+            let up = yv > zero;
             let z = if up { zp } else { zn };
-            let g = rv / (z + if z >= T::zero() { eps } else { -eps });
-            let (a, bb) = if up != self.mirror { (g, gm * g) } else { ((T::one() + gm) * g, -gm * g) };
-            let live = up || yv < T::zero();
-            *ga = if live { a } else { T::zero() };
-            *gb = if live { bb } else { T::zero() };
+            let g = rv / (z + if z >= zero { eps } else { -eps });
+            // Outputs of exactly zero get no relevance.
+            let g = if yv != zero { g } else { zero };
+            let same = if MIRROR { !up } else { up };
+            ga.write(if same { g } else { (T::one() + gm) * g });
+            gb.write(if same { gm * g } else { -gm * g });
         }
     }
 }
@@ -545,14 +588,15 @@ pub fn relevance_bf<T: Float>(
             let nch = per / inner;
             // Output element j of plane q (= row · channels + channel c) has a stored bias and a
             // bias the rule uses, per channel or spatially varying (per == bias length).
+            // Seeds for x⁻'s factor (`mirror`) swap the roles of positive and negative outputs.
             let seeds = |mirror: bool| {
-                let mut ga = vec![T::zero(); per * rows];
-                let mut gb = vec![T::zero(); per * rows];
-                let plane = |q: usize, ga: &mut [T], gb: &mut [T]| {
+                let len = per * rows;
+                let (mut ga, mut gb) = (Vec::with_capacity(len), Vec::with_capacity(len));
+                let plane = |q: usize, ga: &mut [MaybeUninit<T>], gb: &mut [MaybeUninit<T>]| {
                     let c = q % nch.max(1);
                     let span = q * inner..(q + 1) * inner;
                     let (yq, rq, pq) = (&y[span.clone()], &r[span.clone()], &p[span]);
-                    let args = GammaPlane { gamma: gm, eps: stabilizer, mirror, y: yq, r: rq, p: pq };
+                    let args = GammaPlane { gamma: gm, eps: stabilizer, y: yq, r: rq, p: pq };
                     fn bias_of<T: Float>(bias: Option<&[T]>, per: usize, c: usize, inner: usize) -> Result<T, &[T]> {
                         match bias {
                             Some(bs) if bs.len() == per => Err(&bs[c * inner..(c + 1) * inner]),
@@ -561,22 +605,38 @@ pub fn relevance_bf<T: Float>(
                         }
                     }
                     // Monomorphised per bias kind, so that the common per-channel case vectorises.
+                    macro_rules! go {
+                        ($st:expr, $us:expr) => {
+                            if mirror {
+                                args.run::<true>($st, $us, ga, gb)
+                            } else {
+                                args.run::<false>($st, $us, ga, gb)
+                            }
+                        };
+                    }
                     match (bias_of(layer.bias.as_deref(), per, c, inner), bias_of(b, per, c, inner)) {
-                        (Ok(s), Ok(u)) => args.run(|_| s, |_| u, ga, gb),
-                        (Ok(s), Err(u)) => args.run(|_| s, |j| u[j], ga, gb),
-                        (Err(s), Ok(u)) => args.run(|j| s[j], |_| u, ga, gb),
-                        (Err(s), Err(u)) => args.run(|j| s[j], |j| u[j], ga, gb),
+                        (Ok(s), Ok(u)) => go!(|_| s, |_| u),
+                        (Ok(s), Err(u)) => go!(|_| s, |j| u[j]),
+                        (Err(s), Ok(u)) => go!(|j| s[j], |_| u),
+                        (Err(s), Err(u)) => go!(|j| s[j], |j| u[j]),
                     }
                 };
+                let (sa, sb) = (&mut ga.spare_capacity_mut()[..len], &mut gb.spare_capacity_mut()[..len]);
                 // Planes run in parallel when large (a single thread left the other core idle).
-                if inner >= 1 << 10 && ga.len() >= 1 << 16 {
+                if inner >= 1 << 10 && len >= 1 << 16 {
                     use rayon::prelude::*;
-                    ga.par_chunks_mut(inner)
-                        .zip(gb.par_chunks_mut(inner))
+                    sa.par_chunks_mut(inner)
+                        .zip(sb.par_chunks_mut(inner))
                         .enumerate()
                         .for_each(|(q, (a, b))| plane(q, a, b));
                 } else {
-                    ga.chunks_mut(inner).zip(gb.chunks_mut(inner)).enumerate().for_each(|(q, (a, b))| plane(q, a, b));
+                    sa.chunks_mut(inner).zip(sb.chunks_mut(inner)).enumerate().for_each(|(q, (a, b))| plane(q, a, b));
+                }
+                // SAFETY: the planes cover all `len` elements (per · rows = planes · inner), and
+                // `run` writes each of them.
+                unsafe {
+                    ga.set_len(len);
+                    gb.set_len(len);
                 }
                 (ga, gb)
             };
@@ -590,17 +650,20 @@ pub fn relevance_bf<T: Float>(
         }
         Rule::ZBox => {
             let bd = bounds.ok_or("the zbox rule needs input bounds (--mean/--std or --low/--high)")?;
-            let low = layer.fill_channels(x.len(), &bd.low);
-            let high = layer.fill_channels(x.len(), &bd.high);
-            let (wp, wn) = (layer.modified(WeightMod::Pos), layer.modified(WeightMod::Neg));
-            let z0 = if ignore_bias && layer.bias.is_some() { layer.fwd(x, w, None) } else { y.to_vec() };
-            let zl = layer.fwd(&low, &wp, bm(pos).as_deref());
-            let zh = layer.fwd(&high, &wn, bm(neg).as_deref());
-            let z: Vec<T> = z0.iter().zip(zl.iter().zip(&zh)).map(|(a, (l, h))| *a - *l - *h).collect();
-            let g = div(&z, stabilizer);
-            add_product(&mut out, x, layer.vjp(&g, w), T::one());
-            add_product(&mut out, &low, layer.vjp(&g, &wp), -T::one());
-            add_product(&mut out, &high, layer.vjp(&g, &wn), -T::one());
+            // z = (x·w + b) − (l·w⁺ + b⁺) − (h·w⁻ + b⁻) = x·w − 1·w_lh with w_lh = l_c·w⁺ + h_c·w⁻ per
+            // input channel c: the bounds are constant per channel, so the two bound forwards are
+            // one forward of ones and their VJPs, l ⊙ Jᵀ_{w⁺}g + h ⊙ Jᵀ_{w⁻}g, are one, Jᵀ_{w_lh}g
+            // (input channel c of a VJP reads only the weights of input channel c). The bias
+            // cancels, with or without `ignore_bias`.
+            let wlh = layer.box_weights(&bd.low, &bd.high);
+            let ones = vec![T::one(); x.len()];
+            let mut z = layer.without_bias(y);
+            update2(&mut z, &layer.fwd(&ones, &wlh, None), r, move |zv, bv, rv| rv / stabilize(zv - bv, stabilizer));
+            add_product(&mut out, x, layer.vjp(&z, w), T::one());
+            let bound_part = layer.vjp(&z, &wlh);
+            if let Some(o) = out.as_mut() {
+                update1(o, &bound_part, |a, v| a - v);
+            }
         }
         Rule::Flat => out = Some(layer.flat(r, stabilizer)),
         Rule::WSquare => {
