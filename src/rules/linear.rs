@@ -362,23 +362,23 @@ struct GammaPlane<'a, T> {
 }
 
 impl<T: Float> GammaPlane<'_, T> {
-    /// Writes the two VJP seeds: `ga` for Jᵀ_w and `gb` for Jᵀ_{w⁺}, every element (the buffers
-    /// start uninitialised). Both signs are computed and one selected (a branch per element ran
-    /// scalar and took an eighth of ResNet-50's εγ□ pass); `MIRROR` is a constant so that the
-    /// selection is one mask, not a vector of booleans to compare.
+    /// Writes the VJP seeds, every element (the buffers start uninitialised): `ga` for Jᵀ_w and
+    /// `gb` for Jᵀ_{w⁺} (x⁺'s factor), and with `PLAIN` also `gc`, the plain ratio g for Jᵀ_w (x⁻'s
+    /// factor, see `relevance_bf`). Both output signs are computed and one selected (a branch per
+    /// element ran scalar and took an eighth of ResNet-50's εγ□ pass).
     #[inline(always)]
-    fn run<const MIRROR: bool>(
+    fn run<const PLAIN: bool>(
         &self,
         stored: impl Fn(usize) -> T,
         used: impl Fn(usize) -> T,
         ga: &mut [MaybeUninit<T>],
         gb: &mut [MaybeUninit<T>],
+        gc: &mut [MaybeUninit<T>],
     ) {
         let gm = self.gamma;
         let eps = T::of(self.eps);
         let zero = T::zero();
-        let it = ga.iter_mut().zip(gb.iter_mut()).zip(self.y.iter().zip(self.r).zip(self.p));
-        for (j, ((ga, gb), ((&yv, &rv), &pv))) in it.enumerate() {
+        let seed = |j: usize, yv: T, rv: T, pv: T| {
             let (st, us) = (stored(j), used(j));
             let zw = yv - st;
             let zp = zw + gm * pv + us + gm * pos(us);
@@ -388,9 +388,25 @@ impl<T: Float> GammaPlane<'_, T> {
             let g = rv / (z + if z >= zero { eps } else { -eps });
             // Outputs of exactly zero get no relevance.
             let g = if yv != zero { g } else { zero };
-            let same = if MIRROR { !up } else { up };
-            ga.write(if same { g } else { (T::one() + gm) * g });
-            gb.write(if same { gm * g } else { -gm * g });
+            let a = if up { g } else { (T::one() + gm) * g };
+            let b = if up { gm * g } else { -gm * g };
+            (a, b, g)
+        };
+        let inputs = self.y.iter().zip(self.r).zip(self.p);
+        if PLAIN {
+            let it = ga.iter_mut().zip(gb.iter_mut()).zip(gc.iter_mut()).zip(inputs);
+            for (j, (((ga, gb), gc), ((&yv, &rv), &pv))) in it.enumerate() {
+                let (a, b, g) = seed(j, yv, rv, pv);
+                ga.write(a);
+                gb.write(b);
+                gc.write(g);
+            }
+        } else {
+            for (j, ((ga, gb), ((&yv, &rv), &pv))) in ga.iter_mut().zip(gb.iter_mut()).zip(inputs).enumerate() {
+                let (a, b, _) = seed(j, yv, rv, pv);
+                ga.write(a);
+                gb.write(b);
+            }
         }
     }
 }
@@ -565,8 +581,10 @@ pub fn relevance_bf<T: Float>(
             // modified forward A = x⁺·w⁺ + x⁻·w⁻: the first is x·w + γA, the second x·w + γ(x·w − A)
             // since the four products sum to x·w. With seeds g⁺ (z > 0) and g⁻ (z < 0), x⁺'s factor
             // (w+γw⁺)ᵀg⁺ + (w+γw⁻)ᵀg⁻ is Jᵀ_w (g⁺ + (1+γ)g⁻) + Jᵀ_{w⁺} γ(g⁺ − g⁻) as w⁻ = w − w⁺,
-            // and x⁻'s factor is the same with g⁺ and g⁻ in swapped roles: two VJPs per input sign
-            // instead of four, and one forward (two with x⁻) instead of four.
+            // and x⁻'s factor is the same with g⁺ and g⁻ in swapped roles. The seeds of the two
+            // factors sum to (2+γ)·g (g = g⁺ + g⁻), so x⁻'s factor is (2+γ)·Jᵀ_w g − x⁺'s factor,
+            // and R = |x| ⊙ F⁺ + (2+γ)·x⁻ ⊙ Jᵀ_w g: two VJPs for non-negative inputs, three with x⁻
+            // (instead of eight products), and one forward instead of four.
             let gm = T::of(*gamma);
             let wp = layer.modified(WeightMod::Pos);
             let p = match (&xn, &layer.kind) {
@@ -588,11 +606,16 @@ pub fn relevance_bf<T: Float>(
             let nch = per / inner;
             // Output element j of plane q (= row · channels + channel c) has a stored bias and a
             // bias the rule uses, per channel or spatially varying (per == bias length).
-            // Seeds for x⁻'s factor (`mirror`) swap the roles of positive and negative outputs.
-            let seeds = |mirror: bool| {
+            // With `plain` also the plain ratio g (for inputs with a negative part).
+            let seeds = |plain: bool| {
                 let len = per * rows;
-                let (mut ga, mut gb) = (Vec::with_capacity(len), Vec::with_capacity(len));
-                let plane = |q: usize, ga: &mut [MaybeUninit<T>], gb: &mut [MaybeUninit<T>]| {
+                let lc = if plain { len } else { 0 };
+                let (mut ga, mut gb, mut gc) =
+                    (Vec::with_capacity(len), Vec::with_capacity(len), Vec::with_capacity(lc));
+                let plane = |q: usize,
+                             ga: &mut [MaybeUninit<T>],
+                             gb: &mut [MaybeUninit<T>],
+                             gc: &mut [MaybeUninit<T>]| {
                     let c = q % nch.max(1);
                     let span = q * inner..(q + 1) * inner;
                     let (yq, rq, pq) = (&y[span.clone()], &r[span.clone()], &p[span]);
@@ -607,10 +630,10 @@ pub fn relevance_bf<T: Float>(
                     // Monomorphised per bias kind, so that the common per-channel case vectorises.
                     macro_rules! go {
                         ($st:expr, $us:expr) => {
-                            if mirror {
-                                args.run::<true>($st, $us, ga, gb)
+                            if plain {
+                                args.run::<true>($st, $us, ga, gb, gc)
                             } else {
-                                args.run::<false>($st, $us, ga, gb)
+                                args.run::<false>($st, $us, ga, gb, gc)
                             }
                         };
                     }
@@ -622,30 +645,50 @@ pub fn relevance_bf<T: Float>(
                     }
                 };
                 let (sa, sb) = (&mut ga.spare_capacity_mut()[..len], &mut gb.spare_capacity_mut()[..len]);
+                let sc = &mut gc.spare_capacity_mut()[..lc];
+                // Without `plain`, each plane gets an empty slice of gc.
                 // Planes run in parallel when large (a single thread left the other core idle).
                 if inner >= 1 << 10 && len >= 1 << 16 {
                     use rayon::prelude::*;
-                    sa.par_chunks_mut(inner)
-                        .zip(sb.par_chunks_mut(inner))
-                        .enumerate()
-                        .for_each(|(q, (a, b))| plane(q, a, b));
+                    let planes = sa.par_chunks_mut(inner).zip(sb.par_chunks_mut(inner)).enumerate();
+                    if plain {
+                        planes.zip(sc.par_chunks_mut(inner)).for_each(|((q, (a, b)), c)| plane(q, a, b, c));
+                    } else {
+                        planes.for_each(|(q, (a, b))| plane(q, a, b, &mut []));
+                    }
                 } else {
-                    sa.chunks_mut(inner).zip(sb.chunks_mut(inner)).enumerate().for_each(|(q, (a, b))| plane(q, a, b));
+                    let planes = sa.chunks_mut(inner).zip(sb.chunks_mut(inner)).enumerate();
+                    if plain {
+                        planes.zip(sc.chunks_mut(inner)).for_each(|((q, (a, b)), c)| plane(q, a, b, c));
+                    } else {
+                        planes.for_each(|(q, (a, b))| plane(q, a, b, &mut []));
+                    }
                 }
                 // SAFETY: the planes cover all `len` elements (per · rows = planes · inner), and
-                // `run` writes each of them.
+                // `run` writes each of them (and of gc with `plain`).
                 unsafe {
                     ga.set_len(len);
                     gb.set_len(len);
+                    gc.set_len(lc);
                 }
-                (ga, gb)
+                (ga, gb, gc)
             };
-            let (ga, gb) = seeds(false);
-            add_product(&mut out, &xp, layer.vjp_sum(&[(&ga, w), (&gb, &wp)]), T::one());
-            if let Some(xn) = &xn {
-                drop((ga, gb));
-                let (ha, hb) = seeds(true);
-                add_product(&mut out, xn, layer.vjp_sum(&[(&ha, w), (&hb, &wp)]), T::one());
+            match &xn {
+                None => {
+                    let (ga, gb, _) = seeds(false);
+                    add_product(&mut out, &xp, layer.vjp_sum(&[(&ga, w), (&gb, &wp)]), T::one());
+                }
+                Some(_) => {
+                    let (ga, gb, gc) = seeds(true);
+                    let mut f = layer.vjp_sum(&[(&ga, w), (&gb, &wp)]);
+                    drop((ga, gb));
+                    let plain = layer.vjp(&gc, w);
+                    drop(gc);
+                    let k = T::of(2.0 + *gamma);
+                    // F⁺ becomes R in its own buffer: |x| ⊙ F⁺ + (2+γ)·x⁻ ⊙ Jᵀ_w g.
+                    update2(&mut f, x, &plain, move |fv, xv, pv| xv.abs() * fv + k * neg(xv) * pv);
+                    out = Some(f);
+                }
             }
         }
         Rule::ZBox => {
