@@ -413,7 +413,7 @@ impl<T: Float> GammaPlane<'_, T> {
 
 /// `[x⁺; x⁻]` per sample and `[w⁺ | w⁻]` (cached per plan when the layer's weights are stored
 /// ones): a convolution with twice the input channels that computes `x⁺·w⁺ + x⁻·w⁻` at once.
-fn stacked<'w, T: Float>(layer: &'w LinearLayer<'_, T>, g: &ConvGeom, xp: &[T], xn: &[T]) -> (Vec<T>, Cow<'w, [T]>) {
+fn stacked<'w, T: Float>(layer: &'w LinearLayer<'_, T>, g: &ConvGeom, x: &[T]) -> (Vec<T>, Cow<'w, [T]>) {
     let row = g.c * g.kh * g.kw;
     let w2 = match layer.cache {
         Some(c) if matches!(layer.w, Cow::Borrowed(_)) => {
@@ -422,10 +422,11 @@ fn stacked<'w, T: Float>(layer: &'w LinearLayer<'_, T>, g: &ConvGeom, xp: &[T], 
         _ => Cow::Owned(stack_pos_neg(&layer.w, row)),
     };
     let plane = g.c * g.h * g.w;
-    let mut x2 = Vec::with_capacity(2 * xp.len());
-    for (p, n) in xp.chunks(plane).zip(xn.chunks(plane)) {
-        x2.extend_from_slice(p);
-        x2.extend_from_slice(n);
+    // Split straight from x: separate x⁺ and x⁻ tensors were two more passes and buffers.
+    let mut x2 = Vec::with_capacity(2 * x.len());
+    for xs in x.chunks(plane.max(1)) {
+        x2.extend(xs.iter().map(|&v| pos(v)));
+        x2.extend(xs.iter().map(|&v| neg(v)));
     }
     (x2, w2)
 }
@@ -443,14 +444,13 @@ fn stacking_pays(g: &ConvGeom) -> bool {
 fn stacked_zplus<T: Float>(
     layer: &LinearLayer<'_, T>,
     g: &ConvGeom,
-    xp: &[T],
-    xn: &[T],
+    x: &[T],
     r: &[T],
     bias: Option<&[T]>,
     stabilizer: f64,
 ) -> Vec<T> {
     let g2 = ConvGeom { c: 2 * g.c, ..*g };
-    let (x2, w2) = stacked(layer, g, xp, xn);
+    let (x2, w2) = stacked(layer, g, x);
     let w2 = &w2[..];
     let plane = g.c * g.h * g.w;
     let mut z = match bias {
@@ -466,10 +466,10 @@ fn stacked_zplus<T: Float>(
     let d = conv2d_vjp(&g2, &z, w2);
     // d holds [Jᵀ_{w⁺} g; Jᵀ_{w⁻} g] per sample: x⁺ times the first half plus x⁻ times the second,
     // in one pass.
-    let mut out = Vec::with_capacity(xp.len());
-    for ((s, p), n) in d.chunks(2 * plane).zip(xp.chunks(plane)).zip(xn.chunks(plane)) {
+    let mut out = Vec::with_capacity(x.len());
+    for (s, xs) in d.chunks(2 * plane.max(1)).zip(x.chunks(plane.max(1))) {
         let (dp, dn) = s.split_at(plane);
-        out.extend(dp.iter().zip(dn).zip(p.iter().zip(n)).map(|((a, b), (xv, nv))| *a * *xv + *b * *nv));
+        out.extend(dp.iter().zip(dn).zip(xs).map(|((a, b), &xv)| *a * pos(xv) + *b * neg(xv)));
     }
     out
 }
@@ -497,8 +497,12 @@ pub fn relevance_bf<T: Float>(
         use rayon::prelude::*;
         x.par_chunks(1 << 14).any(|c| c.iter().fold(false, |n, v| n | (*v < T::zero())))
     };
-    let xp: std::borrow::Cow<[T]> = if has_neg { map(x, pos).into() } else { x.into() };
-    let xn: Option<Vec<T>> = has_neg.then(|| map(x, neg));
+    // x⁺ and x⁻ as tensors, made only by the paths that need them (the stacked forms split x as
+    // they read it).
+    let xp_cell = std::cell::OnceCell::new();
+    let xp = || -> &[T] { xp_cell.get_or_init(|| if has_neg { Cow::Owned(map(x, pos)) } else { Cow::Borrowed(x) }) };
+    let xn_cell = std::cell::OnceCell::new();
+    let xn = || -> Option<&[T]> { xn_cell.get_or_init(|| has_neg.then(|| map(x, neg))).as_deref() };
     let mut out: Option<Vec<T>> = None;
     match rule {
         Rule::Epsilon(_) | Rule::Zero => {
@@ -548,10 +552,10 @@ pub fn relevance_bf<T: Float>(
                 // A plain convolution over inputs of both signs: the positive part as one
                 // convolution of [x⁺; x⁻] with [w⁺ | w⁻] and one VJP, instead of two of each and a
                 // sum (EfficientNet-Lite0's expansion convolutions read the unactivated projections).
-                if let (0, Some(xn), LinearKind::Conv(g)) = (k, &xn, &layer.kind)
+                if let (0, true, LinearKind::Conv(g)) = (k, has_neg, &layer.kind)
                     && stacking_pays(g)
                 {
-                    let mut r_in = stacked_zplus(layer, g, &xp, xn, r, bias.as_deref(), stabilizer);
+                    let mut r_in = stacked_zplus(layer, g, x, r, bias.as_deref(), stabilizer);
                     let sc = T::of(scale);
                     match &mut out {
                         Some(a) => update1(a, &r_in, move |a, v| a + sc * v),
@@ -562,15 +566,15 @@ pub fn relevance_bf<T: Float>(
                     }
                     continue;
                 }
-                let mut z = layer.fwd(&xp, w_for_pos, bias.as_deref());
-                if let Some(xn) = &xn {
+                let mut z = layer.fwd(xp(), w_for_pos, bias.as_deref());
+                if let Some(xn) = xn() {
                     z = sum2(&z, &layer.fwd(xn, w_for_neg, None));
                 }
                 // The stabilised ratio in z's own buffer (a new one cost a pass over fresh memory).
                 let mut g = z;
                 update1(&mut g, r, move |zv, rv| rv / stabilize(zv, stabilizer));
-                add_product(&mut out, &xp, layer.vjp(&g, w_for_pos), T::of(scale));
-                if let Some(xn) = &xn {
+                add_product(&mut out, xp(), layer.vjp(&g, w_for_pos), T::of(scale));
+                if let Some(xn) = xn() {
                     add_product(&mut out, xn, layer.vjp(&g, w_for_neg), T::of(scale));
                 }
             }
@@ -587,14 +591,15 @@ pub fn relevance_bf<T: Float>(
             // (instead of eight products), and one forward instead of four.
             let gm = T::of(*gamma);
             let wp = layer.modified(WeightMod::Pos);
-            let p = match (&xn, &layer.kind) {
-                (None, _) => layer.fwd(&xp, &wp, None),
-                (Some(xn), LinearKind::Conv(g)) if stacking_pays(g) => {
-                    let (x2, w2) = stacked(layer, g, &xp, xn);
+            let p = match (has_neg, &layer.kind) {
+                (false, _) => layer.fwd(x, &wp, None),
+                (true, LinearKind::Conv(g)) if stacking_pays(g) => {
+                    let (x2, w2) = stacked(layer, g, x);
                     conv2d(&ConvGeom { c: 2 * g.c, ..*g }, &x2, &w2, None)
                 }
-                (Some(xn), _) => {
-                    sum2(&layer.fwd(&xp, &wp, None), &layer.fwd(xn, &layer.modified(WeightMod::Neg), None))
+                (true, _) => {
+                    let xn = xn().unwrap_or(x); // Some whenever has_neg
+                    sum2(&layer.fwd(xp(), &wp, None), &layer.fwd(xn, &layer.modified(WeightMod::Neg), None))
                 }
             };
             let (per, rows) = layer.out_rows();
@@ -673,12 +678,12 @@ pub fn relevance_bf<T: Float>(
                 }
                 (ga, gb, gc)
             };
-            match &xn {
-                None => {
+            match has_neg {
+                false => {
                     let (ga, gb, _) = seeds(false);
-                    add_product(&mut out, &xp, layer.vjp_sum(&[(&ga, w), (&gb, &wp)]), T::one());
+                    add_product(&mut out, x, layer.vjp_sum(&[(&ga, w), (&gb, &wp)]), T::one());
                 }
-                Some(_) => {
+                true => {
                     let (ga, gb, gc) = seeds(true);
                     let mut f = layer.vjp_sum(&[(&ga, w), (&gb, &wp)]);
                     drop((ga, gb));
