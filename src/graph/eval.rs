@@ -455,23 +455,10 @@ impl<T: Float> Act<T> {
     fn apply_to(self, a: &ArrayD<T>) -> ArrayD<T> {
         fn run<T: Float>(a: &ArrayD<T>, f: impl Fn(T) -> T + Sync) -> ArrayD<T> {
             match a.as_slice() {
-                Some(s) if s.len() >= 1 << 16 => {
-                    use rayon::prelude::*;
-                    // A chunk per task into the uninitialised output: rayon's element-wise
-                    // `collect_into_vec` ran scalar.
-                    let mut out = Vec::with_capacity(s.len());
-                    out.spare_capacity_mut()[..s.len()].par_chunks_mut(1 << 14).zip(s.par_chunks(1 << 14)).for_each(
-                        |(o, x)| {
-                            o.iter_mut().zip(x).for_each(|(o, &v)| {
-                                o.write(f(v));
-                            })
-                        },
-                    );
-                    // SAFETY: every element was written above.
-                    unsafe { out.set_len(s.len()) };
-                    array(a.shape(), out)
-                }
-                _ => a.mapv(f),
+                // Chunks written into the uninitialised output (rayon's element-wise
+                // `collect_into_vec` ran scalar).
+                Some(s) => array(a.shape(), elementwise::map1(s, f)),
+                None => a.mapv(f),
             }
         }
         with_act_fn!(self, |f| run(a, f))

@@ -142,6 +142,26 @@ pub fn map2<T: Float>(a: &[T], b: &[T], f: impl Fn(T, T) -> T + Sync) -> Vec<T> 
     out
 }
 
+/// `f(a[i])` for every i, in parallel for long slices, a chunk per task written into the new
+/// buffer (see [`map2`]).
+pub fn map1<T: Float>(a: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
+    let mut out = Vec::with_capacity(a.len());
+    let body = |o: &mut [std::mem::MaybeUninit<T>], a: &[T]| {
+        for (o, &a) in o.iter_mut().zip(a) {
+            o.write(f(a));
+        }
+    };
+    let spare = &mut out.spare_capacity_mut()[..a.len()];
+    if a.len() >= PAR_MIN {
+        spare.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(o, a)| body(o, a));
+    } else {
+        body(spare, a);
+    }
+    // SAFETY: the loops above wrote all `a.len()` elements.
+    unsafe { out.set_len(a.len()) };
+    out
+}
+
 /// `a[i] = f(a[i], b[i], c[i])` for every i, in parallel for long slices.
 pub fn update2<T: Float>(a: &mut [T], b: &[T], c: &[T], f: impl Fn(T, T, T) -> T + Sync) {
     assert!(a.len() == b.len() && a.len() == c.len(), "update2 operands differ in length");

@@ -4,7 +4,7 @@
 
 use super::{Rule, stabilize};
 use crate::ops::conv::{ConvGeom, conv2d, conv2d_vjp, conv2d_vjp_sum};
-use crate::ops::elementwise::{map2, update1, update2};
+use crate::ops::elementwise::{map1, map2, update1, update2};
 use crate::ops::gemm::{Mat, Threads, matmul};
 use crate::ops::pool::valid_outputs;
 use crate::tensor::Float;
@@ -308,7 +308,7 @@ fn dense_wt<T>(w: &[T], k: usize, n: usize, transposed: bool) -> Mat<'_, T> {
 type Part<'a, T, S, B> = (S, &'a [T], &'a [T], Option<B>);
 
 fn map<T: Float>(v: &[T], f: impl Fn(T) -> T + Sync) -> Vec<T> {
-    map2(v, v, move |a, _| f(a))
+    map1(v, f)
 }
 
 fn pos<T: Float>(v: T) -> T {
@@ -598,8 +598,8 @@ pub fn relevance_bf<T: Float>(
                     conv2d(&ConvGeom { c: 2 * g.c, ..*g }, &x2, &w2, None)
                 }
                 (true, _) => {
-                    let xn = xn().unwrap_or(x); // Some whenever has_neg
-                    sum2(&layer.fwd(xp(), &wp, None), &layer.fwd(xn, &layer.modified(WeightMod::Neg), None))
+                    let xn = map(x, neg);
+                    sum2(&layer.fwd(xp(), &wp, None), &layer.fwd(&xn, &layer.modified(WeightMod::Neg), None))
                 }
             };
             let (per, rows) = layer.out_rows();
@@ -678,22 +678,19 @@ pub fn relevance_bf<T: Float>(
                 }
                 (ga, gb, gc)
             };
-            match has_neg {
-                false => {
-                    let (ga, gb, _) = seeds(false);
-                    add_product(&mut out, x, layer.vjp_sum(&[(&ga, w), (&gb, &wp)]), T::one());
-                }
-                true => {
-                    let (ga, gb, gc) = seeds(true);
-                    let mut f = layer.vjp_sum(&[(&ga, w), (&gb, &wp)]);
-                    drop((ga, gb));
-                    let plain = layer.vjp(&gc, w);
-                    drop(gc);
-                    let k = T::of(2.0 + *gamma);
-                    // F⁺ becomes R in its own buffer: |x| ⊙ F⁺ + (2+γ)·x⁻ ⊙ Jᵀ_w g.
-                    update2(&mut f, x, &plain, move |fv, xv, pv| xv.abs() * fv + k * neg(xv) * pv);
-                    out = Some(f);
-                }
+            if has_neg {
+                let (ga, gb, gc) = seeds(true);
+                let mut f = layer.vjp_sum(&[(&ga, w), (&gb, &wp)]);
+                drop((ga, gb));
+                let plain = layer.vjp(&gc, w);
+                drop(gc);
+                let k = T::of(2.0 + *gamma);
+                // F⁺ becomes R in its own buffer: |x| ⊙ F⁺ + (2+γ)·x⁻ ⊙ Jᵀ_w g.
+                update2(&mut f, x, &plain, move |fv, xv, pv| xv.abs() * fv + k * neg(xv) * pv);
+                out = Some(f);
+            } else {
+                let (ga, gb, _) = seeds(false);
+                add_product(&mut out, x, layer.vjp_sum(&[(&ga, w), (&gb, &wp)]), T::one());
             }
         }
         Rule::ZBox => {
