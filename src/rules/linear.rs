@@ -165,25 +165,13 @@ impl<T: Float> LinearLayer<'_, T> {
     /// Forward pass with the given (possibly modified) weights and bias.
     pub fn fwd(&self, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
         match &self.kind {
-            LinearKind::Conv(g) => match bias {
-                Some(b) if b.len() != g.m => {
-                    // A spatially varying bias (canonized DenseNet layers), added per sample.
-                    let mut y = conv2d(g, x, w, None);
-                    for chunk in y.chunks_mut(b.len()) {
-                        chunk.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
-                    }
-                    y
-                }
-                _ => conv2d(g, x, w, bias),
-            },
+            LinearKind::Conv(g) => conv_biased(g, x, w, bias),
             LinearKind::Dense { m, k, n, transposed } => {
                 let mut y = vec![T::zero(); m * n];
                 let wm = if *transposed { Mat::rows_t(w, *k) } else { Mat::rows(w, *n) };
                 matmul(*m, *n, *k, Mat::rows(x, *k), wm, &mut y, false, Threads::Pool);
                 if let Some(b) = bias {
-                    for row in y.chunks_mut(*n) {
-                        row.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv);
-                    }
+                    add_bias(&self.kind, &mut y, b, T::one());
                 }
                 y
             }
@@ -283,19 +271,43 @@ impl<T: Float> LinearLayer<'_, T> {
     fn without_bias(&self, y: &[T]) -> Vec<T> {
         let mut z = y.to_vec();
         if let Some(b) = &self.bias {
-            let inner = match &self.kind {
-                LinearKind::Conv(g) if b.len() == g.m => g.out_hw().map_or(0, |(oh, ow)| oh * ow),
-                _ => 1,
-            };
-            if inner > 0 && !b.is_empty() {
-                // Runs of `inner` outputs share one bias value, cycling through `b`.
-                for (q, run) in z.chunks_mut(inner).enumerate() {
-                    let bv = b[q % b.len()];
-                    run.iter_mut().for_each(|v| *v -= bv);
-                }
-            }
+            add_bias(&self.kind, &mut z, b, -T::one());
         }
         z
+    }
+}
+
+/// `y += sign · b` with the bias laid out as [`LinearLayer::fwd`] applies it: a convolution's per
+/// output channel (`b.len() == m`) or spatially varying per sample (canonized DenseNet layers:
+/// one value per output element of a sample), a dense layer's per output feature.
+fn add_bias<T: Float>(kind: &LinearKind, y: &mut [T], b: &[T], sign: T) {
+    // Runs of `inner` outputs share one bias value, cycling through `b`.
+    let inner = match kind {
+        LinearKind::Conv(g) if b.len() == g.m => g.out_hw().map_or(0, |(oh, ow)| oh * ow),
+        _ => 1,
+    };
+    if inner == 0 || b.is_empty() {
+        return;
+    }
+    if inner == 1 {
+        y.chunks_mut(b.len()).for_each(|c| c.iter_mut().zip(b).for_each(|(v, bv)| *v += sign * *bv));
+    } else {
+        for (q, run) in y.chunks_mut(inner).enumerate() {
+            let bv = sign * b[q % b.len()];
+            run.iter_mut().for_each(|v| *v += bv);
+        }
+    }
+}
+
+/// A convolution with its bias: per channel in the kernel's epilogue, spatially varying after it.
+fn conv_biased<T: Float>(g: &ConvGeom, x: &[T], w: &[T], bias: Option<&[T]>) -> Vec<T> {
+    match bias {
+        Some(b) if b.len() != g.m => {
+            let mut y = conv2d(g, x, w, None);
+            add_bias(&LinearKind::Conv(*g), &mut y, b, T::one());
+            y
+        }
+        _ => conv2d(g, x, w, bias),
     }
 }
 
@@ -453,14 +465,8 @@ fn stacked_zplus<T: Float>(
     let (x2, w2) = stacked(layer, g, x);
     let w2 = &w2[..];
     let plane = g.c * g.h * g.w;
-    let mut z = match bias {
-        Some(b) if b.len() != g.m => {
-            let mut y = conv2d(&g2, &x2, w2, None);
-            y.chunks_mut(b.len()).for_each(|c| c.iter_mut().zip(b).for_each(|(v, bv)| *v += *bv));
-            y
-        }
-        _ => conv2d(&g2, &x2, w2, bias),
-    };
+    // The stacked geometry has the same outputs, so the bias applies as to the plain one.
+    let mut z = conv_biased(&g2, &x2, w2, bias);
     update1(&mut z, r, move |zv, rv| rv / stabilize(zv, stabilizer));
     drop(x2);
     let d = conv2d_vjp(&g2, &z, w2);
