@@ -190,6 +190,67 @@ pub fn explain<T: Float>(
     seed: Seed,
     keep: &[String],
 ) -> Result<Explanation<T>> {
+    // Sample by sample where the graph keeps samples apart (see `graph::batch`), as the forward
+    // pass does; with intermediate relevance requested, or targets that do not fit the batch (an
+    // error the batched path reports), the batch at once.
+    crate::graph::check_inputs(&plan.graph, &inputs)?;
+    let fits = |n: usize| targets.is_none_or(|t| t.len() == n || t.len() == 1);
+    if let Some(parts) =
+        crate::graph::batch::split_samples(&plan.graph, &inputs).filter(|p| keep.is_empty() && fits(p.len()))
+    {
+        use rayon::prelude::*;
+        let es: Vec<Explanation<T>> = parts
+            .into_par_iter()
+            .enumerate()
+            .with_max_len(1)
+            .map(|(s, p)| {
+                let t = targets.map(|t| if t.len() == 1 { t } else { &t[s..s + 1] });
+                explain_batch(plan, consts, weights, p, t, seed, keep)
+            })
+            .collect::<Result<_>>()?;
+        return join_samples(es);
+    }
+    explain_batch(plan, consts, weights, inputs, targets, seed, keep)
+}
+
+/// Per-sample explanations as one of the whole batch.
+fn join_samples<T: Float>(es: Vec<Explanation<T>>) -> Result<Explanation<T>> {
+    let join = |parts: Vec<ArrayD<T>>| crate::graph::batch::concat_samples(&parts).map_err(Error::Invalid);
+    // Per input, its samples' relevance (None where an input gets none, e.g. token ids).
+    let mut rel: Vec<Option<Vec<ArrayD<T>>>> = vec![Some(Vec::new()); es.first().map_or(0, |e| e.relevance.len())];
+    let (mut output, mut targets, mut scores, mut dropped) = (Vec::new(), Vec::new(), Vec::new(), 0.0);
+    for e in es {
+        for (acc, r) in rel.iter_mut().zip(e.relevance) {
+            match (acc.as_mut(), r) {
+                (Some(a), Some(r)) => a.push(r),
+                _ => *acc = None,
+            }
+        }
+        output.push(e.output);
+        targets.extend(e.targets);
+        scores.extend(e.scores);
+        dropped += e.dropped;
+    }
+    Ok(Explanation {
+        relevance: rel.into_iter().map(|r| r.map(join).transpose()).collect::<Result<_>>()?,
+        output: join(output)?,
+        targets,
+        scores,
+        intermediate: HashMap::new(),
+        dropped,
+    })
+}
+
+/// [`explain`] on the whole batch at once.
+fn explain_batch<T: Float>(
+    plan: &Plan,
+    consts: &HashMap<ValueId, Value<T>>,
+    weights: &HashMap<usize, WeightCache<T>>,
+    inputs: Vec<Value<T>>,
+    targets: Option<&[usize]>,
+    seed: Seed,
+    keep: &[String],
+) -> Result<Explanation<T>> {
     let g = &plan.graph;
     let keep_ids: Vec<ValueId> = keep
         .iter()
