@@ -240,3 +240,17 @@ fn demo_writes_its_heatmaps_and_finds_the_cat() {
         assert!(out.join(f).exists(), "{f}");
     }
 }
+
+#[test]
+fn bench_prints_every_mode_and_forward_only_just_the_forward() {
+    let m = "tests/fixtures/mobilenet_block/model.onnx";
+    let (code, stdout, stderr) = relprop(&["bench", m, "--batch", "1,2", "--repeats", "1", "--json"]);
+    assert_eq!(code, 0, "{stderr}");
+    let modes: Vec<&str> = stdout.lines().filter_map(|l| l.split("\"mode\":\"").nth(1)?.split('"').next()).collect();
+    let each = ["forward", "gradient", "lrp epsilon_plus_flat", "lrp epsilon_gamma_box"];
+    assert_eq!(modes, [each, each].concat(), "{stdout}");
+    let (code, stdout, stderr) = relprop(&["bench", m, "--batch", "2", "--repeats", "1", "--forward-only"]);
+    assert_eq!(code, 0, "{stderr}");
+    let rows: Vec<&str> = stdout.lines().filter(|l| l.trim_start().starts_with('2')).collect();
+    assert!(rows.len() == 1 && rows[0].contains("forward") && rows[0].contains('–'), "{stdout}");
+}

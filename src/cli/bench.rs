@@ -36,6 +36,10 @@ pub struct BenchArgs {
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
+    /// Time the forward pass only (no canonization, gradient or LRP): for alternating short runs
+    /// with another runtime.
+    #[arg(long)]
+    forward_only: bool,
 }
 
 /// Resets the process's peak-RSS counter (Linux); returns whether it worked.
@@ -92,15 +96,17 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
         let x = Value::F(ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&full), data)?);
         let opts = RuleOpts { bounds: Some(Bounds { low: vec![-1.0], high: vec![1.0] }), ..RuleOpts::default() };
         let mut modes: Vec<(String, Option<(relprop::attribution::Prepared, Method)>)> = vec![("forward".into(), None)];
-        let grad = Method::Gradient;
-        let s = Settings { method: grad.clone(), canonize: Mode::Full, opts: opts.clone(), tolerance: 1e-4 };
-        let base = prepare(&g, std::slice::from_ref(&x), &s)?;
-        // One canonization and one converted copy of the weights serve every method.
-        for c in &a.composites {
-            let m = Method::Lrp(Box::new(Composite::named(c, &Params::default())?));
-            modes.push((format!("lrp {c}"), Some((base.with_method(&m, opts.clone())?, m))));
+        if !a.forward_only {
+            let grad = Method::Gradient;
+            let s = Settings { method: grad.clone(), canonize: Mode::Full, opts: opts.clone(), tolerance: 1e-4 };
+            let base = prepare(&g, std::slice::from_ref(&x), &s)?;
+            // One canonization and one converted copy of the weights serve every method.
+            for c in &a.composites {
+                let m = Method::Lrp(Box::new(Composite::named(c, &Params::default())?));
+                modes.push((format!("lrp {c}"), Some((base.with_method(&m, opts.clone())?, m))));
+            }
+            modes.insert(1, ("gradient".into(), Some((base, grad))));
         }
-        modes.insert(1, ("gradient".into(), Some((base, grad))));
         let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
         let mut peaks: Vec<f64> = vec![0.0; modes.len()];
         for rep in 0..=a.repeats {
@@ -135,13 +141,9 @@ pub fn bench(a: BenchArgs) -> Result<ExitCode> {
                     peaks[k]
                 );
             } else {
-                println!(
-                    "{n:>5} {name:<28} {:>11.2} {:>8.2} {:>8.2} {:>10.0}",
-                    med[k],
-                    med[k] / med[1],
-                    med[k] / med[0],
-                    peaks[k]
-                );
+                // Without a gradient mode (--forward-only) there is no ratio to it.
+                let by_grad = if a.forward_only { "–".to_string() } else { format!("{:.2}", med[k] / med[1]) };
+                println!("{n:>5} {name:<28} {:>11.2} {by_grad:>8} {:>8.2} {:>10.0}", med[k], med[k] / med[0], peaks[k]);
             }
         }
     }

@@ -1,7 +1,7 @@
 """Times onnxruntime, PyTorch and zennit on the same ONNX / torchvision models and inputs as
 `relprop bench`, in one run on one machine, and writes docs/benchmarks.md.
 
-Usage: python tools/reference/bench.py [--threads 2] [--repeats 5] MODEL:BATCHES ...
+Usage: python tools/reference/bench.py [--threads 2] [--repeats 5] [--pairs 3] MODEL:BATCHES ...
 MODEL is efficientnet_lite0 (bundled; onnxruntime only, no torch definition) or resnet50, vgg16,
 densenet121 (bench-models/, from export_bench_models.py). BATCHES like 1,8."""
 import argparse
@@ -54,12 +54,17 @@ def median_ms(fn, repeats):
     return float(np.median(t))
 
 
+SESSIONS = {}
+
+
 def ort_time(path, n, threads, repeats):
     import onnxruntime as ort
-    o = ort.SessionOptions()
-    o.intra_op_num_threads = threads
-    o.inter_op_num_threads = 1
-    s = ort.InferenceSession(free_batch(path), o, providers=["CPUExecutionProvider"])
+    if (path, threads) not in SESSIONS:
+        o = ort.SessionOptions()
+        o.intra_op_num_threads = threads
+        o.inter_op_num_threads = 1
+        SESSIONS[(path, threads)] = ort.InferenceSession(free_batch(path), o, providers=["CPUExecutionProvider"])
+    s = SESSIONS[(path, threads)]
     x = bench_input(n)
     name = s.get_inputs()[0].name
     return median_ms(lambda: s.run(None, {name: x}), repeats)
@@ -120,10 +125,11 @@ def zennit_time(name, n, threads, repeats):
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def relprop_time(path, batches, threads, repeats):
+def relprop_time(path, batches, threads, repeats, forward_only=False):
     exe = os.path.join(ROOT, "target", "release", "relprop")
     r = subprocess.run([exe, "bench", path, "--batch", ",".join(map(str, batches)), "--threads", str(threads),
-                        "--repeats", str(repeats), "--json"], capture_output=True, text=True, check=True)
+                        "--repeats", str(repeats), "--json"] + (["--forward-only"] if forward_only else []),
+                       capture_output=True, text=True, check=True)
     rows = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
     return {(row["batch"], row["mode"]): row for row in rows}
 
@@ -132,6 +138,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=3, help="alternating onnxruntime / relprop forward rounds")
     ap.add_argument("models", nargs="+")
     a = ap.parse_args()
     lines = []
@@ -139,19 +146,28 @@ def main():
         name, _, bs = spec.partition(":")
         batches = [int(b) for b in (bs or "1").split(",")]
         path = model_path(name)
-        ort_before = {n: ort_time(path, n, a.threads, a.repeats) for n in batches}
         rp = relprop_time(path, batches, a.threads, a.repeats)
-        ort_after = {n: ort_time(path, n, a.threads, a.repeats) for n in batches}
+        # The forward comparison: short runs of each, alternating, so that drift between them stays
+        # small; the ratio is the median of the rounds' ratios, with their range.
+        pairs = {n: [] for n in batches}
+        for _ in range(a.pairs):
+            for n in batches:
+                o = ort_time(path, n, a.threads, a.repeats)
+                f = relprop_time(path, [n], a.threads, a.repeats, forward_only=True)[(n, "forward")]["median_ms"]
+                pairs[n].append((o, f))
+        SESSIONS.clear()
         for n in batches:
-            ort_ms = (ort_before[n] + ort_after[n]) / 2
+            ort_ms = float(np.median([o for o, _ in pairs[n]]))
+            fwd_ms = float(np.median([f for _, f in pairs[n]]))
+            ratios = sorted(f / o for o, f in pairs[n])
+            fwd_cell = f"{fwd_ms:.1f} ({float(np.median(ratios)):.2f}×, {ratios[0]:.2f}–{ratios[-1]:.2f})"
             try:
                 zn = zennit_time(name, n, a.threads, a.repeats) if name != "efficientnet_lite0" else None
             except RuntimeError as e:
                 print(f"zennit failed on {name}: {str(e)[-300:]}", file=sys.stderr)
                 zn = None
-            fwd = rp[(n, "forward")]["median_ms"]
             grad = rp[(n, "gradient")]["median_ms"]
-            row = f"| {name} | {n} | {ort_ms:.1f} | {fwd:.1f} ({fwd / ort_ms:.2f}×) | {grad:.1f} |"
+            row = f"| {name} | {n} | {ort_ms:.1f} | {fwd_cell} | {grad:.1f} |"
             for c in ["epsilon_plus_flat", "epsilon_gamma_box"]:
                 lrp = rp[(n, "lrp " + c)]["median_ms"]
                 z = f" / zennit {zn['lrp ' + c]:.0f} ({zn['lrp ' + c] / lrp:.1f}×)" if zn else ""
@@ -164,15 +180,17 @@ def main():
                 row += " – |"
             print(row, flush=True)
             lines.append(row)
-    header = ("| model | batch | onnxruntime fwd ms | relprop fwd ms (÷ ort) | relprop grad ms | "
+    header = ("| model | batch | onnxruntime fwd ms | relprop fwd ms (÷ ort, range) | relprop grad ms | "
               "LRP ε+♭ ms | LRP εγ□ ms | peak MiB relprop / zennit | PyTorch ms |\n|---|---|---|---|---|---|---|---|---|")
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
     doc = f"""# Benchmarks
 
-Produced by `python tools/reference/bench.py --threads {a.threads} --repeats {a.repeats} {' '.join(a.models)}` (after
+Produced by `python tools/reference/bench.py --threads {a.threads} --repeats {a.repeats} --pairs {a.pairs} {' '.join(a.models)}` (after
 `cargo build --release` and `python tools/reference/export_bench_models.py`), all numbers from one run on one
 machine: {cpu}, {os.cpu_count()} cores, {a.threads} threads for every library. Medians of {a.repeats} runs after a warm-up;
-relprop's modes are interleaved in one process (`relprop bench`); onnxruntime is timed before and after relprop and averaged.
+relprop's modes are interleaved in one process (`relprop bench`). The forward columns come from {a.pairs} alternating
+rounds of onnxruntime and `relprop bench --forward-only` (medians of {a.repeats} each): the ratio is the median of
+the rounds' ratios, followed by their range.
 LRP ε+♭ is epsilon_plus_flat, εγ□ epsilon_gamma_box; "÷ grad" is relprop's LRP time over its own gradient time.
 
 {header}
