@@ -271,6 +271,56 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
 }
 
 /// A bias-free ReLU network: Conv → ReLU → MaxPool → Conv(stride 2) → ReLU → Flatten → Gemm.
+/// The sign-split rules (z⁺, αβ, γ) over inputs of both signs, in f32, against the float64 formula
+/// on layers of realistic depth, one output channel with all-negative weights (its z⁺ is made of
+/// the few x⁻ terms only): a guard for regroupings of the sign-split sums that cancel in f32, such
+/// as x⁺·w⁺ + x⁻·w⁻ = (x·w + |x|·|w|) / 2 (tried: its error here was 1e-6 of the largest value,
+/// a 1e-4 change of the ½ fails this test).
+#[test]
+fn sign_split_rules_in_f32_stay_at_the_float64_formula() {
+    let mut rng = Lcg(11);
+    let base = ConvGeom {
+        n: 1,
+        c: 48,
+        h: 6,
+        w: 6,
+        m: 12,
+        kh: 3,
+        kw: 3,
+        stride: [1, 1],
+        dilation: [1, 1],
+        pads: [1, 1, 1, 1],
+        group: 1,
+    };
+    // A 3×3 layer and a 1×1 expansion (the stacked VJP).
+    for geom in [base, ConvGeom { m: 96, kh: 1, kw: 1, pads: [0; 4], ..base }] {
+        let (oh, ow) = geom.out_hw().unwrap();
+        let kk = geom.c * geom.kh * geom.kw;
+        // Mostly positive inputs, as after a shifted activation.
+        let x: Vec<f64> = rng.vec(geom.c * geom.h * geom.w).iter().map(|v| v + 0.6).collect();
+        let mut w = rng.vec(geom.m * kk);
+        w[..kk].iter_mut().for_each(|v| *v = -v.abs() - 0.01);
+        let b: Vec<f64> = rng.vec(geom.m).iter().map(|v| 0.1 * v).collect();
+        let r = rng.vec(geom.m * oh * ow);
+        let bias_k: Vec<f64> = (0..geom.m * oh * ow).map(|k| b[k / (oh * ow)]).collect();
+        let mat = |f: &dyn Fn(f64) -> f64| {
+            let wf: Vec<f64> = w.iter().map(|&v| f(v)).collect();
+            conv_matrix(&geom, &wf).0
+        };
+        let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        let layer = LinearLayer { kind: LinearKind::Conv(geom), w: f32s(&w).into(), bias: Some(f32s(&b)), cache: None };
+        let x32 = f32s(&x);
+        let y = layer.fwd(&x32, &layer.w, layer.bias.as_deref());
+        for rule in [Rule::ZPlus, Rule::AlphaBeta { alpha: 2.0, beta: 1.0 }, Rule::Gamma(0.25)] {
+            let want = naive(&rule, &x, &mat, &bias_k, &r, (&[], &[]));
+            let got = relevance(&layer, &rule, &x32, &y, &f32s(&r), false, 1e-6, None).unwrap();
+            let scale = want.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let err = got.iter().zip(&want).map(|(&g, w)| (g as f64 - w).abs()).fold(0f64, f64::max);
+            assert!(err <= 1e-5 * scale, "{geom:?} {rule}: max error {err:.2e} of {scale:.2e}");
+        }
+    }
+}
+
 fn bias_free_net() -> PathBuf {
     use common::*;
     let mut rng = Lcg(3);
