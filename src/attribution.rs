@@ -119,8 +119,26 @@ impl Prepared {
     /// The explained output (logits) for `inputs`, without propagation.
     pub fn logits<T: Float>(&self, inputs: Vec<Value<T>>) -> Result<ndarray::ArrayD<T>> {
         let c = self.consts::<T>();
+        // Sample by sample where the graph allows it, as `graph::run` (the evaluation scores
+        // batches of perturbed copies through here).
+        crate::graph::check_inputs(&self.plan.graph, &inputs)?;
+        if let Some(parts) = crate::graph::batch::split_samples(&self.plan.graph, &inputs) {
+            use rayon::prelude::*;
+            let outs: Vec<ndarray::ArrayD<T>> =
+                parts.into_par_iter().with_max_len(1).map(|x| self.logits_batch(&c, x)).collect::<Result<_>>()?;
+            return crate::graph::batch::concat_samples(&outs).map_err(Error::Invalid);
+        }
+        self.logits_batch(&c, inputs)
+    }
+
+    /// [`Prepared::logits`] of the whole batch at once.
+    fn logits_batch<T: Float>(
+        &self,
+        c: &HashMap<ValueId, Value<T>>,
+        inputs: Vec<Value<T>>,
+    ) -> Result<ndarray::ArrayD<T>> {
         let p = &self.plan;
-        let env = crate::graph::run_keep(&p.graph, &c, inputs, &|v| v == p.explained)?;
+        let env = crate::graph::run_keep(&p.graph, c, inputs, &|v| v == p.explained)?;
         match env.get(p.explained) {
             Some(Value::F(a)) => Ok(a.clone()),
             _ => Err(Error::Invalid("the explained output is not a float tensor".into())),

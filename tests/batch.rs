@@ -77,6 +77,8 @@ fn per_sample_explanation_equals_the_batched_one() {
             let scale = b.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
             assert!(max_diff(a, b) <= 1e-4 * scale, "{case} {comp}: {} vs scale {scale}", max_diff(a, b));
             assert!(max_diff(&split.output, &batched.output) <= 1e-5, "{case} {comp}");
+            let logits = p.logits(vec![x.clone()]).unwrap();
+            assert!(max_diff(&logits, &batched.output) <= 1e-5, "{case} {comp}: logits");
             assert_eq!(split.targets, batched.targets, "{case} {comp}");
             assert_eq!(split.scores.len(), batched.scores.len());
             for (s, b) in split.scores.iter().zip(&batched.scores) {
