@@ -81,19 +81,22 @@ pub fn split_samples<T: Float>(g: &Graph, inputs: &[Value<T>]) -> Option<Vec<Vec
 
 /// Per-sample arrays joined on axis 0 (their other axes must agree).
 pub fn concat_samples<A: Clone>(parts: &[ArrayD<A>]) -> Result<ArrayD<A>, String> {
-    let views: Vec<_> = parts.iter().map(|a| a.view()).collect();
+    join(parts.iter().map(|a| a.view()).collect())
+}
+
+fn join<A: Clone>(views: Vec<ndarray::ArrayViewD<'_, A>>) -> Result<ArrayD<A>, String> {
     ndarray::concatenate(Axis(0), &views).map_err(|e| format!("joining per-sample results: {e}"))
 }
 
 /// Per-sample values joined on axis 0.
 pub fn concat_values<T: Float>(parts: &[Value<T>]) -> Result<Value<T>, String> {
-    if let Some(fs) =
-        parts.iter().map(|v| if let Value::F(a) = v { Some(a.clone()) } else { None }).collect::<Option<Vec<_>>>()
-    {
-        return concat_samples(&fs).map(Value::F);
+    let floats: Option<Vec<_>> =
+        parts.iter().map(|v| if let Value::F(a) = v { Some(a.view()) } else { None }).collect();
+    if let Some(fs) = floats {
+        return join(fs).map(Value::F);
     }
-    match parts.iter().map(|v| if let Value::I(a) = v { Some(a.clone()) } else { None }).collect::<Option<Vec<_>>>() {
-        Some(is) => concat_samples(&is).map(Value::I),
+    match parts.iter().map(|v| if let Value::I(a) = v { Some(a.view()) } else { None }).collect::<Option<Vec<_>>>() {
+        Some(is) => join(is).map(Value::I),
         None => Err("joining per-sample results of different element types".into()),
     }
 }
@@ -170,7 +173,7 @@ fn batch_rank(g: &Graph, op: &Op, inputs: &[Option<usize>], ks: &[Kind]) -> Opti
             only_first()?;
             let t = ints(1)?;
             // A copied first dimension keeps each sample's row; anything else may regroup them.
-            (t.first() == Some(&0) && !allowzero && t[1..].iter().all(|&d| d != 0)).then_some(t.len())
+            (t.first() == Some(&0) && !allowzero).then_some(t.len())
         }
         Op::Transpose { perm } => {
             let r = only_first()?;
@@ -182,7 +185,10 @@ fn batch_rank(g: &Graph, op: &Op, inputs: &[Option<usize>], ks: &[Kind]) -> Opti
         Op::Squeeze { axes } => {
             let r = only_first()?;
             let axes = axes.clone().or_else(|| ints(1))?;
-            axes.iter().all(|&a| norm(a, r) >= 1).then(|| r - axes.len())
+            if axes.iter().any(|&a| norm(a, r) < 1) {
+                return None;
+            }
+            r.checked_sub(axes.len())
         }
         Op::Unsqueeze { axes } => {
             let r = only_first()?;
@@ -221,9 +227,11 @@ fn batch_rank(g: &Graph, op: &Op, inputs: &[Option<usize>], ks: &[Kind]) -> Opti
             (p.len() == 2 * r && p[0] == 0 && p[r] == 0).then_some(r)
         }
         Op::Gather { axis } => match (ks.first(), ks.get(1)) {
-            (Some(Kind::Batch(r)), Some(Kind::Shared)) if norm(*axis, *r) >= 1 => Some(r - 1 + konst(1)?.shape().len()),
+            (Some(Kind::Batch(r)), Some(Kind::Shared)) if norm(*axis, *r) >= 1 => {
+                (r + konst(1)?.shape().len()).checked_sub(1)
+            }
             // Looking up a shared table (an embedding) by per-sample indices: the indices' axis 0.
-            (Some(Kind::Shared), Some(Kind::Batch(ri))) if *axis == 0 => Some(konst(0)?.shape().len() - 1 + ri),
+            (Some(Kind::Shared), Some(Kind::Batch(ri))) if *axis == 0 => (konst(0)?.shape().len() + ri).checked_sub(1),
             _ => None,
         },
         // Time-major recurrences, shapes of per-sample values (they change with the batch) and
@@ -291,6 +299,8 @@ mod tests {
         assert!(!batch_separable(&graph(Op::Transpose { perm: Some(vec![1, 0, 2]) }, vec![]), &[3]));
         assert!(!batch_separable(&graph(Op::Softmax { axis: 0, legacy: false }, vec![]), &[2]));
         assert!(!batch_separable(&graph(Op::Squeeze { axes: None }, vec![]), &[3]));
+        // More axes than the rank: refused, not an overflow.
+        assert!(!batch_separable(&graph(Op::Squeeze { axes: Some(vec![1, 1, 1]) }, vec![]), &[2]));
         assert!(!batch_separable(&graph(Op::Concat { axis: 0 }, vec![]), &[3]));
         assert!(!batch_separable(&graph(Op::Shape { start: 0, end: None }, vec![]), &[3]));
         assert!(!batch_separable(&graph(Op::MatMul, vec![f(&[2, 5, 6])]), &[3]));
