@@ -195,8 +195,8 @@ pub fn explain<T: Float>(
     // error the batched path reports), the batch at once.
     crate::graph::check_inputs(&plan.graph, &inputs)?;
     let fits = |n: usize| targets.is_none_or(|t| t.len() == n || t.len() == 1);
-    if let Some(parts) =
-        crate::graph::batch::split_samples(&plan.graph, &inputs).filter(|p| keep.is_empty() && fits(p.len()))
+    if keep.is_empty()
+        && let Some(parts) = crate::graph::batch::split_samples(&plan.graph, &inputs).filter(|p| fits(p.len()))
     {
         use rayon::prelude::*;
         let es: Vec<Explanation<T>> = parts
