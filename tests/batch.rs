@@ -68,6 +68,9 @@ fn per_sample_explanation_equals_the_batched_one() {
                 tolerance: 1e-4,
             };
             let p = prepare(&g, std::slice::from_ref(&x), &s).unwrap();
+            // The canonized graph (threshold ReLUs, folded biases) is what gets split: it must
+            // qualify, or both sides below would be the batched path.
+            assert!(batch_separable(&p.plan.graph, &[x.shape().len()]), "{case}: canonized graph");
             let split = attribute(&p, &method, vec![x.clone()], None, &[]).unwrap();
             // Asking for an intermediate relevance explains the batch at once.
             let pg = &p.plan.graph;

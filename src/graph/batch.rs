@@ -142,8 +142,14 @@ fn batch_rank(g: &Graph, op: &Op, inputs: &[Option<usize>], ks: &[Kind]) -> Opti
         Op::MatMul => {
             let r = only_first().filter(|&r| r >= 2)?;
             let b = konst(1)?.shape();
-            // A shared right operand of the same rank must not carry its own batch of matrices.
-            (b.len() < r || b[0] == 1).then_some(r.max(b.len()))
+            match b.len() {
+                0 => None,
+                // x · v drops x's last axis; x · W keeps the rows (a rank-2 x's rows are its samples).
+                1 => Some(r - 1),
+                2 => Some(r),
+                // A stack of matrices broadcasts against x's leading axes: it must not span the batch.
+                rb => (rb < r || b[0] == 1).then_some(r.max(rb)),
+            }
         }
         Op::Add | Op::Sub | Op::Mul | Op::Div | Op::Pow => {
             let mut rank = 0;
@@ -285,6 +291,9 @@ mod tests {
         assert!(batch_separable(&graph(Op::Reshape { allowzero: false }, vec![i(&[0, -1])]), &[4]));
         assert!(batch_separable(&graph(Op::Transpose { perm: Some(vec![0, 2, 1]) }, vec![]), &[3]));
         assert!(batch_separable(&graph(Op::MatMul, vec![f(&[5, 6])]), &[3]));
+        // Rows of a matrix are samples: x [N, K] · W [K, M], and x · v.
+        assert!(batch_separable(&graph(Op::MatMul, vec![f(&[5, 6])]), &[2]));
+        assert!(batch_separable(&graph(Op::MatMul, vec![f(&[5])]), &[2]));
     }
 
     #[test]
