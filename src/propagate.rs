@@ -256,16 +256,7 @@ fn explain_batch<T: Float>(
         .iter()
         .map(|n| g.value_id(n).ok_or_else(|| Error::Invalid(format!("no value named '{n}' in the graph"))))
         .collect::<Result<_>>()?;
-    // Keep the inputs and outputs of every node that carries relevance.
-    let mut needed = vec![false; g.names.len()];
-    needed[plan.explained] = true;
-    for (n, r) in g.nodes.iter().zip(&plan.rules) {
-        if r.is_some() {
-            for v in n.inputs.iter().chain(n.outputs.iter()).flatten() {
-                needed[*v] = true;
-            }
-        }
-    }
+    let needed = needed_values(plan);
     let env = run_keep(g, consts, inputs, &|v| needed[v])?;
     let out = match env.get(plan.explained) {
         Some(Value::F(a)) => a.clone(),
@@ -405,6 +396,41 @@ fn explain_batch<T: Float>(
     Ok(Explanation { relevance, output: out, targets, scores, intermediate, dropped })
 }
 
+/// The values the rules read in the backward pass, which the forward pass keeps: the inputs and
+/// outputs of every node that carries relevance, except what its rule does not read (see
+/// [`Rule::reads_nothing`] and [`Rule::reads_output`]). What is not kept is freed as soon as the
+/// forward pass is done with it, and a convolution whose output is not kept runs fused with the
+/// activation after it.
+fn needed_values(plan: &Plan) -> Vec<bool> {
+    let g = &plan.graph;
+    let mut needed = vec![false; g.names.len()];
+    needed[plan.explained] = true;
+    for (n, r) in g.nodes.iter().zip(&plan.rules) {
+        let Some(r) = r else { continue };
+        if activation_pass(n, r, &plan.variable) {
+            continue;
+        }
+        for v in n.inputs.iter().flatten() {
+            needed[*v] = true;
+        }
+        if r.reads_output(&n.op) {
+            for v in n.outputs.iter().flatten() {
+                needed[*v] = true;
+            }
+        }
+    }
+    needed
+}
+
+/// An activation under the pass rule with one output and its first input the only variable one:
+/// its relevance moves to that input as it is, with no value of the forward pass.
+fn activation_pass(n: &crate::graph::Node, rule: &Rule, variable: &[bool]) -> bool {
+    rule.reads_nothing(&n.op)
+        && n.outputs.len() == 1
+        && n.inputs.first().is_some_and(|i| i.is_some())
+        && n.inputs.iter().skip(1).flatten().all(|v| !variable[*v])
+}
+
 /// For a node under the pass rule whose one output carries relevance of its one variable input's
 /// shape (an activation), that (output, input); the general path handles every other case.
 fn pass_through<T: Float>(
@@ -420,6 +446,15 @@ fn pass_through<T: Float>(
         return None;
     }
     let [Some(o)] = n.outputs[..] else { return None };
+    // An activation's input has the output's shape (and may not have been kept).
+    if activation_pass(n, rule, variable)
+        && let Some(Some(i)) = n.inputs.first().copied()
+        && variable[i]
+    {
+        let r = rel[o].as_ref()?;
+        let same = rel[i].as_ref().is_none_or(|a| a.shape() == r.shape());
+        return (same && !keep.contains(&o) && i != o).then_some((o, i));
+    }
     let mut vars = n.inputs.iter().flatten().filter(|&&v| variable[v] && matches!(env.get(v), Some(Value::F(_))));
     let (Some(&i), None) = (vars.next(), vars.next()) else { return None };
     let same = match (env.get(i), &rel[o]) {
@@ -474,4 +509,57 @@ pub fn weight_caches<T: Float>(plan: &Plan, consts: &HashMap<ValueId, Value<T>>)
 /// Converts the plan's constants once for repeated explanations.
 pub fn consts<T: Float>(plan: &Plan) -> HashMap<ValueId, Value<T>> {
     prepare_consts(&plan.graph)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::attribution::{Method, Settings, prepare};
+    use crate::canonize::Mode;
+    use crate::composite::{Composite, Params};
+    use crate::rules::Bounds;
+    use crate::rules::grad::RuleOpts;
+
+    fn plan(composite: &str) -> Plan {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let g = crate::onnx::load(root.join("tests/fixtures/vgg/model.onnx")).unwrap();
+        let x: Value<f32> = crate::io::read_npy(&root.join("tests/fixtures/vgg/input_0.npy")).unwrap();
+        let method = Method::Lrp(Box::new(Composite::named(composite, &Params::default()).unwrap()));
+        let opts = RuleOpts { bounds: Some(Bounds { low: vec![-3.0], high: vec![3.0] }), ..RuleOpts::default() };
+        let s = Settings { method, canonize: Mode::Full, opts, tolerance: 1e-4 };
+        prepare(&g, &[x], &s).unwrap().plan
+    }
+
+    /// The convolutions' outputs that feed a ReLU, and whether the forward pass keeps each.
+    fn conv_outputs_kept(p: &Plan) -> Vec<bool> {
+        let g = &p.graph;
+        let needed = needed_values(p);
+        g.nodes
+            .iter()
+            .filter(|n| matches!(n.op, Op::Conv { .. }))
+            .filter_map(|n| n.outputs[0])
+            .filter(|&y| g.nodes.iter().any(|m| matches!(m.op, Op::Relu) && m.input(0) == Some(y)))
+            .map(|y| needed[y])
+            .collect()
+    }
+
+    #[test]
+    fn forward_keeps_only_what_the_rules_read() {
+        // z⁺ makes its own denominators and the ReLUs pass relevance on: no convolution output
+        // before a ReLU is kept, so each runs fused with its ReLU.
+        let p = plan("epsilon_plus_flat");
+        let kept = conv_outputs_kept(&p);
+        assert!(kept.len() >= 2, "the fixture has convolutions before ReLUs");
+        assert!(kept.iter().all(|k| !k), "{kept:?}");
+        // Their inputs are still kept (z⁺ reads them).
+        let needed = needed_values(&p);
+        for (n, r) in p.graph.nodes.iter().zip(&p.rules) {
+            if matches!(n.op, Op::Conv { .. }) && r.is_some() {
+                assert!(needed[n.input(0).unwrap()], "input of {} not kept", n.name);
+            }
+        }
+        // γ divides by the cached forward output: kept.
+        let kept = conv_outputs_kept(&plan("epsilon_gamma_box"));
+        assert!(kept.iter().all(|k| *k), "{kept:?}");
+    }
 }

@@ -283,6 +283,23 @@ pub enum Op {
 }
 
 impl Op {
+    /// An element-wise function of its first input (further inputs, as Clip's bounds, are
+    /// constants): the output has the input's shape.
+    pub fn is_activation(&self) -> bool {
+        matches!(
+            self,
+            Op::Relu
+                | Op::Clip { .. }
+                | Op::LeakyRelu { .. }
+                | Op::Sigmoid
+                | Op::Tanh
+                | Op::HardSigmoid { .. }
+                | Op::HardSwish
+                | Op::Identity
+                | Op::ThreshRelu { .. }
+        )
+    }
+
     /// The ONNX operator type names relprop supports.
     pub const SUPPORTED: &'static [&'static str] = &[
         "Add",

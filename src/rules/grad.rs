@@ -251,6 +251,10 @@ pub fn backward<T: Float>(
                 (slice(x), x.shape().to_vec())
             };
             let rsl = slice(r0()?);
+            let y_kept = match outs.first().copied().flatten() {
+                Some(Value::F(a)) => Some(slice(a)),
+                _ => None,
+            };
             let rin = if gradient_like || matches!(rule, Rule::Gradient) {
                 layer.vjp(&rsl, &layer.w)
             } else {
@@ -258,7 +262,8 @@ pub fn backward<T: Float>(
                     &layer,
                     rule,
                     &xsl,
-                    &slice(y0()?),
+                    // Not kept when the rule makes its own (see Rule::reads_output).
+                    y_kept.as_deref(),
                     &rsl,
                     opts.ignore_bias,
                     opts.stabilizer,

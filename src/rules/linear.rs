@@ -360,7 +360,7 @@ pub fn relevance<T: Float>(
     stabilizer: f64,
     bounds: Option<&Bounds>,
 ) -> Result<Vec<T>, String> {
-    relevance_bf(layer, rule, x, y, r, ignore_bias, stabilizer, bounds, 0.0)
+    relevance_bf(layer, rule, x, Some(y), r, ignore_bias, stabilizer, bounds, 0.0)
 }
 
 /// One output plane of the γ rule (see `relevance_bf`): the forward output `y` (with its stored
@@ -487,7 +487,7 @@ pub fn relevance_bf<T: Float>(
     layer: &LinearLayer<'_, T>,
     rule: &Rule,
     x: &[T],
-    y: &[T],
+    y: Option<&[T]>,
     r: &[T],
     ignore_bias: bool,
     stabilizer: f64,
@@ -496,6 +496,8 @@ pub fn relevance_bf<T: Float>(
 ) -> Result<Vec<T>, String> {
     let w = &layer.w[..];
     let b = if ignore_bias { None } else { layer.bias.as_deref() };
+    // The forward output, for the rules that read it (see Rule::reads_output).
+    let y = || y.ok_or_else(|| format!("rule {rule} needs the layer's forward output, which was not kept"));
     let div = |z: &[T], eps: f64| -> Vec<T> { map2(z, r, move |zv, rv| rv / stabilize(zv, eps)) };
     let bm = |f: fn(T) -> T| b.map(|b| map(b, f));
     // Most layers follow a ReLU: their input has no negative part, and the rules' x⁻ terms vanish.
@@ -518,7 +520,7 @@ pub fn relevance_bf<T: Float>(
                 z_own = layer.fwd(x, w, None);
                 &z_own[..]
             } else {
-                y
+                y()?
             };
             let g: Vec<T> = match rule {
                 Rule::Epsilon(eps) => div(z, *eps),
@@ -586,6 +588,7 @@ pub fn relevance_bf<T: Float>(
             }
         }
         Rule::Gamma(gamma) => {
+            let y = y()?;
             // Outputs with z > 0 use x⁺(w+γw⁺) + x⁻(w+γw⁻) (+ b + γb⁺), those with z < 0 the mirror
             // image. Both regroup around the cached x·w (the output less its stored bias) and one
             // modified forward A = x⁺·w⁺ + x⁻·w⁻: the first is x·w + γA, the second x·w + γ(x·w − A)
@@ -708,7 +711,7 @@ pub fn relevance_bf<T: Float>(
             // cancels, with or without `ignore_bias`.
             let wlh = layer.box_weights(&bd.low, &bd.high);
             let ones = vec![T::one(); x.len()];
-            let mut z = layer.without_bias(y);
+            let mut z = layer.without_bias(y()?);
             update2(&mut z, &layer.fwd(&ones, &wlh, None), r, move |zv, bv, rv| rv / stabilize(zv - bv, stabilizer));
             add_product(&mut out, x, layer.vjp(&z, w), T::one());
             let bound_part = layer.vjp(&z, &wlh);

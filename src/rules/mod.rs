@@ -5,6 +5,7 @@ pub mod grad;
 pub mod linear;
 pub mod lstm;
 
+use crate::graph::Op;
 use crate::tensor::Float;
 use std::fmt;
 use std::str::FromStr;
@@ -136,6 +137,32 @@ impl FromStr for Rule {
             return Err(format!("rule '{name}' takes no arguments"));
         }
         Ok(rule)
+    }
+}
+
+impl Rule {
+    /// Whether the rule on a node of this op reads nothing of the forward pass but shapes: the
+    /// pass rule on an activation, whose relevance moves to its input as it is. Their inputs need
+    /// not be kept, so a convolution before them runs fused with the activation.
+    pub fn reads_nothing(&self, op: &Op) -> bool {
+        matches!(self, Rule::Pass) && op.is_activation()
+    }
+
+    /// Whether the rule reads its node's forward output (ε's denominator is the cached output;
+    /// z⁺, αβ, w², flat and the gradients on a linear layer make their own), so that it must be kept.
+    pub fn reads_output(&self, op: &Op) -> bool {
+        let linear = matches!(op, Op::Conv { .. } | Op::Gemm { .. } | Op::MatMul);
+        !(linear
+            && matches!(
+                self,
+                Rule::ZPlus
+                    | Rule::AlphaBeta { .. }
+                    | Rule::Flat
+                    | Rule::WSquare
+                    | Rule::Gradient
+                    | Rule::GuidedBackprop
+                    | Rule::DeconvNet
+            ))
     }
 }
 
