@@ -333,7 +333,10 @@ fn explain_batch<T: Float>(
             .map(|(slot, i)| {
                 i.is_some_and(|v| {
                     plan.variable[v]
-                        && (matches!(env.get(v), Some(Value::F(_))) || (matches!(n.op, Op::Gather { .. }) && slot == 1))
+                        && (matches!(env.get(v), Some(Value::F(_)))
+                            || (matches!(n.op, Op::Gather { .. }) && slot == 1)
+                            // An activation's input, not kept when its rule reads the output.
+                            || (env.get(v).is_none() && n.op.is_activation() && slot == 0))
                 })
             })
             .collect();
@@ -410,8 +413,12 @@ fn needed_values(plan: &Plan) -> Vec<bool> {
         if activation_pass(n, r, &plan.variable) {
             continue;
         }
-        for v in n.inputs.iter().flatten() {
-            needed[*v] = true;
+        for (slot, v) in n.inputs.iter().enumerate() {
+            if let Some(v) = v
+                && (slot > 0 || r.reads_input(&n.op))
+            {
+                needed[*v] = true;
+            }
         }
         if r.reads_output(&n.op) {
             for v in n.outputs.iter().flatten() {
@@ -561,5 +568,14 @@ mod tests {
         // γ divides by the cached forward output: kept.
         let kept = conv_outputs_kept(&plan("epsilon_gamma_box"));
         assert!(kept.iter().all(|k| *k), "{kept:?}");
+        // The gradient's ReLU masks read the ReLU's output, which is kept; the convolutions'
+        // outputs are not.
+        let p = plan("gradient");
+        let kept = conv_outputs_kept(&p);
+        assert!(kept.iter().all(|k| !k), "{kept:?}");
+        let needed = needed_values(&p);
+        for n in p.graph.nodes.iter().filter(|n| matches!(n.op, Op::Relu)) {
+            assert!(needed[n.outputs[0].unwrap()], "output of {} not kept", n.name);
+        }
     }
 }

@@ -148,6 +148,12 @@ impl Rule {
         matches!(self, Rule::Pass) && op.is_activation()
     }
 
+    /// Whether the rule reads its node's first input: not the pass rule on an activation, nor the
+    /// gradients of ReLU and Clip, whose masks read the same on their output.
+    pub fn reads_input(&self, op: &Op) -> bool {
+        !(self.reads_nothing(op) || (self.is_gradient_like() && matches!(op, Op::Relu | Op::Clip { .. })))
+    }
+
     /// Whether the rule reads its node's forward output (ε's denominator is the cached output;
     /// z⁺, αβ, w², flat and the gradients on a linear layer make their own), so that it must be kept.
     pub fn reads_output(&self, op: &Op) -> bool {
