@@ -115,17 +115,9 @@ fn batch_rank(g: &Graph, op: &Op, inputs: &[Option<usize>], ks: &[Kind]) -> Opti
     };
     let norm = |a: i64, r: usize| if a < 0 { a + r as i64 } else { a };
     match op {
-        Op::Relu
-        | Op::Clip { .. }
-        | Op::LeakyRelu { .. }
-        | Op::Sigmoid
-        | Op::Tanh
-        | Op::HardSigmoid { .. }
-        | Op::HardSwish
-        | Op::Sqrt
-        | Op::Identity
+        op if op.is_activation() => only_first(),
+        Op::Sqrt
         | Op::Dropout
-        | Op::ThreshRelu { .. }
         | Op::Cast { .. }
         | Op::Conv { .. }
         | Op::BatchNorm { .. }
