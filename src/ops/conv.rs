@@ -262,11 +262,13 @@ impl<T: Float> DwScratch<T> {
             .flat_map(|ki| (0..g.kw).map(move |kj| (ki, kj)))
             .map(|(ki, kj)| ki * g.dilation[0] * ph.row + ph.start(kj))
             .collect();
-        let mut bases: Vec<usize> = (0..oh)
+        // The AVX2 kernel's block list; the AVX-512 kernel walks its tiles without one.
+        let blocks = if wide.is_some() { 0 } else { oh };
+        let mut bases: Vec<usize> = (0..blocks)
             .flat_map(|oy| (0..ow).step_by(DW_BLOCK).map(move |c0| (oy, c0)))
             .map(|(oy, c0)| oy * g.stride[0] * ph.row + c0)
             .collect();
-        let mut dsts: Vec<(usize, usize)> = (0..oh)
+        let mut dsts: Vec<(usize, usize)> = (0..blocks)
             .flat_map(|oy| (0..ow).step_by(DW_BLOCK).map(move |c0| (oy * ow + c0, DW_BLOCK.min(ow - c0))))
             .collect();
         // Whole groups only: the last group repeats the last block and stores nothing for the
@@ -1171,6 +1173,21 @@ mod tests {
                 assert!((dx[probe] - want).abs() < 1e-10);
             }
         }
+    }
+
+    #[test]
+    fn f32_depthwise_takes_the_avx512_kernel_where_the_cpu_has_it() {
+        // Otherwise the test below would check only the AVX2 kernel and pass with the AVX-512 one
+        // never chosen.
+        #[cfg(target_arch = "x86_64")]
+        {
+            let wanted = std::is_x86_feature_detected!("avx512f") && std::env::var_os("RELPROP_NO_AVX512").is_none();
+            for (oh, ow) in [(7, 7), (14, 14), (28, 28), (56, 56), (8, 40)] {
+                assert_eq!(dw512::tile::<f32>(oh, ow).is_some(), wanted, "{oh}×{ow}");
+            }
+        }
+        assert_eq!(dw512::tile::<f64>(14, 14), None);
+        assert_eq!(dw512::tile::<f32>(1, 20), None, "planes under four rows take the AVX2 kernel");
     }
 
     #[test]
