@@ -11,6 +11,8 @@ use crate::tensor::Float;
 use std::borrow::Cow;
 use std::mem::MaybeUninit;
 
+mod pointwise;
+
 /// The geometry of a linear layer.
 #[derive(Clone, Debug)]
 pub enum LinearKind {
@@ -426,13 +428,7 @@ impl<T: Float> GammaPlane<'_, T> {
 /// `[x⁺; x⁻]` per sample and `[w⁺ | w⁻]` (cached per plan when the layer's weights are stored
 /// ones): a convolution with twice the input channels that computes `x⁺·w⁺ + x⁻·w⁻` at once.
 fn stacked<'w, T: Float>(layer: &'w LinearLayer<'_, T>, g: &ConvGeom, x: &[T]) -> (Vec<T>, Cow<'w, [T]>) {
-    let row = g.c * g.kh * g.kw;
-    let w2 = match layer.cache {
-        Some(c) if matches!(layer.w, Cow::Borrowed(_)) => {
-            Cow::Borrowed(&c.stacked.get_or_init(|| stack_pos_neg(&layer.w, row))[..])
-        }
-        _ => Cow::Owned(stack_pos_neg(&layer.w, row)),
-    };
+    let w2 = stacked_weights(layer, g);
     let plane = g.c * g.h * g.w;
     // Split straight from x: separate x⁺ and x⁻ tensors were two more passes and buffers.
     let mut x2 = Vec::with_capacity(2 * x.len());
@@ -441,6 +437,17 @@ fn stacked<'w, T: Float>(layer: &'w LinearLayer<'_, T>, g: &ConvGeom, x: &[T]) -
         x2.extend(xs.iter().map(|&v| neg(v)));
     }
     (x2, w2)
+}
+
+/// `[w⁺ | w⁻]` of a convolution, cached per plan when the layer's weights are stored ones.
+fn stacked_weights<'w, T: Float>(layer: &'w LinearLayer<'_, T>, g: &ConvGeom) -> Cow<'w, [T]> {
+    let row = g.c * g.kh * g.kw;
+    match layer.cache {
+        Some(c) if matches!(layer.w, Cow::Borrowed(_)) => {
+            Cow::Borrowed(&c.stacked.get_or_init(|| stack_pos_neg(&layer.w, row))[..])
+        }
+        _ => Cow::Owned(stack_pos_neg(&layer.w, row)),
+    }
 }
 
 /// Whether a plain convolution's output is larger than its input, where the stacked form of a
@@ -478,6 +485,11 @@ fn stacked_zplus<T: Float>(
         out.extend(dp.iter().zip(dn).zip(xs).map(|((a, b), &xv)| *a * pos(xv) + *b * neg(xv)));
     }
     out
+}
+
+/// The matrices of a plain 1×1 convolution for the fused paths in [`pointwise`].
+fn pointwise_layer<'a, T>(g: &ConvGeom, w: &'a [T], wp: &'a [T], stacked: Option<&'a [T]>) -> pointwise::Layer<'a, T> {
+    pointwise::Layer { c: g.c, m: g.m, hw: g.h * g.w, n: g.n, w, wp, stacked }
 }
 
 /// [`relevance`] with Arras et al.'s bias factor for the ε rule on dense layers: a share
@@ -543,6 +555,21 @@ pub fn relevance_bf<T: Float>(
                     out[row * k..(row + 1) * k].iter_mut().for_each(|o| *o += add);
                 }
             }
+        }
+        Rule::ZPlus if matches!(&layer.kind, LinearKind::Conv(g) if pointwise::pays(g)) => {
+            let LinearKind::Conv(g) = &layer.kind else { unreachable!("matched above") };
+            let (wp, w2) = (layer.modified(WeightMod::Pos), has_neg.then(|| stacked_weights(layer, g)));
+            let pl = pointwise_layer(g, w, &wp, w2.as_deref());
+            out = Some(pointwise::zplus(&pl, pl.tile(), x, r, pointwise::Bias::of(b, g.m, pl.hw), stabilizer));
+        }
+        Rule::Gamma(gamma) if matches!(&layer.kind, LinearKind::Conv(g) if pointwise::pays(g)) => {
+            let LinearKind::Conv(g) = &layer.kind else { unreachable!("matched above") };
+            let y = y()?;
+            let (wp, w2) = (layer.modified(WeightMod::Pos), has_neg.then(|| stacked_weights(layer, g)));
+            let pl = pointwise_layer(g, w, &wp, w2.as_deref());
+            let stored = pointwise::Bias::of(layer.bias.as_deref(), g.m, pl.hw);
+            let used = pointwise::Bias::of(b, g.m, pl.hw);
+            out = Some(pointwise::gamma(&pl, pl.tile(), x, y, r, stored, used, T::of(*gamma), stabilizer));
         }
         Rule::ZPlus | Rule::AlphaBeta { .. } => {
             let (alpha, beta) = match rule {
