@@ -946,6 +946,11 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
         let mut col: Vec<MaybeUninit<T>> = Vec::with_capacity(if g.is_pointwise() { 0 } else { kdim * tile * ow });
         // SAFETY: MaybeUninit needs no initialisation.
         unsafe { col.set_len(col.capacity()) };
+        // colᵀ for small tiles (see `transposed_pays`).
+        let mut flipped: Vec<MaybeUninit<T>> =
+            Vec::with_capacity(if transposed_pays(tile * ow) { col.len() } else { 0 });
+        // SAFETY: as above.
+        unsafe { flipped.set_len(flipped.capacity()) };
         #[cfg(test)]
         col.iter_mut().for_each(|v| {
             v.write(T::of(f64::NAN));
@@ -956,13 +961,58 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
                 let rows = oy0..(oy0 + tile).min(oh);
                 let span = rows.len() * ow;
                 let cp = col.as_mut_ptr() as *mut T;
+                let flip = !flipped.is_empty();
                 for (k, (dy, wt)) in terms.iter().enumerate() {
-                    let a = Mat::rows_t(&wt[gi * mg * kdim..(gi + 1) * mg * kdim], kdim);
-                    // The tile's columns of dy: row stride oh·ow.
-                    let b = Mat { data: &part(dy, s, ysz)[gi * mg * ohw + oy0 * ow..], rs: ohw, cs: 1 };
-                    // SAFETY: kdim·span ≤ the buffer's length; the first term writes without
-                    // reading, the later ones accumulate onto what it wrote.
-                    unsafe { matmul_raw(kdim, span, mg, a, b, cp, kdim * span, span, k > 0, threads, None) };
+                    let wg = &wt[gi * mg * kdim..(gi + 1) * mg * kdim];
+                    let dyg = &part(dy, s, ysz)[gi * mg * ohw + oy0 * ow..];
+                    // SAFETY (both arms): kdim·span ≤ each buffer's length; the first term writes
+                    // without reading, the later ones accumulate onto what it wrote.
+                    if flip {
+                        // colᵀ [span, kdim] = dyᵀ · w, transposed into col below.
+                        let a = Mat { data: dyg, rs: 1, cs: ohw };
+                        let tp = flipped.as_mut_ptr() as *mut T;
+                        unsafe {
+                            matmul_raw(
+                                span,
+                                kdim,
+                                mg,
+                                a,
+                                Mat::rows(wg, kdim),
+                                tp,
+                                kdim * span,
+                                kdim,
+                                k > 0,
+                                threads,
+                                None,
+                            )
+                        };
+                    } else {
+                        // The tile's columns of dy: row stride oh·ow.
+                        let b = Mat { data: dyg, rs: ohw, cs: 1 };
+                        unsafe {
+                            matmul_raw(
+                                kdim,
+                                span,
+                                mg,
+                                Mat::rows_t(wg, kdim),
+                                b,
+                                cp,
+                                kdim * span,
+                                span,
+                                k > 0,
+                                threads,
+                                None,
+                            )
+                        };
+                    }
+                }
+                if flip {
+                    // SAFETY: written by the products above (terms is not empty); col has room
+                    // for kdim·span elements, each written by the transpose.
+                    unsafe {
+                        let src = std::slice::from_raw_parts(flipped.as_ptr() as *const T, kdim * span);
+                        transpose(src, span, kdim, cp, span);
+                    }
                 }
                 // SAFETY: written by the products above (terms is not empty, checked on entry).
                 let filled = unsafe { std::slice::from_raw_parts(cp as *const T, kdim * span) };
@@ -976,6 +1026,37 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
         sample(0, &mut dx[..], Threads::Pool);
     }
     dx
+}
+
+/// Whether a VJP product over `span` output pixels runs faster with its output transposed
+/// (pixels as rows) and then transposed back: the `gemm` crate lays its kernels' 64-row side
+/// along the output's contiguous axis, and on 7×7 planes (49 pixels) read against weights with a
+/// long inner axis the product ran 2.5× slower than the transposed one (`examples/vjpshape.rs`,
+/// ResNet-50's 3×3 layers on 7×7 planes: 41 → 100 GFLOP/s on one thread; `convbench` with the
+/// transpose: VJP 3.5 → 1.7–1.9 ms). On 14×14 planes the product gained 1.3× but the transpose
+/// took it back (`convbench`: 1.6 → 2.0–2.5 ms), so only small planes take this form.
+fn transposed_pays(span: usize) -> bool {
+    span < 128
+}
+
+/// `dst[j·ld + i] = src[i·cols + j]` for a row-major `src` of `rows × cols`, in blocks that stay in
+/// cache on both sides.
+///
+/// # Safety
+/// `dst` must be valid for writes at every `j·ld + i`.
+unsafe fn transpose<T: Float>(src: &[T], rows: usize, cols: usize, dst: *mut T, ld: usize) {
+    const B: usize = 16;
+    debug_assert!(src.len() >= rows * cols);
+    for i0 in (0..rows).step_by(B) {
+        for j0 in (0..cols).step_by(B) {
+            for j in j0..(j0 + B).min(cols) {
+                for i in i0..(i0 + B).min(rows) {
+                    // SAFETY: by the caller for dst; i < rows and j < cols for src.
+                    unsafe { dst.add(j * ld + i).write(src[i * cols + j]) };
+                }
+            }
+        }
+    }
 }
 
 /// [`conv2d_vjp_sum`] of a 1×1 convolution (not depthwise): per sample and group one product per
@@ -994,6 +1075,24 @@ fn pointwise_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> {
         let dp = &dp;
         for gi in 0..g.group {
             let start = s * xsz + gi * cg * hw;
+            if transposed_pays(hw) {
+                // dxᵀ [hw, cg] = dyᵀ · w, then transposed into place (see `transposed_pays`).
+                let mut t: Vec<T> = Vec::with_capacity(hw * cg);
+                for (k, (dy, wt)) in terms.iter().enumerate() {
+                    let a = Mat { data: &dy[s * ysz + gi * mg * hw..s * ysz + (gi + 1) * mg * hw], rs: 1, cs: hw };
+                    let b = Mat::rows(&wt[gi * mg * cg..(gi + 1) * mg * cg], cg);
+                    // SAFETY: the buffer's capacity is hw·cg; the first term writes every element
+                    // without reading, the later ones accumulate onto what it wrote.
+                    unsafe { matmul_raw(hw, cg, mg, a, b, t.as_mut_ptr(), hw * cg, cg, k > 0, threads, None) };
+                }
+                // SAFETY: written above (terms is not empty); the destination is group gi of
+                // sample s, [cg, h, w], written by this call alone.
+                unsafe {
+                    t.set_len(hw * cg);
+                    transpose(&t, hw, cg, dp.0.add(start), hw);
+                }
+                continue;
+            }
             for (k, (dy, wt)) in terms.iter().enumerate() {
                 let a = Mat::rows_t(&wt[gi * mg * cg..(gi + 1) * mg * cg], cg);
                 let b = Mat::rows(&dy[s * ysz + gi * mg * hw..s * ysz + (gi + 1) * mg * hw], hw);
