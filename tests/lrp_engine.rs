@@ -171,6 +171,8 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
         ConvGeom { c: 4, m: 6, group: 2, ..base },
         // An output larger than its input (an expansion): z⁺ over mixed signs runs stacked.
         ConvGeom { m: 8, kh: 1, kw: 1, stride: [1, 1], pads: [0; 4], ..base },
+        // A 1×1 layer on a plane of 528 pixels: z⁺ and γ run fused over tiles of pixels.
+        ConvGeom { m: 3, h: 24, w: 22, kh: 1, kw: 1, stride: [1, 1], pads: [0; 4], ..base },
     ];
     let mut rng = Lcg(7);
     for trial in 0..3 {

@@ -487,11 +487,6 @@ fn stacked_zplus<T: Float>(
     out
 }
 
-/// The matrices of a plain 1×1 convolution for the fused paths in [`pointwise`].
-fn pointwise_layer<'a, T>(g: &ConvGeom, w: &'a [T], wp: &'a [T], stacked: Option<&'a [T]>) -> pointwise::Layer<'a, T> {
-    pointwise::Layer { c: g.c, m: g.m, hw: g.h * g.w, n: g.n, w, wp, stacked }
-}
-
 /// [`relevance`] with Arras et al.'s bias factor for the ε rule on dense layers: a share
 /// `bias_factor · (b_k + ε·sign z_k) / K` of each output's relevance goes to each of its K inputs.
 #[allow(clippy::too_many_arguments)]
@@ -523,6 +518,21 @@ pub fn relevance_bf<T: Float>(
     let xp = || -> &[T] { xp_cell.get_or_init(|| if has_neg { Cow::Owned(map(x, pos)) } else { Cow::Borrowed(x) }) };
     let xn_cell = std::cell::OnceCell::new();
     let xn = || -> Option<&[T]> { xn_cell.get_or_init(|| has_neg.then(|| map(x, neg))).as_deref() };
+    // z⁺ and γ on 1×1 convolutions over large planes: fused per tile of pixels.
+    if let (Rule::ZPlus | Rule::Gamma(_), LinearKind::Conv(g)) = (rule, &layer.kind)
+        && pointwise::pays(g)
+    {
+        let (wp, w2) = (layer.modified(WeightMod::Pos), has_neg.then(|| stacked_weights(layer, g)));
+        let pl = pointwise::Layer { c: g.c, m: g.m, hw: g.h * g.w, n: g.n, w, wp: &wp, stacked: w2.as_deref() };
+        let used = pointwise::Bias::of(b, g.m, pl.hw);
+        return Ok(match rule {
+            Rule::Gamma(gamma) => {
+                let stored = pointwise::Bias::of(layer.bias.as_deref(), g.m, pl.hw);
+                pointwise::gamma(&pl, pl.tile(), x, y()?, r, stored, used, T::of(*gamma), stabilizer)
+            }
+            _ => pointwise::zplus(&pl, pl.tile(), x, r, used, stabilizer),
+        });
+    }
     let mut out: Option<Vec<T>> = None;
     match rule {
         Rule::Epsilon(_) | Rule::Zero => {
@@ -555,21 +565,6 @@ pub fn relevance_bf<T: Float>(
                     out[row * k..(row + 1) * k].iter_mut().for_each(|o| *o += add);
                 }
             }
-        }
-        Rule::ZPlus if matches!(&layer.kind, LinearKind::Conv(g) if pointwise::pays(g)) => {
-            let LinearKind::Conv(g) = &layer.kind else { unreachable!("matched above") };
-            let (wp, w2) = (layer.modified(WeightMod::Pos), has_neg.then(|| stacked_weights(layer, g)));
-            let pl = pointwise_layer(g, w, &wp, w2.as_deref());
-            out = Some(pointwise::zplus(&pl, pl.tile(), x, r, pointwise::Bias::of(b, g.m, pl.hw), stabilizer));
-        }
-        Rule::Gamma(gamma) if matches!(&layer.kind, LinearKind::Conv(g) if pointwise::pays(g)) => {
-            let LinearKind::Conv(g) = &layer.kind else { unreachable!("matched above") };
-            let y = y()?;
-            let (wp, w2) = (layer.modified(WeightMod::Pos), has_neg.then(|| stacked_weights(layer, g)));
-            let pl = pointwise_layer(g, w, &wp, w2.as_deref());
-            let stored = pointwise::Bias::of(layer.bias.as_deref(), g.m, pl.hw);
-            let used = pointwise::Bias::of(b, g.m, pl.hw);
-            out = Some(pointwise::gamma(&pl, pl.tile(), x, y, r, stored, used, T::of(*gamma), stabilizer));
         }
         Rule::ZPlus | Rule::AlphaBeta { .. } => {
             let (alpha, beta) = match rule {
