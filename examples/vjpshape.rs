@@ -1,8 +1,10 @@
 //! Times a convolution VJP's matrix product in its forms: `vjpshape KDIM SPAN MG [pool]` (the
 //! product `col[KDIM×SPAN] = wᵀ · dy` of a layer with MG output channels, weights [MG, KDIM]).
-//! Prints the form the im2col path used to take (weights read transposed), the same with the
-//! weights stored transposed, the transposed product `colᵀ = dyᵀ · w`, and the forward product of
-//! the same size, with GFLOP/s (a profiling aid for `ops::conv::transposed_pays`).
+//! Prints, with GFLOP/s: the forward's product in transposed form (`yᵀ = colᵀ · wᵀ`, slower: not
+//! used), then the VJP's product as the im2col path takes it on large planes (weights read
+//! transposed), the same with the weights stored transposed, the transposed product
+//! `colᵀ = dyᵀ · w` (small planes), and the forward product of the same size (a profiling aid for
+//! `ops::conv::transposed_pays`).
 use relprop::ops::gemm::{Mat, Threads, matmul};
 use std::time::Instant;
 #[global_allocator]

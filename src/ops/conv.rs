@@ -1093,11 +1093,12 @@ fn pointwise_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> {
     (0..total).for_each(|i| unsafe { dp.0.add(i).write(T::of(f64::NAN)) });
     let sample = |s: usize, threads: Threads| {
         let dp = &dp;
+        // dxᵀ of one group for small planes (see `transposed_pays`), reused across groups.
+        let mut t: Vec<T> = Vec::with_capacity(if transposed_pays(hw) { hw * cg } else { 0 });
         for gi in 0..g.group {
             let start = s * xsz + gi * cg * hw;
             if transposed_pays(hw) {
-                // dxᵀ [hw, cg] = dyᵀ · w, then transposed into place (see `transposed_pays`).
-                let mut t: Vec<T> = Vec::with_capacity(hw * cg);
+                // dxᵀ [hw, cg] = dyᵀ · w, then transposed into place.
                 for (k, (dy, wt)) in terms.iter().enumerate() {
                     let a = Mat { data: &dy[s * ysz + gi * mg * hw..s * ysz + (gi + 1) * mg * hw], rs: 1, cs: hw };
                     let b = Mat::rows(&wt[gi * mg * cg..(gi + 1) * mg * cg], cg);
@@ -1110,6 +1111,7 @@ fn pointwise_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> {
                 unsafe {
                     t.set_len(hw * cg);
                     transpose(&t, hw, cg, dp.0.add(start), hw, threads);
+                    t.set_len(0);
                 }
                 continue;
             }

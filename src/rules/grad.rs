@@ -470,22 +470,21 @@ fn vjp<T: Float>(
     }
     // For ReLU and Clip, whose masks read the same on the output as on the input (x > 0 ⇔ y > 0,
     // lo < x < hi ⇔ lo < y < hi): the input need not be kept (see Rule::reads_input), so the
-    // convolution before them runs fused with them. `$f` gets (g, y, y).
+    // convolution before them runs fused with them. `$f` gets (g, y).
     macro_rules! on_output {
-        ($f:expr) => {{
-            let y = y()?;
-            map3(g()?, y, y, $f)
-        }};
+        ($f:expr) => {
+            zip_map(g()?, y()?, $f)
+        };
     }
     let is = |i: usize| var.get(i).copied().unwrap_or(false);
     match &node.op {
         Op::Relu => {
             res[0] = Some(match rule {
                 Rule::GuidedBackprop => {
-                    on_output!(move |gv, yv, _| { if yv > T::zero() && gv > T::zero() { gv } else { T::zero() } })?
+                    on_output!(move |gv, yv| { if yv > T::zero() && gv > T::zero() { gv } else { T::zero() } })?
                 }
-                Rule::DeconvNet => on_output!(move |gv, _, _| gv.max(T::zero()))?,
-                _ => on_output!(move |gv, yv, _| if yv > T::zero() { gv } else { T::zero() })?,
+                Rule::DeconvNet => on_output!(move |gv, _| gv.max(T::zero()))?,
+                _ => on_output!(move |gv, yv| if yv > T::zero() { gv } else { T::zero() })?,
             });
         }
         Op::Clip { min, max } => {
@@ -503,7 +502,7 @@ fn vjp<T: Float>(
                 .and_then(|v| v.to_float().iter().next().copied())
                 .or(max.map(T::of))
                 .unwrap_or(T::infinity());
-            res[0] = Some(on_output!(move |gv, yv, _| { if yv > lo && yv < hi { gv } else { T::zero() } })?);
+            res[0] = Some(on_output!(move |gv, yv| { if yv > lo && yv < hi { gv } else { T::zero() } })?);
         }
         Op::LeakyRelu { alpha } => {
             let a = T::of(*alpha);

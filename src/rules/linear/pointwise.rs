@@ -121,10 +121,19 @@ impl<T: Float> Layer<'_, T> {
         let mut out: Vec<T> = Vec::with_capacity(total);
         let op = SendPtr(out.as_mut_ptr());
         let per = self.hw.div_ceil(t);
-        (0..self.n * per).into_par_iter().with_max_len(1).for_each_init(Scratch::default, |sc, task| {
+        // One scratch per pool thread (and one for a caller outside the pool), so that buffers
+        // are allocated per call, not per tile (rayon's `for_each_init` makes one per job, and
+        // every tile is its own job here). Nothing inside `body` re-enters the pool while its
+        // thread holds the lock.
+        let slots: Vec<std::sync::Mutex<Scratch<T>>> =
+            (0..=rayon::current_num_threads()).map(|_| Default::default()).collect();
+        (0..self.n * per).into_par_iter().with_max_len(1).for_each(|task| {
             let (s, k) = (task / per, task % per);
             let op = &op;
-            body(s, k * t..((k + 1) * t).min(self.hw), sc, op.0);
+            let slot = rayon::current_thread_index().map_or(slots.len() - 1, |i| i.min(slots.len() - 2));
+            // A poisoned slot held only scratch values, which every tile overwrites before reading.
+            let mut sc = slots[slot].lock().unwrap_or_else(|e| e.into_inner());
+            body(s, k * t..((k + 1) * t).min(self.hw), &mut sc, op.0);
         });
         // SAFETY: the tiles cover every column of every sample, and each call writes its tile's
         // elements of all c rows.
