@@ -93,7 +93,8 @@ fn main() {
                 })
                 .collect();
             t.sort_by(f64::total_cmp);
-            t[t.len() / 2]
+            // MIN=1 reports the fastest call instead (steadier when other machines share the host).
+            if std::env::var_os("MIN").is_some() { t[0] } else { t[t.len() / 2] }
         };
         let dt = time(&|| {
             std::hint::black_box(conv2d(&g, &x, &w, None));

@@ -2,6 +2,7 @@
 //! convolution), by im2col / col2im and GEMM, with a direct kernel for depthwise layers where a
 //! GEMM with one output row would waste the matrix unit.
 
+use super::depthwise16::{self, LANES};
 use super::gemm::{Epilogue, Mat, SendPtr, Threads, matmul_raw};
 use super::pool::valid_outputs;
 use crate::tensor::Float;
@@ -779,6 +780,37 @@ pub fn conv2d_onto<T: Float>(
     // Writes one sample's outputs at `ys`, [m, oh, ow].
     let sample = |xs: &[T], ys: *mut T, threads: Threads| {
         let ys = SendPtr(ys);
+        // Small planes: sixteen channels per vector instead of sixteen columns of one channel
+        // (see `depthwise16`).
+        if depthwise && mg == 1 && depthwise16::available::<T>() && depthwise16::pays(ow) {
+            let kk = g.kh * g.kw;
+            let groups = g.m.div_ceil(LANES);
+            let per = channels_per_task(groups, ohw * kk * LANES, threads);
+            (0..groups.div_ceil(per)).into_par_iter().for_each(|t| {
+                let mut sc = depthwise16::Scratch::new(g, [1, 1]);
+                let ys = &ys;
+                for gi in t * per..((t + 1) * per).min(groups) {
+                    let c0 = gi * LANES;
+                    let n = LANES.min(g.m - c0);
+                    let hw = g.h * g.w;
+                    // SAFETY: T is f32 with AVX-512F (checked above); planes c0..c0 + n of this
+                    // sample, written by this task alone.
+                    unsafe {
+                        sc.run(
+                            n,
+                            &xs[c0 * hw..],
+                            hw,
+                            &wt[c0 * kk..],
+                            bias.map(|b| &b[c0..]),
+                            ys.0.add(c0 * ohw),
+                            clamp,
+                            accumulate,
+                        )
+                    };
+                }
+            });
+            return;
+        }
         if depthwise {
             let kk = g.kh * g.kw;
             let per = channels_per_task(g.m, ohw * kk, threads);
@@ -887,6 +919,34 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
     let vjp_geom = if g.is_depthwise() { depthwise_vjp_geom(g, oh, ow) } else { None };
     // `s`: the sample index.
     let sample = |s: usize, dxs: &mut [T], threads: Threads| {
+        // As in the forward: sixteen channels per vector on small planes.
+        if let Some(gv) = vjp_geom
+            && mg == 1
+            && depthwise16::available::<T>()
+            && depthwise16::pays(g.w)
+        {
+            let kk = g.kh * g.kw;
+            let groups = g.c.div_ceil(LANES);
+            let per = channels_per_task(groups, ohw * kk * LANES * terms.len(), threads);
+            dxs.par_chunks_mut(hw * per * LANES).enumerate().for_each(|(t, block)| {
+                let mut sc = depthwise16::Scratch::new(&gv, g.stride);
+                let mut flipped = vec![T::zero(); kk * LANES];
+                for (i, dxg) in block.chunks_mut(hw * LANES).enumerate() {
+                    let c0 = (t * per + i) * LANES;
+                    let n = dxg.len() / hw;
+                    for (k, (dy, wt)) in terms.iter().enumerate() {
+                        for (f, w) in flipped.chunks_exact_mut(kk).zip(wt[c0 * kk..(c0 + n) * kk].chunks_exact(kk)) {
+                            f.iter_mut().zip(w.iter().rev()).for_each(|(f, &v)| *f = v);
+                        }
+                        let dyg = &part(dy, s, ysz)[c0 * ohw..];
+                        // SAFETY: T is f32 with AVX-512F (checked above); dxg is this task's
+                        // initialised planes c0..c0 + n, the VJP geometry's outputs.
+                        unsafe { sc.run(n, dyg, ohw, &flipped, None, dxg.as_mut_ptr(), None, k > 0) };
+                    }
+                }
+            });
+            return;
+        }
         if let Some(gv) = vjp_geom {
             let kk = g.kh * g.kw;
             let per = channels_per_task(g.c, ohw * mg * kk * terms.len(), threads);
@@ -1312,6 +1372,14 @@ mod tests {
             }
         }
         assert_eq!(dw512::tile::<f64>(14, 14), None);
+        // Likewise the channel-vector kernel on 7-wide planes.
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            depthwise16::available::<f32>(),
+            std::is_x86_feature_detected!("avx512f") && std::env::var_os("RELPROP_NO_AVX512").is_none()
+        );
+        assert!(!depthwise16::available::<f64>());
+        assert!(depthwise16::pays(7) && !depthwise16::pays(14));
         assert_eq!(dw512::tile::<f32>(1, 20), None, "planes under four rows take the AVX2 kernel");
     }
 
@@ -1327,6 +1395,24 @@ mod tests {
             let pads = if s == 1 { [p; 4] } else { [p - 1, p - 1, p, p] };
             cases.push(ConvGeom { c, m: c, group: c, h: hw, w: hw, kh: k, kw: k, stride: [s, s], pads, ..base });
         }
+        // Sixteen channels per vector on 7-wide outputs: more than one group of sixteen with a
+        // tail, stride 2, dilation with uneven pads, and two samples.
+        for (c, hw, k, s) in [(20, 7, 3, 1), (37, 14, 5, 2)] {
+            let p = k / 2;
+            let pads = if s == 1 { [p; 4] } else { [p - 1, p - 1, p, p] };
+            cases.push(ConvGeom { c, m: c, group: c, h: hw, w: hw, kh: k, kw: k, stride: [s, s], pads, ..base });
+        }
+        cases.push(ConvGeom {
+            n: 2,
+            c: 33,
+            m: 33,
+            group: 33,
+            h: 9,
+            w: 8,
+            dilation: [2, 1],
+            pads: [2, 1, 1, 0],
+            ..base
+        });
         // A plane not a multiple of seven rows high, and one of 17–32 columns.
         cases.push(ConvGeom { c: 2, m: 2, group: 2, h: 10, w: 9, ..base });
         cases.push(ConvGeom { c: 2, m: 2, group: 2, h: 9, w: 25, ..base });

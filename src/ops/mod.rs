@@ -1,6 +1,7 @@
 //! Kernels: pure functions on slices with their own tests.
 
 pub mod conv;
+mod depthwise16;
 pub mod elementwise;
 pub mod gemm;
 pub mod lstm;
