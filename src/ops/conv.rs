@@ -3,6 +3,7 @@
 //! GEMM with one output row would waste the matrix unit.
 
 use super::depthwise16::{self, LANES};
+use super::direct;
 use super::gemm::{Epilogue, Mat, SendPtr, Threads, matmul_raw};
 use super::pool::valid_outputs;
 use crate::tensor::Float;
@@ -606,7 +607,7 @@ fn depthwise_plane_t<T: Float>(g: &ConvGeom, dy: &[T], k: &[T], dx: &mut [T], oh
 /// One input row, zero-padded left and right and split by column phase modulo the stride, so that
 /// every tap reads (or, in the VJP, writes) a contiguous run of `ow` values whatever the stride:
 /// padded column `p` lives at `(p % s) · len + p / s`.
-struct PhaseRows {
+pub(super) struct PhaseRows {
     stride: usize,
     dilation: usize,
     pad: usize,
@@ -617,15 +618,19 @@ struct PhaseRows {
 }
 
 impl PhaseRows {
-    fn new(g: &ConvGeom, ow: usize) -> Self {
+    pub(super) fn new(g: &ConvGeom, ow: usize) -> Self {
         let s = g.stride[1];
         let wp = g.w + g.pads[1] + g.pads[3];
         // Every tap's run must fit: (ow − 1) + t / s < len for all taps t = kj · d.
         let len = wp.div_ceil(s).max(ow - 1 + (g.kw - 1) * g.dilation[1] / s + 1);
         PhaseRows { stride: s, dilation: g.dilation[1], pad: g.pads[1], len, row: s * len }
     }
+    /// Length of one split row.
+    pub(super) fn row_len(&self) -> usize {
+        self.row
+    }
     /// Where tap `kj`'s run of `ow` values starts.
-    fn start(&self, kj: usize) -> usize {
+    pub(super) fn start(&self, kj: usize) -> usize {
         let t = kj * self.dilation;
         (t % self.stride) * self.len + t / self.stride
     }
@@ -656,7 +661,7 @@ impl PhaseRows {
         let npairs = cols.saturating_sub(c0) / 2;
         (c0, (c0 + self.pad) / 2, npairs)
     }
-    fn scatter<T: Float>(&self, src: &[T], dst: &mut [T]) {
+    pub(super) fn scatter<T: Float>(&self, src: &[T], dst: &mut [T]) {
         match self.stride {
             1 => dst[self.pad..self.pad + src.len()].copy_from_slice(src),
             2 => {
@@ -828,6 +833,12 @@ pub fn conv2d_onto<T: Float>(
                     };
                 }
             });
+            return;
+        }
+        // Few input channels (a stem): the direct kernel, no im2col (see `direct`).
+        if direct::pays::<T>(g) {
+            // SAFETY: pays() checked; ys holds this sample's outputs, initialised when accumulating.
+            unsafe { direct::sample(g, xs, wt, bias, clamp, accumulate, ys.0, threads) };
             return;
         }
         // 1×1: one tile, the whole plane (tiles that stay in cache from bias to clamp measured no
@@ -1332,6 +1343,67 @@ mod tests {
             assert!(r.iter().any(|&v| v < -0.5) && r.iter().any(|&v| v > 1.5), "{g:?}: clamp not exercised");
             for (a, b) in y.iter().zip(&r) {
                 assert_eq!(*a, b.clamp(-0.5, 1.5), "{g:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn f32_direct_kernel_matches_float64() {
+        // Stem-like layers (few input channels) that take the direct kernel where the CPU has
+        // AVX-512: stride 2 with uneven pads, a 7×7 kernel, output channels not a multiple of
+        // eight, a row not a multiple of 32, dilation, two samples; with bias, a clamp, and
+        // accumulated onto an initial output.
+        let base = geoms()[0];
+        let cases = [
+            ConvGeom {
+                n: 1,
+                c: 3,
+                m: 32,
+                h: 70,
+                w: 70,
+                kh: 3,
+                kw: 3,
+                stride: [2, 2],
+                pads: [0, 0, 1, 1],
+                group: 1,
+                ..base
+            },
+            ConvGeom { n: 2, c: 3, m: 12, h: 72, w: 75, kh: 7, kw: 7, stride: [2, 2], pads: [3; 4], group: 1, ..base },
+            ConvGeom {
+                n: 1,
+                c: 2,
+                m: 9,
+                h: 20,
+                w: 45,
+                kh: 3,
+                kw: 3,
+                dilation: [2, 1],
+                pads: [2, 1, 1, 0],
+                group: 1,
+                ..base
+            },
+        ];
+        for g in cases {
+            #[cfg(target_arch = "x86_64")]
+            assert_eq!(
+                direct::pays::<f32>(&g),
+                std::is_x86_feature_detected!("avx512f") && std::env::var_os("RELPROP_NO_AVX512").is_none(),
+                "{g:?}"
+            );
+            let (oh, ow) = g.out_hw().unwrap();
+            let x = data(g.n * g.c * g.h * g.w, 3);
+            let wt = data(g.m * g.c * g.kh * g.kw, 4);
+            let bias = data(g.m, 5);
+            let init = data(g.n * g.m * oh * ow, 6);
+            let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+            let y = conv2d_onto(&g, &f(&x), &f(&wt), Some(&f(&bias)), Some((-0.5, 0.5)), Some(f(&init)));
+            let want: Vec<f64> = naive(&g, &x, &wt)
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (v + bias[(i / (oh * ow)) % g.m] + init[i]).clamp(-0.5, 0.5))
+                .collect();
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                assert!((*a as f64 - b).abs() < 1e-5, "{g:?} output {i}: {a} vs {b}");
             }
         }
     }

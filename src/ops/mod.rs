@@ -2,6 +2,7 @@
 
 pub mod conv;
 mod depthwise16;
+mod direct;
 pub mod elementwise;
 pub mod gemm;
 pub mod lstm;
