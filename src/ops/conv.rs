@@ -447,15 +447,8 @@ mod dw512 {
         })
     }
 
-    #[cfg(target_arch = "x86_64")]
     fn available() -> bool {
-        static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVAILABLE
-            .get_or_init(|| std::is_x86_feature_detected!("avx512f") && std::env::var_os("RELPROP_NO_AVX512").is_none())
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    fn available() -> bool {
-        false
+        super::super::avx512()
     }
 
     /// The loaded plane's outputs (see `depthwise_blocked`), `T` being f32 (checked by [`tile`]).

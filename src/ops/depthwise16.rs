@@ -19,7 +19,7 @@ const BLOCK: usize = 8;
 
 /// Whether the kernel runs here: f32 on a CPU with AVX-512F, unless `RELPROP_NO_AVX512` is set.
 pub(super) fn available<T: Float>() -> bool {
-    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && cpu()
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && super::avx512()
 }
 
 /// Whether this kernel beats the per-plane one on output rows `ow` wide: on EfficientNet-Lite0's
@@ -29,17 +29,6 @@ pub(super) fn available<T: Float>() -> bool {
 /// planes the two transposes cost more than the idle lanes they save.
 pub(super) fn pays(ow: usize) -> bool {
     ow <= 8
-}
-
-#[cfg(target_arch = "x86_64")]
-fn cpu() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE
-        .get_or_init(|| std::is_x86_feature_detected!("avx512f") && std::env::var_os("RELPROP_NO_AVX512").is_none())
-}
-#[cfg(not(target_arch = "x86_64"))]
-fn cpu() -> bool {
-    false
 }
 
 thread_local! {

@@ -27,18 +27,7 @@ pub(super) fn pays<T: Float>(g: &ConvGeom) -> bool {
         && g.kh * g.kw > 1
         && g.c * g.kh * g.kw <= 160
         && ow >= COLS
-        && cpu()
-}
-
-#[cfg(target_arch = "x86_64")]
-fn cpu() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE
-        .get_or_init(|| std::is_x86_feature_detected!("avx512f") && std::env::var_os("RELPROP_NO_AVX512").is_none())
-}
-#[cfg(not(target_arch = "x86_64"))]
-fn cpu() -> bool {
-    false
+        && super::avx512()
 }
 
 /// One sample's convolution `ys = b + conv(xs, wt)` ([m, oh, ow]), clamped to `clamp`, added onto
