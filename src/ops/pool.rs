@@ -148,13 +148,22 @@ pub fn max_pool_values<T: Float>(g: &PoolGeom, x: &[T]) -> Vec<T> {
     let cols: Vec<std::ops::Range<usize>> =
         (0..g.kernel[1]).map(|kj| valid_outputs(g.w, ow, sx, kj, dx, g.pads[1])).collect();
     let mut out = vec![T::neg_infinity(); g.planes * ohw];
-    out.par_chunks_mut(ohw).enumerate().for_each(|(p, o)| {
-        let plane = &x[p * g.h * g.w..(p + 1) * g.h * g.w];
-        for ki in 0..g.kernel[0] {
-            for oy in valid_outputs(g.h, oh, sy, ki, dy, g.pads[0]) {
-                let iy = oy * sy + ki * dy - g.pads[0];
-                let row = &plane[iy * g.w..(iy + 1) * g.w];
-                let orow = &mut o[oy * ow..(oy + 1) * ow];
+    // Per output row, the maximum over the window's rows first (contiguous passes that vectorise),
+    // then over its columns: kh + kw passes instead of kh · kw strided ones (ResNet-50's 3×3
+    // stride-2 stem pool ran at 5× onnxruntime's time with the latter).
+    out.par_chunks_mut(ohw).enumerate().for_each_init(
+        || vec![T::neg_infinity(); g.w],
+        |vm, (p, o)| {
+            let plane = &x[p * g.h * g.w..(p + 1) * g.h * g.w];
+            for (oy, orow) in o.chunks_exact_mut(ow).enumerate() {
+                vm.iter_mut().for_each(|v| *v = T::neg_infinity());
+                for ki in 0..g.kernel[0] {
+                    let Some(iy) = (oy * sy + ki * dy).checked_sub(g.pads[0]).filter(|&iy| iy < g.h) else {
+                        continue;
+                    };
+                    vm.iter_mut().zip(&plane[iy * g.w..(iy + 1) * g.w]).for_each(|(b, &v)| *b = pick(*b, v));
+                }
+                let row = &vm[..];
                 for (kj, r) in cols.iter().enumerate() {
                     if r.is_empty() {
                         continue;
@@ -174,8 +183,8 @@ pub fn max_pool_values<T: Float>(g: &PoolGeom, x: &[T]) -> Vec<T> {
                     }
                 }
             }
-        }
-    });
+        },
+    );
     out
 }
 
