@@ -4,9 +4,10 @@
 //! on 7×7 planes nine of the sixteen lanes idle, and a stride-2 plane must first be split by column
 //! phase. Here sixteen channels are transposed into one interleaved plane (each pixel a vector),
 //! so every lane works on every tap whatever the plane's width or stride, at the cost of a 16×16
-//! in-register transpose on the way in and out. EfficientNet-Lite0's depthwise layers on 7×7 and
-//! 14×14 planes and its stride-2 layers ran 2–3× behind onnxruntime's (which keeps its activations
-//! in this blocked layout) with the per-plane kernel (per-node profiles of both, batch 1).
+//! in-register transpose on the way in and out. EfficientNet-Lite0's 7×7 depthwise layers ran 3–4×
+//! behind onnxruntime's (which keeps its activations in this blocked layout) with the per-plane
+//! kernel (per-node profiles of both, batch 1, one thread). Only 7-wide planes take it: on wider
+//! ones the transposes cost more than the idle lanes (see [`pays`]).
 
 use super::conv::ConvGeom;
 use crate::tensor::Float;
@@ -33,7 +34,7 @@ pub(super) fn pays(ow: usize) -> bool {
 
 thread_local! {
     /// Buffers of finished scratches, reused by the next on this thread: fresh ones cost page
-    /// faults and zeroing on every call (a fifth of a 28×28 layer's time in `perf`).
+    /// faults and zeroing on every call (a fifth of the kernel's time in `perf` on `convbench`).
     static SPARE: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -108,8 +109,9 @@ impl Scratch {
     }
 
     /// Convolves `n ≤ 16` channels: input plane `l` at `x[l·xs..]`, its kernel at `k[l·kk..]`, its
-    /// bias `bias[l]`; output plane `l` at `out + l·oh·ow`, clamped to `clamp`, added onto what is
-    /// there when `accumulate`.
+    /// bias `bias[l]`; output plane `l` at `out + l·oh·ow`. The convolution is clamped to `clamp`
+    /// and then, when `accumulate`, added onto what is there (the VJP's later terms; the forward
+    /// never accumulates onto a depthwise output, see `conv2d_onto`).
     ///
     /// # Safety
     /// `T` is f32 and the CPU has AVX-512F ([`available`]); `out` is valid for `n` output planes,

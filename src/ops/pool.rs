@@ -137,8 +137,9 @@ pub(crate) fn valid_outputs(
     lo.min(out)..hi.min(out).max(lo.min(out))
 }
 
-/// Max pooling values only (the forward pass needs no indices). Loops run tap by tap over whole
-/// output rows with the bounds hoisted, which is several times faster than per-window checks.
+/// Max pooling values only (the forward pass needs no indices). Each output row takes the maximum
+/// over the window's input rows, then over its columns, tap by tap over whole rows with the bounds
+/// hoisted, which is several times faster than per-window checks.
 /// NaN wins, as in [`max_pool`].
 pub fn max_pool_values<T: Float>(g: &PoolGeom, x: &[T]) -> Vec<T> {
     let (oh, ow) = g.out_hw().expect("geometry checked by caller");
