@@ -775,6 +775,8 @@ pub fn conv2d_onto<T: Float>(
         // SAFETY: within the allocated capacity.
         (0..total).for_each(|i| unsafe { op.0.add(i).write(T::of(f64::NAN)) });
     }
+    // The stem kernel's packed weights, once for all samples.
+    let stem = direct::pays::<T>(g).then(|| direct::Direct::new(g, wt, bias, clamp));
     // Writes one sample's outputs at `ys`, [m, oh, ow].
     let sample = |xs: &[T], ys: *mut T, threads: Threads| {
         let ys = SendPtr(ys);
@@ -829,9 +831,9 @@ pub fn conv2d_onto<T: Float>(
             return;
         }
         // Few input channels (a stem): the direct kernel, no im2col (see `direct`).
-        if direct::pays::<T>(g) {
+        if let Some(d) = &stem {
             // SAFETY: pays() checked; ys holds this sample's outputs, initialised when accumulating.
-            unsafe { direct::sample(g, xs, wt, bias, clamp, accumulate, ys.0, threads) };
+            unsafe { d.sample(xs, ys.0, accumulate, threads) };
             return;
         }
         // 1×1: one tile, the whole plane (tiles that stay in cache from bias to clamp measured no

@@ -30,101 +30,114 @@ pub(super) fn pays<T: Float>(g: &ConvGeom) -> bool {
         && super::avx512()
 }
 
-/// One sample's convolution `ys = b + conv(xs, wt)` ([m, oh, ow]), clamped to `clamp`, added onto
-/// `ys` when `accumulate`.
-///
-/// # Safety
-/// [`pays`] holds for `g` and `T`; `ys` is valid for the sample's `m·oh·ow` outputs, initialised
-/// when `accumulate`, and not aliased during the call.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn sample<T: Float>(
-    g: &ConvGeom,
-    xs: &[T],
-    wt: &[T],
-    bias: Option<&[T]>,
-    clamp: Option<(T, T)>,
-    accumulate: bool,
-    ys: *mut T,
-    threads: Threads,
-) {
-    assert_eq!(std::any::TypeId::of::<T>(), std::any::TypeId::of::<f32>());
-    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
-    let taps = g.c * g.kh * g.kw;
-    assert!(xs.len() >= g.c * g.h * g.w && wt.len() >= g.m * taps, "convolution operands too small");
-    // SAFETY: T is f32 (asserted above).
-    let (xs, wt) = unsafe {
-        (
-            std::slice::from_raw_parts(xs.as_ptr() as *const f32, xs.len()),
-            std::slice::from_raw_parts(wt.as_ptr() as *const f32, wt.len()),
-        )
-    };
-    let f = |v: T| v.to_f32().unwrap_or(0.0);
-    // The input, each padded row split by column phase: [c][padded row][split row]; room for the
-    // last block's overrun past ow.
-    let ph = PhaseRows::new(g, ow.div_ceil(COLS) * COLS);
-    let row = ph.row_len();
-    let hp = g.h + g.pads[0] + g.pads[2];
-    let mut buf = vec![0.0f32; g.c * hp * row];
-    for (ci, plane) in buf.chunks_exact_mut(hp * row).enumerate() {
-        let src = &xs[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-        for (r, dst) in src.chunks_exact(g.w).zip(plane[g.pads[0] * row..].chunks_exact_mut(row)) {
-            ph.scatter(r, dst);
+/// A stem convolution prepared once per call: the weights packed for the kernel, the biases and
+/// the tap offsets, shared by every sample (at batch 8 each sample repacked them).
+pub(super) struct Direct {
+    g: ConvGeom,
+    ph: PhaseRows,
+    /// Padded input rows per channel.
+    hp: usize,
+    /// Offset of each tap (c, ki, kj) from an output row's base, in the weights' order.
+    offs: Vec<usize>,
+    /// Weights by block of R output channels, tap-major: [m/R][tap][R] (zeros past m).
+    wp: Vec<f32>,
+    bv: Vec<f32>,
+    clamp: Option<(f32, f32)>,
+}
+
+impl Direct {
+    /// Prepares `g` (for which [`pays`] holds, `T` being f32) with weights `wt`, `bias` and the
+    /// output clamp.
+    pub(super) fn new<T: Float>(g: &ConvGeom, wt: &[T], bias: Option<&[T]>, clamp: Option<(T, T)>) -> Self {
+        assert_eq!(std::any::TypeId::of::<T>(), std::any::TypeId::of::<f32>());
+        let (_, ow) = g.out_hw().expect("geometry checked by caller");
+        let taps = g.c * g.kh * g.kw;
+        assert!(wt.len() >= g.m * taps, "convolution weights too small");
+        let f = |v: T| v.to_f32().unwrap_or(0.0);
+        // Each padded input row split by column phase, with room for the last block's overrun.
+        let ph = PhaseRows::new(g, ow.div_ceil(COLS) * COLS);
+        let row = ph.row_len();
+        let hp = g.h + g.pads[0] + g.pads[2];
+        let offs = (0..g.c)
+            .flat_map(|ci| (0..g.kh).flat_map(move |ki| (0..g.kw).map(move |kj| (ci, ki, kj))))
+            .map(|(ci, ki, kj)| ci * hp * row + ki * g.dilation[0] * row + ph.start(kj))
+            .collect();
+        let blocks = g.m.div_ceil(R);
+        let mut wp = vec![0.0f32; blocks * taps * R];
+        for oc in 0..g.m {
+            for t in 0..taps {
+                wp[(oc / R * taps + t) * R + oc % R] = f(wt[oc * taps + t]);
+            }
         }
-    }
-    // Offset of each tap (c, ki, kj) from an output row's base, in the weights' order.
-    let offs: Vec<usize> = (0..g.c)
-        .flat_map(|ci| (0..g.kh).flat_map(move |ki| (0..g.kw).map(move |kj| (ci, ki, kj))))
-        .map(|(ci, ki, kj)| ci * hp * row + ki * g.dilation[0] * row + ph.start(kj))
-        .collect();
-    // Weights by block of R output channels, tap-major: [m/R][tap][R] (zeros past m).
-    let blocks = g.m.div_ceil(R);
-    let mut wp = vec![0.0f32; blocks * taps * R];
-    for oc in 0..g.m {
-        for t in 0..taps {
-            wp[(oc / R * taps + t) * R + oc % R] = wt[oc * taps + t];
+        let mut bv = vec![0.0f32; blocks * R];
+        if let Some(b) = bias {
+            (0..g.m).for_each(|oc| bv[oc] = f(b[oc]));
         }
+        let clamp = clamp.map(|(lo, hi)| (f(lo), f(hi)));
+        Direct { g: *g, ph, hp, offs, wp, bv, clamp }
     }
-    let mut bv = vec![0.0f32; blocks * R];
-    if let Some(b) = bias {
-        (0..g.m).for_each(|oc| bv[oc] = f(b[oc]));
-    }
-    let clamp = clamp.map(|(lo, hi)| (f(lo), f(hi)));
-    // Every read inside the buffer: the last row's last block's last tap.
-    let last =
-        (oh - 1) * g.stride[0] * row + (ow.div_ceil(COLS) - 1) * COLS + offs.iter().max().copied().unwrap_or(0) + COLS;
-    assert!(last <= buf.len(), "direct convolution reads past its buffer");
-    let k = Kernel {
-        buf: &buf,
-        offs: &offs,
-        wp: &wp,
-        bv: &bv,
-        m: g.m,
-        oh,
-        ow,
-        row_step: g.stride[0] * row,
-        clamp,
-        accumulate,
-    };
-    let out = SendPtr(ys as *mut f32);
-    let rows = |r: std::ops::Range<usize>| {
-        let out = &out;
-        // SAFETY: AVX-512F present (pays); reads checked above; each call writes its own rows.
-        #[cfg(target_arch = "x86_64")]
-        unsafe {
-            k.rows(r, out.0)
+
+    /// One sample's convolution `ys = b + conv(xs, wt)` ([m, oh, ow]), added onto `ys` when
+    /// `accumulate`, then clamped.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F ([`pays`]); `T` is f32; `ys` is valid for the sample's `m·oh·ow`
+    /// outputs, initialised when `accumulate`, and not aliased during the call.
+    pub(super) unsafe fn sample<T: Float>(&self, xs: &[T], ys: *mut T, accumulate: bool, threads: Threads) {
+        assert_eq!(std::any::TypeId::of::<T>(), std::any::TypeId::of::<f32>());
+        let g = &self.g;
+        let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+        assert!(xs.len() >= g.c * g.h * g.w, "convolution input too small");
+        // SAFETY: T is f32 (asserted above).
+        let xs = unsafe { std::slice::from_raw_parts(xs.as_ptr() as *const f32, xs.len()) };
+        let (ph, hp) = (&self.ph, self.hp);
+        let row = ph.row_len();
+        let mut buf = vec![0.0f32; g.c * hp * row];
+        for (ci, plane) in buf.chunks_exact_mut(hp * row).enumerate() {
+            let src = &xs[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+            for (r, dst) in src.chunks_exact(g.w).zip(plane[g.pads[0] * row..].chunks_exact_mut(row)) {
+                ph.scatter(r, dst);
+            }
+        }
+        // Every read inside the buffer: the last row's last block's last tap.
+        let last = (oh - 1) * g.stride[0] * row
+            + (ow.div_ceil(COLS) - 1) * COLS
+            + self.offs.iter().max().copied().unwrap_or(0)
+            + COLS;
+        assert!(last <= buf.len(), "direct convolution reads past its buffer");
+        let k = Kernel {
+            buf: &buf,
+            offs: &self.offs,
+            wp: &self.wp,
+            bv: &self.bv,
+            m: g.m,
+            oh,
+            ow,
+            row_step: g.stride[0] * row,
+            clamp: self.clamp,
+            accumulate,
         };
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = (r, out);
-            unreachable!("pays() is false off x86-64");
-        }
-    };
-    // Rows split over the threads, a few blocks each so that a slow core does not hold the rest.
-    let per = match threads {
-        Threads::Pool => oh.div_ceil(4 * rayon::current_num_threads()).max(1),
-        Threads::One => oh,
-    };
-    (0..oh.div_ceil(per)).into_par_iter().with_max_len(1).for_each(|t| rows(t * per..((t + 1) * per).min(oh)));
+        let out = SendPtr(ys as *mut f32);
+        let rows = |r: std::ops::Range<usize>| {
+            let out = &out;
+            // SAFETY: AVX-512F present (pays); reads checked above; each call writes its own rows.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                k.rows(r, out.0)
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = (r, out);
+                unreachable!("pays() is false off x86-64");
+            }
+        };
+        // Rows split over the threads, a few blocks each so that a slow core does not hold the rest.
+        let per = match threads {
+            Threads::Pool => oh.div_ceil(4 * rayon::current_num_threads()).max(1),
+            Threads::One => oh,
+        };
+        (0..oh.div_ceil(per)).into_par_iter().with_max_len(1).for_each(|t| rows(t * per..((t + 1) * per).min(oh)));
+    }
 }
 
 struct Kernel<'a> {
