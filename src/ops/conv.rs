@@ -6,6 +6,7 @@ use super::depthwise16::{self, LANES};
 use super::direct;
 use super::gemm::{Epilogue, Mat, SendPtr, Threads, matmul_raw};
 use super::pool::valid_outputs;
+use super::winograd;
 use crate::tensor::Float;
 use rayon::prelude::*;
 use std::mem::MaybeUninit;
@@ -777,6 +778,8 @@ pub fn conv2d_onto<T: Float>(
     }
     // The stem kernel's packed weights, once for all samples.
     let stem = direct::pays::<T>(g).then(|| direct::Direct::new(g, wt, bias, clamp));
+    // 3×3 stride-1 layers: the transformed kernels, once for all samples (see `winograd`).
+    let wino = winograd::Geom::forward::<T>(g).map(|geom| (geom, winograd::Weights::new(&geom, wt, false)));
     // Writes one sample's outputs at `ys`, [m, oh, ow].
     let sample = |xs: &[T], ys: *mut T, threads: Threads| {
         let ys = SendPtr(ys);
@@ -828,6 +831,16 @@ pub fn conv2d_onto<T: Float>(
                     };
                 }
             });
+            return;
+        }
+        if let Some((geom, u)) = &wino {
+            let epi = winograd::Epi {
+                bias: bias.map(winograd::as_f32),
+                clamp: clamp.map(|(lo, hi)| (lo.f64() as f32, hi.f64() as f32)),
+                accumulate,
+            };
+            // SAFETY: ys holds this sample's outputs, initialised when accumulating.
+            unsafe { winograd::sample(geom, &[(xs, u)], ys.0, epi, threads) };
             return;
         }
         // Few input channels (a stem): the direct kernel, no im2col (see `direct`).
@@ -923,8 +936,22 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
         &dy[s * len..(s + 1) * len]
     }
     let vjp_geom = if g.is_depthwise() { depthwise_vjp_geom(g, oh, ow) } else { None };
+    // 3×3 stride-1 layers: the transformed kernels, flipped and transposed, once for all samples
+    // (see `winograd`).
+    let wino = winograd::Geom::vjp::<T>(g).map(|geom| {
+        let us: Vec<_> = terms.iter().map(|(_, wt)| winograd::Weights::new(&geom, wt, true)).collect();
+        (geom, us)
+    });
     // `s`: the sample index.
     let sample = |s: usize, dxs: &mut [T], threads: Threads| {
+        if let Some((geom, us)) = &wino {
+            let ts: Vec<(&[T], &winograd::Weights)> =
+                terms.iter().zip(us).map(|((dy, _), u)| (part(dy, s, ysz), u)).collect();
+            let epi = winograd::Epi { bias: None, clamp: None, accumulate: false };
+            // SAFETY: dxs is this sample's [c, h, w] input gradient, the VJP geometry's output.
+            unsafe { winograd::sample(geom, &ts, dxs.as_mut_ptr(), epi, threads) };
+            return;
+        }
         // As in the forward: sixteen channels per vector on small planes.
         if let Some(gv) = vjp_geom
             && mg == 1
@@ -1399,6 +1426,76 @@ mod tests {
                 .collect();
             for (i, (a, b)) in y.iter().zip(&want).enumerate() {
                 assert!((*a as f64 - b).abs() < 1e-5, "{g:?} output {i}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// 3×3 stride-1 layers with 100 tiles or more, which take the Winograd kernel: partial tiles
+    /// at the right and bottom edges, pads 0–2 on either side; one sample with the pool (the
+    /// stages split over threads), two samples with one block each, and two samples whose
+    /// blocks split tile rows (the last); with bias, clamp and an initial output.
+    fn winograd_geoms() -> Vec<ConvGeom> {
+        let base = ConvGeom {
+            n: 1,
+            c: 16,
+            h: 40,
+            w: 40,
+            m: 20,
+            kh: 3,
+            kw: 3,
+            stride: [1, 1],
+            dilation: [1, 1],
+            pads: [1; 4],
+            group: 1,
+        };
+        vec![
+            base,
+            ConvGeom { n: 2, c: 17, m: 16, h: 43, w: 39, pads: [0, 2, 1, 2], ..base },
+            ConvGeom { n: 2, c: 24, m: 33, h: 101, w: 95, pads: [2, 0, 0, 1], ..base },
+        ]
+    }
+
+    #[test]
+    fn f32_winograd_matches_float64() {
+        for g in winograd_geoms() {
+            assert_eq!(
+                winograd::Geom::forward::<f32>(&g).is_some(),
+                std::env::var("RELPROP_WINOGRAD").map_or(true, |v| v != "off"),
+                "{g:?}"
+            );
+            let (oh, ow) = g.out_hw().unwrap();
+            let x = data(g.n * g.c * g.h * g.w, 3);
+            let wt = data(g.m * g.c * 9, 4);
+            let bias = data(g.m, 5);
+            let init = data(g.n * g.m * oh * ow, 6);
+            let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+            let plain = naive(&g, &x, &wt);
+            // Rounding relative to the largest output (the transforms mix a tile's values).
+            let tol = 2.5e-5 * plain.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let y = conv2d(&g, &f(&x), &f(&wt), None);
+            let err = y.iter().zip(&plain).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+            eprintln!("{g:?} max err {err:e} tol {tol:e}");
+            for (i, (a, b)) in y.iter().zip(&plain).enumerate() {
+                assert!((*a as f64 - b).abs() < tol, "{g:?} output {i}: {a} vs {b}");
+            }
+            // The input VJP of two terms (LRP's γ rule), against float64's im2col path.
+            let w2 = data(g.m * g.c * 9, 7);
+            let dy = data(g.n * g.m * oh * ow, 8);
+            let dy2 = data(g.n * g.m * oh * ow, 9);
+            assert_eq!(winograd::Geom::vjp::<f32>(&g).is_some(), winograd::Geom::forward::<f32>(&g).is_some(), "{g:?}");
+            let want = conv2d_vjp_sum(&g, &[(&dy, &wt), (&dy2, &w2)]);
+            let got = conv2d_vjp_sum(&g, &[(&f(&dy)[..], &f(&wt)[..]), (&f(&dy2)[..], &f(&w2)[..])]);
+            let vtol = 2.5e-5 * want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+            let err = got.iter().zip(&want).map(|(a, b)| (*a as f64 - b).abs()).fold(0.0, f64::max);
+            eprintln!("{g:?} vjp max err {err:e} tol {vtol:e}");
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!((*a as f64 - b).abs() < vtol, "{g:?} vjp input {i}: {a} vs {b}");
+            }
+            let (lo, hi) = (-20.0, 15.0);
+            let y = conv2d_onto(&g, &f(&x), &f(&wt), Some(&f(&bias)), Some((lo as f32, hi as f32)), Some(f(&init)));
+            for (i, (a, b)) in y.iter().zip(&plain).enumerate() {
+                let want = (b + bias[(i / (oh * ow)) % g.m] + init[i]).clamp(lo, hi);
+                assert!((*a as f64 - want).abs() < tol, "{g:?} output {i}: {a} vs {want}");
             }
         }
     }
