@@ -38,6 +38,8 @@ fn main() {
         ("vgg 3x3 512 28", ConvGeom { c: 512, m: 512, h: 28, w: 28, group: 1, ..base }),
         ("dn 3x3 128->32 56", ConvGeom { c: 128, m: 32, h: 56, w: 56, group: 1, ..base }),
         ("dn 3x3 128->32 28", ConvGeom { c: 128, m: 32, h: 28, w: 28, group: 1, ..base }),
+        ("dn 3x3 128->32 14", ConvGeom { c: 128, m: 32, h: 14, w: 14, group: 1, ..base }),
+        ("r50 3x3 128 14", ConvGeom { c: 128, m: 128, h: 14, w: 14, group: 1, ..base }),
         ("r50 3x3 256 14", ConvGeom { c: 256, m: 256, h: 14, w: 14, group: 1, ..base }),
         (
             "r50 1x1 1024->256 14",
