@@ -6,7 +6,7 @@ use super::linear::{Bounds, LinearKind, LinearLayer, WeightCache, relevance_bf a
 use super::{Rule, stabilize};
 use crate::graph::eval::{broadcast_shape, conv_geom, eval_node, pool_geom};
 use crate::graph::{Node, Op};
-use crate::ops::pool::{avg_pool_vjp, max_pool, max_pool_vjp};
+use crate::ops::pool::{avg_pool_vjp, max_pool_vjp_from_input};
 use crate::tensor::{Float, Value, array};
 use ndarray::{ArrayD, Axis, IxDyn, Zip};
 
@@ -612,9 +612,7 @@ fn vjp<T: Float>(
         Op::MaxPool { win, ceil_mode } => {
             let x = fin(ins, 0)?;
             let geom = pool_geom(win, x.shape(), *ceil_mode, false)?;
-            let (_, idx) = max_pool(&geom, &slice(x));
-            let gv = g()?.as_standard_layout().into_owned();
-            res[0] = Some(array(x.shape(), max_pool_vjp(&geom, &slice(&gv), &idx)));
+            res[0] = Some(array(x.shape(), max_pool_vjp_from_input(&geom, &slice(x), &slice(g()?))));
         }
         Op::AveragePool { .. } | Op::GlobalAveragePool => {
             let x = fin(ins, 0)?;
