@@ -50,6 +50,7 @@ const CASES: &[&str] = &[
     "vgg",
     "vgg_bn",
     "vgg_bn_unfolded",
+    "vgg_wide",
     "resnet_basic",
     "resnet_bottleneck",
     "densenet",

@@ -101,6 +101,31 @@ fn vgg_matches_zennit() {
     check_case("vgg");
 }
 
+/// 16 to 32 channels on 48×48 and 24×24 planes: the 3×3 layers after the first take the Winograd
+/// kernel in f32 (asserted), forward and VJP, under every composite.
+#[test]
+fn vgg_wide_matches_zennit() {
+    use relprop::ops::conv::{ConvGeom, takes_winograd};
+    let base = ConvGeom {
+        n: 2,
+        c: 16,
+        h: 48,
+        w: 48,
+        m: 24,
+        kh: 3,
+        kw: 3,
+        stride: [1, 1],
+        dilation: [1, 1],
+        pads: [1; 4],
+        group: 1,
+    };
+    let on = std::env::var("RELPROP_WINOGRAD").map_or(true, |v| v != "off");
+    for g in [base, ConvGeom { c: 24, m: 32, h: 24, w: 24, ..base }] {
+        assert_eq!(takes_winograd::<f32>(&g), on, "{g:?}");
+    }
+    check_case("vgg_wide");
+}
+
 #[test]
 fn vgg_bn_matches_zennit() {
     check_case("vgg_bn");

@@ -728,6 +728,12 @@ fn channels_per_task(channels: usize, macs_per_channel: usize, threads: Threads)
     by_count.max(by_work).min(channels.max(1))
 }
 
+/// Whether convolutions of this geometry in `T` (and their input VJPs) take the Winograd kernel
+/// (`RELPROP_WINOGRAD=off` switches it off): for tests and diagnostics.
+pub fn takes_winograd<T: Float>(g: &ConvGeom) -> bool {
+    winograd::Geom::forward::<T>(g).is_some() && winograd::Geom::vjp::<T>(g).is_some()
+}
+
 /// Forward convolution. `x` is [n, c, h, w], `wt` is [m, c/group, kh, kw], `bias` is [m];
 /// returns [n, m, oh, ow]. The caller checks the geometry (see [`ConvGeom::out_hw`]).
 pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> Vec<T> {

@@ -189,6 +189,17 @@ def main():
             print("efficientnet_lite0 (chelsea):")
             references(os.path.join(ASSETS, "models", "efficientnet_lite0.onnx"), [x], os.path.join(FIX, "efficientnet_lite0"))
 
+    # Wide enough for the Winograd kernel (16+ channels, 48×48 and 24×24 planes). Last, with its own generator:
+    # building it draws from torch's global generator, which the fixtures above use for default initialisation.
+    wgen = torch.Generator().manual_seed(11)
+    wide = models.vgg_wide()
+    for p in wide.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=wgen) * (2.0 / max(1, p[0].numel())) ** 0.5 if p.dim() > 1 else torch.randn(p.shape, generator=wgen) * 0.1)
+    wide.eval()
+    wimg = torch.randn(2, 3, 48, 48, generator=wgen)
+    export("vgg_wide", wide, wimg, True)
+    zennit_refs.attributions("vgg", wide, wimg, os.path.join(FIX, "vgg_wide"))
+
 
 if __name__ == "__main__":
     main()

@@ -37,6 +37,22 @@ def vgg(bn=False):
     )
 
 
+def vgg_wide():
+    """A VGG-style net with 16 to 32 channels, for 48×48 inputs: its 3×3 layers after the first (48×48 and 24×24
+    planes) are wide enough for relprop's Winograd kernel, which the narrow `vgg` fixture never reaches."""
+    def block(cin, cout):
+        return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True)]
+    features = nn.Sequential(*block(3, 16), *block(16, 24), nn.MaxPool2d(2, 2), *block(24, 32), nn.MaxPool2d(2, 2))
+    return nn.Sequential(
+        features,
+        nn.AdaptiveAvgPool2d((2, 2)),
+        nn.Flatten(),
+        nn.Linear(128, 32),
+        nn.ReLU(inplace=True),
+        nn.Linear(32, 10),
+    )
+
+
 class SmallResNet(nn.Module):
     """torchvision's ResNet blocks at a small width."""
 
