@@ -36,6 +36,7 @@ fn main() {
         ("vgg 3x3 64 224", ConvGeom { c: 64, m: 64, h: 224, w: 224, group: 1, ..base }),
         ("vgg 3x3 256 56", ConvGeom { c: 256, m: 256, h: 56, w: 56, group: 1, ..base }),
         ("vgg 3x3 512 28", ConvGeom { c: 512, m: 512, h: 28, w: 28, group: 1, ..base }),
+        ("vgg 3x3 512 14", ConvGeom { c: 512, m: 512, h: 14, w: 14, group: 1, ..base }),
         ("dn 3x3 128->32 56", ConvGeom { c: 128, m: 32, h: 56, w: 56, group: 1, ..base }),
         ("dn 3x3 128->32 28", ConvGeom { c: 128, m: 32, h: 28, w: 28, group: 1, ..base }),
         ("dn 3x3 128->32 14", ConvGeom { c: 128, m: 32, h: 14, w: 14, group: 1, ..base }),
