@@ -1436,10 +1436,10 @@ mod tests {
         }
     }
 
-    /// 3×3 stride-1 layers with 100 tiles or more, which take the Winograd kernel: partial tiles
-    /// at the right and bottom edges, pads 0–2 on either side; one sample with the pool (the
-    /// stages split over threads), two samples with one block each, and two samples whose
-    /// blocks split tile rows (the last); with bias, clamp and an initial output.
+    /// 3×3 stride-1 layers that take the Winograd kernel: partial tiles at the right and bottom
+    /// edges, pads 0–2 on either side; one sample with the pool (the stages split over threads),
+    /// two samples with one block each, and two samples in two blocks of 300 tiles each, whose
+    /// boundary falls inside a tile row of 24 (the last); with bias, clamp and an initial output.
     fn winograd_geoms() -> Vec<ConvGeom> {
         let base = ConvGeom {
             n: 1,
@@ -1457,7 +1457,7 @@ mod tests {
         vec![
             base,
             ConvGeom { n: 2, c: 17, m: 16, h: 43, w: 39, pads: [0, 2, 1, 2], ..base },
-            ConvGeom { n: 2, c: 24, m: 33, h: 101, w: 95, pads: [2, 0, 0, 1], ..base },
+            ConvGeom { n: 2, c: 24, m: 33, h: 97, w: 95, pads: [2, 0, 0, 1], ..base },
         ]
     }
 
