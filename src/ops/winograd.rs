@@ -428,9 +428,10 @@ pub(super) unsafe fn sample<T: Float>(
     let by_cache = (total * per_tile).div_ceil(BLOCK_BYTES).clamp(1, total);
     let nthreads = if threads == Threads::Pool { rayon::current_num_threads() } else { 1 };
     if nthreads > 1 && by_cache < 2 * nthreads {
-        // Few tiles for the pool: one block, each stage split over the threads (input channels,
-        // then the 36 products, then output channels). Blocks per thread made products of 25
-        // columns on 28×28 planes, slower than im2col's.
+        // Fewer cache-sized blocks than two per thread: one block (up to 4 × BLOCK_BYTES on two
+        // threads), each stage split over the threads (input channels, then the 36 products, then
+        // output channels). Blocks per thread made products of 25 columns on 28×28 planes, slower
+        // than im2col's.
         let ld = padded(total);
         let (mut vbuf, mut mbuf) = SPARE.take();
         let vp = SendPtr(grown(&mut vbuf, XI * geom.c * ld).as_mut_ptr());
