@@ -428,7 +428,7 @@ pub(super) unsafe fn sample<T: Float>(
     let by_cache = (total * per_tile).div_ceil(BLOCK_BYTES).clamp(1, total);
     let nthreads = if threads == Threads::Pool { rayon::current_num_threads() } else { 1 };
     if nthreads > 1 && by_cache < 2 * nthreads {
-        // Fewer cache-sized blocks than two per thread: one block (up to 4 × BLOCK_BYTES on two
+        // Fewer cache-sized blocks than two per thread: one block (up to 3 × BLOCK_BYTES on two
         // threads), each stage split over the threads (input channels, then the 36 products, then
         // output channels). Blocks per thread made products of 25 columns on 28×28 planes, slower
         // than im2col's.
