@@ -935,29 +935,45 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
     if g.is_pointwise() && !g.is_depthwise() {
         return pointwise_vjp_sum(g, terms);
     }
-    let mut dx = vec![T::zero(); g.n * g.c * hw];
     let xsz = g.c * hw;
     let ysz = g.m * ohw;
     fn part<T>(dy: &[T], s: usize, len: usize) -> &[T] {
         &dy[s * len..(s + 1) * len]
     }
-    let vjp_geom = if g.is_depthwise() { depthwise_vjp_geom(g, oh, ow) } else { None };
-    // 3×3 stride-1 layers: the transformed kernels, flipped and transposed, once for all samples
-    // (see `winograd`).
-    let wino = winograd::Geom::vjp::<T>(g).map(|geom| {
+    // 3×3 stride-1 layers (see `winograd`): the transformed kernels, flipped and transposed, once
+    // for all samples, and an uninitialised output, since the kernel writes every element (the
+    // other paths accumulate into zeros; a zero fill is a pass over memory as long as the output).
+    if let Some(geom) = winograd::Geom::vjp::<T>(g) {
         let us: Vec<_> = terms.iter().map(|(_, wt)| winograd::Weights::new(&geom, wt, true)).collect();
-        (geom, us)
-    });
+        let total = g.n * xsz;
+        let mut dx: Vec<T> = Vec::with_capacity(total);
+        let dp = SendPtr(dx.as_mut_ptr());
+        // Unit tests poison the buffer so that an element the kernel misses shows up as NaN.
+        #[cfg(test)]
+        // SAFETY: within the allocated capacity.
+        (0..total).for_each(|i| unsafe { dp.0.add(i).write(T::of(f64::NAN)) });
+        let run = |s: usize, threads: Threads| {
+            let dp = &dp;
+            let ts: Vec<(&[T], &winograd::Weights)> =
+                terms.iter().zip(&us).map(|((dy, _), u)| (part(dy, s, ysz), u)).collect();
+            let epi = winograd::Epi { bias: None, clamp: None, accumulate: false };
+            // SAFETY: sample s's [c, h, w] input gradient, the VJP geometry's output, written by
+            // this call alone.
+            unsafe { winograd::sample(&geom, &ts, dp.0.add(s * xsz), epi, threads) };
+        };
+        if g.n > 1 {
+            (0..g.n).into_par_iter().for_each(|s| run(s, Threads::One));
+        } else if g.n == 1 {
+            run(0, Threads::Pool);
+        }
+        // SAFETY: the kernel wrote every element of every sample.
+        unsafe { dx.set_len(total) };
+        return dx;
+    }
+    let mut dx = vec![T::zero(); g.n * g.c * hw];
+    let vjp_geom = if g.is_depthwise() { depthwise_vjp_geom(g, oh, ow) } else { None };
     // `s`: the sample index.
     let sample = |s: usize, dxs: &mut [T], threads: Threads| {
-        if let Some((geom, us)) = &wino {
-            let ts: Vec<(&[T], &winograd::Weights)> =
-                terms.iter().zip(us).map(|((dy, _), u)| (part(dy, s, ysz), u)).collect();
-            let epi = winograd::Epi { bias: None, clamp: None, accumulate: false };
-            // SAFETY: dxs is this sample's [c, h, w] input gradient, the VJP geometry's output.
-            unsafe { winograd::sample(geom, &ts, dxs.as_mut_ptr(), epi, threads) };
-            return;
-        }
         // As in the forward: sixteen channels per vector on small planes.
         if let Some(gv) = vjp_geom
             && mg == 1
