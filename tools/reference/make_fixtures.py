@@ -192,7 +192,7 @@ def main():
     # Wide enough for the Winograd kernel (16+ channels, 48×48 and 24×24 planes). Last, with its own generator:
     # building it draws from torch's global generator, which the fixtures above use for default initialisation.
     wgen = torch.Generator().manual_seed(11)
-    wide = models.vgg_wide()
+    wide = models.vgg(widths=(16, 24, 32))
     for p in wide.parameters():
         p.data.copy_(torch.randn(p.shape, generator=wgen) * (2.0 / max(1, p[0].numel())) ** 0.5 if p.dim() > 1 else torch.randn(p.shape, generator=wgen) * 0.1)
     wide.eval()
