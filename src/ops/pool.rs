@@ -241,23 +241,6 @@ fn pick<T: Float>(best: T, v: T) -> T {
     if v > best || v != v { v } else { best }
 }
 
-/// VJP of max pooling: routes each output's value to its winning input element.
-pub fn max_pool_vjp<T: Float>(g: &PoolGeom, dy: &[T], idx: &[u32]) -> Vec<T> {
-    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
-    let ohw = oh * ow;
-    let hw = g.h * g.w;
-    let mut dx = vec![T::zero(); g.planes * hw];
-    dx.par_chunks_mut(hw).enumerate().for_each(|(p, d)| {
-        for k in 0..ohw {
-            let i = idx[p * ohw + k];
-            if i != u32::MAX {
-                d[i as usize] += dy[p * ohw + k];
-            }
-        }
-    });
-    dx
-}
-
 /// The window of output (oy, ox) clipped to the input, and its divisor.
 fn avg_window(g: &PoolGeom, oy: usize, ox: usize) -> ([isize; 4], usize) {
     let y0 = (oy * g.stride[0]) as isize - g.pads[0] as isize;
@@ -461,9 +444,14 @@ mod tests {
         }
         assert_eq!(max_pool_values(&g, &x), y);
         let dy: Vec<f64> = (0..y.len()).map(|i| i as f64 + 1.0).collect();
-        let dx = max_pool_vjp(&g, &dy, &idx);
+        // The VJP routes each output's gradient to its index above: nothing lost, nothing elsewhere.
+        let dx = max_pool_vjp_from_input(&g, &x, &dy);
         assert!((dx.iter().sum::<f64>() - dy.iter().sum::<f64>()).abs() < 1e-12);
-        assert_eq!(max_pool_vjp_from_input(&g, &x, &dy), dx);
+        let mut want = vec![0.0; x.len()];
+        for (o, &i) in idx.iter().enumerate() {
+            want[o / (oh * ow) * 30 + i as usize] += dy[o];
+        }
+        assert_eq!(dx, want);
     }
 
     #[test]
