@@ -782,10 +782,11 @@ pub fn conv2d_onto<T: Float>(
         // SAFETY: within the allocated capacity.
         (0..total).for_each(|i| unsafe { op.0.add(i).write(T::of(f64::NAN)) });
     }
-    // The stem kernel's packed weights, once for all samples.
-    let stem = direct::pays::<T>(g).then(|| direct::Direct::new(g, wt, bias, clamp));
     // 3×3 stride-1 layers: the transformed kernels, once for all samples (see `winograd`).
     let wino = winograd::Geom::forward::<T>(g).map(|geom| (geom, winograd::Weights::new(&geom, wt, false)));
+    // The stem kernel's packed weights, once for all samples; not where the Winograd kernel runs
+    // (3×3 layers with 16 or 17 input channels qualify for both, and it takes precedence).
+    let stem = (wino.is_none() && direct::pays::<T>(g)).then(|| direct::Direct::new(g, wt, bias, clamp));
     // Writes one sample's outputs at `ys`, [m, oh, ow].
     let sample = |xs: &[T], ys: *mut T, threads: Threads| {
         let ys = SendPtr(ys);

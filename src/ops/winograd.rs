@@ -224,7 +224,7 @@ pub(super) fn as_f32<T: Float>(s: &[T]) -> &[f32] {
     unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), s.len()) }
 }
 
-/// Tiles per chunk of a tile row in the transforms (the row buffers' length).
+/// Tiles per chunk of a tile row in the output transform (its row buffers' length).
 const CHUNK: usize = 64;
 
 /// The row length of the transformed inputs and products for `tiles` tiles: room for a chunk's
