@@ -194,6 +194,19 @@ pub fn explain<T: Float>(
     // pass does; with intermediate relevance requested, or targets that do not fit the batch (an
     // error the batched path reports), the batch at once.
     crate::graph::check_inputs(&plan.graph, &inputs)?;
+    crate::ops::on_pool(|| explain_checked(plan, consts, weights, inputs, targets, seed, keep))
+}
+
+/// [`explain`] after the input check, on the pool.
+fn explain_checked<T: Float>(
+    plan: &Plan,
+    consts: &HashMap<ValueId, Value<T>>,
+    weights: &HashMap<usize, WeightCache<T>>,
+    inputs: Vec<Value<T>>,
+    targets: Option<&[usize]>,
+    seed: Seed,
+    keep: &[String],
+) -> Result<Explanation<T>> {
     let fits = |n: usize| targets.is_none_or(|t| t.len() == n || t.len() == 1);
     if keep.is_empty()
         && let Some(parts) = crate::graph::batch::split_samples(&plan.graph, &inputs).filter(|p| fits(p.len()))
@@ -380,7 +393,7 @@ fn explain_batch<T: Float>(
         }
     }
     for (k, (ms, c)) in &prof {
-        eprintln!("profile backward: {k:<40} {c:>4} nodes {ms:>9.2} ms");
+        eprintln!("profile backward: {k:<40} {c:>4} nodes {ms:>9.3} ms");
     }
     let relevance = g
         .inputs

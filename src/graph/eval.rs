@@ -97,6 +97,15 @@ pub fn run<T: Float>(
     // running samples' activations alive. Checked on the whole batch first, so that errors name
     // the shapes the caller gave.
     check_inputs(g, &inputs)?;
+    crate::ops::on_pool(|| run_checked(g, consts, inputs))
+}
+
+/// [`run`] after the input check, on the pool.
+fn run_checked<T: Float>(
+    g: &Graph,
+    consts: &std::collections::HashMap<ValueId, Value<T>>,
+    inputs: Vec<Value<T>>,
+) -> Result<Vec<Value<T>>> {
     if let Some(parts) = super::batch::split_samples(g, &inputs) {
         use rayon::prelude::*;
         let outs: Vec<Vec<Value<T>>> =
@@ -131,9 +140,19 @@ pub fn run_keep<'g, T: Float>(
     g: &'g Graph,
     consts: &'g std::collections::HashMap<ValueId, Value<T>>,
     inputs: Vec<Value<T>>,
-    keep: &dyn Fn(ValueId) -> bool,
+    keep: &(dyn Fn(ValueId) -> bool + Sync),
 ) -> Result<Env<'g, T>> {
     check_inputs(g, &inputs)?;
+    crate::ops::on_pool(|| run_keep_checked(g, consts, inputs, keep))
+}
+
+/// [`run_keep`] after the input check, on the pool.
+fn run_keep_checked<'g, T: Float>(
+    g: &'g Graph,
+    consts: &'g std::collections::HashMap<ValueId, Value<T>>,
+    inputs: Vec<Value<T>>,
+    keep: &(dyn Fn(ValueId) -> bool + Sync),
+) -> Result<Env<'g, T>> {
     let mut env = Env { graph: g, consts, values: vec![None; g.names.len()] };
     for (inp, v) in g.inputs.iter().zip(inputs) {
         env.values[inp.id] = Some(v);
@@ -243,7 +262,7 @@ pub fn run_keep<'g, T: Float>(
     }
     if profile {
         for (op, (ms, n)) in &prof {
-            eprintln!("profile: {op:<20} {n:>4} nodes {ms:>9.2} ms");
+            eprintln!("profile: {op:<20} {n:>4} nodes {ms:>9.3} ms");
         }
         slow.sort_by(|a, b| b.0.total_cmp(&a.0));
         // RELPROP_PROFILE=all lists every node, otherwise the slowest twelve.
@@ -253,7 +272,7 @@ pub fn run_keep<'g, T: Float>(
             let shapes: Vec<String> =
                 n.inputs.iter().flatten().filter_map(|v| env.get(*v)).map(|v| format!("{:?}", v.shape())).collect();
             eprintln!(
-                "profile: {ms:>7.2} ms  {:<12} {} {} {}",
+                "profile: {ms:>7.3} ms  {:<12} {} {} {}",
                 n.op_type,
                 n.name,
                 shapes.join(" "),

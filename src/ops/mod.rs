@@ -22,3 +22,13 @@ fn avx512() -> bool {
 fn avx512() -> bool {
     false
 }
+
+/// Runs `f` on a thread of rayon's pool, or in place when already on one. The kernels' parallel
+/// loops, called from outside the pool, hand their work to it and put the caller to sleep until
+/// it is done: two thread switches per loop, and the calling core idle meanwhile. From a worker,
+/// the loop's first half runs on the caller while the other workers, still spinning from the
+/// last loop, take the rest. EfficientNet-Lite0's batch-1 forward ran in 0.85 of the time
+/// (`fwdloop`, 2 threads, 5 alternations on the AMD EPYC machine).
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() { f() } else { rayon::scope(|_| f()) }
+}
