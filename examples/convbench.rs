@@ -4,6 +4,11 @@ use std::time::Instant;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
+    // On a pool thread, as relprop's own passes run (see `ops::on_pool`).
+    relprop::ops::on_pool(body);
+}
+
+fn body() {
     // BATCH=8 times the batch-8 path (samples split over threads, one thread per product).
     let batch = std::env::var("BATCH").ok().and_then(|b| b.parse().ok()).unwrap_or(1);
     let base = ConvGeom {

@@ -3,6 +3,11 @@
 use relprop::ops::gemm::{Mat, Threads, matmul};
 use std::time::Instant;
 fn main() {
+    // On a pool thread, as relprop's own passes run (see `ops::on_pool`).
+    relprop::ops::on_pool(body);
+}
+
+fn body() {
     for &(m, n, k) in &[
         (2048, 2048, 2048),
         (256, 196, 1024),

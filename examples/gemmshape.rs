@@ -3,6 +3,11 @@
 use relprop::ops::gemm::{Mat, Threads, matmul};
 use std::time::Instant;
 fn main() {
+    // On a pool thread, as relprop's own passes run (see `ops::on_pool`).
+    relprop::ops::on_pool(body);
+}
+
+fn body() {
     let a: Vec<usize> = std::env::args().skip(1).take(3).map(|s| s.parse().expect("M N K")).collect();
     assert_eq!(a.len(), 3, "usage: gemmshape M N K [pool]");
     let threads = if std::env::args().nth(4).is_some_and(|t| t == "pool") { Threads::Pool } else { Threads::One };

@@ -4,6 +4,11 @@ use std::time::Instant;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() {
+    // On a pool thread, as relprop's own passes run (see `ops::on_pool`).
+    relprop::ops::on_pool(body);
+}
+
+fn body() {
     let g = PoolGeom {
         planes: 8 * 64,
         h: 112,

@@ -20,6 +20,11 @@ fn time(f: &mut dyn FnMut()) -> f64 {
     t[t.len() / 2]
 }
 fn main() {
+    // On a pool thread, as relprop's own passes run (see `ops::on_pool`).
+    relprop::ops::on_pool(body);
+}
+
+fn body() {
     let a: Vec<usize> = std::env::args().skip(1).take(3).map(|s| s.parse().unwrap()).collect();
     let (kd, sp, mg) = (a[0], a[1], a[2]);
     let th = if std::env::args().nth(4).is_some_and(|t| t == "pool") { Threads::Pool } else { Threads::One };

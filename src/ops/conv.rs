@@ -1475,17 +1475,17 @@ mod tests {
             base,
             ConvGeom { n: 2, c: 17, m: 16, h: 43, w: 39, pads: [0, 2, 1, 2], ..base },
             ConvGeom { n: 2, c: 24, m: 33, h: 97, w: 95, pads: [2, 0, 0, 1], ..base },
+            // Fewer than half as many outputs as inputs (DenseNet's 128→32): the VJP only.
+            ConvGeom { c: 40, m: 16, ..base },
         ]
     }
 
     #[test]
     fn f32_winograd_matches_float64() {
         for g in winograd_geoms() {
-            assert_eq!(
-                winograd::Geom::forward::<f32>(&g).is_some(),
-                std::env::var("RELPROP_WINOGRAD").map_or(true, |v| v != "off"),
-                "{g:?}"
-            );
+            let on = std::env::var("RELPROP_WINOGRAD").map_or(true, |v| v != "off");
+            assert_eq!(winograd::Geom::forward::<f32>(&g).is_some(), on && 2 * g.m >= g.c, "{g:?}");
+            assert_eq!(winograd::Geom::vjp::<f32>(&g).is_some(), on, "{g:?}");
             let (oh, ow) = g.out_hw().unwrap();
             let x = data(g.n * g.c * g.h * g.w, 3);
             let wt = data(g.m * g.c * 9, 4);
@@ -1505,7 +1505,6 @@ mod tests {
             let w2 = data(g.m * g.c * 9, 7);
             let dy = data(g.n * g.m * oh * ow, 8);
             let dy2 = data(g.n * g.m * oh * ow, 9);
-            assert_eq!(winograd::Geom::vjp::<f32>(&g).is_some(), winograd::Geom::forward::<f32>(&g).is_some(), "{g:?}");
             let want = conv2d_vjp_sum(&g, &[(&dy, &wt), (&dy2, &w2)]);
             let got = conv2d_vjp_sum(&g, &[(&f(&dy)[..], &f(&wt)[..]), (&f(&dy2)[..], &f(&w2)[..])]);
             let vtol = 2.5e-5 * want.iter().fold(0.0f64, |m, v| m.max(v.abs()));

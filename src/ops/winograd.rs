@@ -60,16 +60,20 @@ impl Geom {
 
     /// The forward convolution's geometry, when the kernel applies.
     pub(super) fn forward<T: Float>(g: &ConvGeom) -> Option<Geom> {
+        Geom::of(g).filter(|geom| geom.pays::<T>(g.n))
+    }
+
+    /// The forward geometry of a 3×3 stride-1 group-1 convolution, whether or not it pays.
+    fn of(g: &ConvGeom) -> Option<Geom> {
         let shape_ok = g.group == 1 && g.kh == 3 && g.kw == 3 && g.stride == [1, 1] && g.dilation == [1, 1];
         let (oh, ow) = g.out_hw()?;
-        let geom = Geom { c: g.c, k: g.m, h: g.h, w: g.w, oh, ow, pt: g.pads[0], pl: g.pads[1] };
-        (shape_ok && geom.pays::<T>(g.n)).then_some(geom)
+        shape_ok.then_some(Geom { c: g.c, k: g.m, h: g.h, w: g.w, oh, ow, pt: g.pads[0], pl: g.pads[1] })
     }
 
     /// The input VJP's geometry: a 3×3 stride-1 convolution of the output gradient with the
     /// flipped, transposed kernel, padded by 2 − p on each side (so pads above 2 do not apply).
     pub(super) fn vjp<T: Float>(g: &ConvGeom) -> Option<Geom> {
-        let fwd = Geom::forward::<T>(g)?;
+        let fwd = Geom::of(g)?;
         if g.pads.iter().any(|&p| p > 2) {
             return None;
         }
@@ -81,13 +85,17 @@ impl Geom {
     /// f32, enough channels that the products are not all packing, and enough tiles in the
     /// batch (`n` samples) that the transformed weights, four times the kernel's size and written
     /// on every call, are shared by many products: with 16 tiles (a 14×14 plane) at batch 1 their
-    /// 9.4 MB for 256 channels cost more than the products saved.
+    /// 9.4 MB for 256 channels cost more than the products saved. And at least half as many
+    /// output channels as input ones: the input transform, per input channel, is shared by
+    /// fewer products otherwise (DenseNet's 128→32 layers ran 1.0–1.25× their im2col time in
+    /// `convbench` on the AMD EPYC machine, while their VJPs, 32→128, ran 0.5–0.9×).
     fn pays<T: Float>(&self, n: usize) -> bool {
         let (th, tw) = self.tiles();
         std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
             && enabled()
             && self.c >= 16
             && self.k >= 16
+            && 2 * self.k >= self.c
             && th * tw >= 16
             && n * th * tw >= 40
     }
