@@ -255,9 +255,26 @@ fn avg_window(g: &PoolGeom, oy: usize, ox: usize) -> ([isize; 4], usize) {
     ([cy0, cx0, cy1, cx1], div)
 }
 
+/// Whether every window lies inside the plane (no padding, none cut off by ceil_mode): then all
+/// divide by the window's size and the separable paths below apply.
+fn avg_windows_inside(g: &PoolGeom, oh: usize, ow: usize) -> bool {
+    g.pads == [0; 4] && (oh - 1) * g.stride[0] + g.kernel[0] <= g.h && (ow - 1) * g.stride[1] + g.kernel[1] <= g.w
+}
+
 /// Average pooling (dilation 1).
 pub fn avg_pool<T: Float>(g: &PoolGeom, x: &[T]) -> Vec<T> {
     let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+    if oh == 0 || ow == 0 {
+        return Vec::new();
+    }
+    if avg_windows_inside(g, oh, ow) {
+        return avg_pool_inside(g, x, oh, ow);
+    }
+    avg_pool_windows(g, x, oh, ow)
+}
+
+/// [`avg_pool`] window by window: any padding, divisor per window.
+fn avg_pool_windows<T: Float>(g: &PoolGeom, x: &[T], oh: usize, ow: usize) -> Vec<T> {
     let ohw = oh * ow;
     let mut out = vec![T::zero(); g.planes * ohw];
     out.par_chunks_mut(ohw).enumerate().for_each(|(p, o)| {
@@ -278,9 +295,48 @@ pub fn avg_pool<T: Float>(g: &PoolGeom, x: &[T]) -> Vec<T> {
     out
 }
 
+/// Planes per parallel task of the separable paths: about 64k input values each (one task per
+/// plane left DenseNet's 7×7 transitions with more scheduling than work).
+fn planes_per_task(g: &PoolGeom) -> usize {
+    (1usize << 16).div_ceil((g.h * g.w).max(1)).max(1)
+}
+
+/// [`avg_pool`] where every window is inside: each output row sums its window's input rows
+/// (whole rows, which vectorise), then the row's windows. DenseNet-121's 2×2 transitions ran
+/// 6× onnxruntime's time window by window (a divisor and bounds per output).
+fn avg_pool_inside<T: Float>(g: &PoolGeom, x: &[T], oh: usize, ow: usize) -> Vec<T> {
+    let (ohw, hw, w) = (oh * ow, g.h * g.w, g.w);
+    let [kh, kw] = g.kernel;
+    let [sh, sw] = g.stride;
+    let div = T::of((kh * kw) as f64);
+    let mut out = vec![T::zero(); g.planes * ohw];
+    let per = planes_per_task(g);
+    out.par_chunks_mut(ohw * per).enumerate().for_each(|(t, os)| {
+        let mut acc = vec![T::zero(); w];
+        for (i, o) in os.chunks_mut(ohw).enumerate() {
+            let plane = &x[(t * per + i) * hw..(t * per + i + 1) * hw];
+            for (oy, orow) in o.chunks_mut(ow).enumerate() {
+                let rows = &plane[oy * sh * w..(oy * sh + kh) * w];
+                acc.copy_from_slice(&rows[..w]);
+                for r in rows[w..].chunks_exact(w) {
+                    acc.iter_mut().zip(r).for_each(|(a, &v)| *a += v);
+                }
+                for (ox, v) in orow.iter_mut().enumerate() {
+                    let win = &acc[ox * sw..ox * sw + kw];
+                    *v = win[1..].iter().fold(win[0], |s, &a| s + a) / div;
+                }
+            }
+        }
+    });
+    out
+}
+
 /// VJP of average pooling.
 pub fn avg_pool_vjp<T: Float>(g: &PoolGeom, dy: &[T]) -> Vec<T> {
     let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+    if oh > 0 && ow > 0 && avg_windows_inside(g, oh, ow) {
+        return avg_pool_vjp_inside(g, dy, oh, ow);
+    }
     let ohw = oh * ow;
     let hw = g.h * g.w;
     let mut dx = vec![T::zero(); g.planes * hw];
@@ -296,6 +352,34 @@ pub fn avg_pool_vjp<T: Float>(g: &PoolGeom, dy: &[T]) -> Vec<T> {
                     for ix in x0..x1 {
                         d[iy as usize * g.w + ix as usize] += v;
                     }
+                }
+            }
+        }
+    });
+    dx
+}
+
+/// [`avg_pool_vjp`] where every window is inside: each output row's shares are spread over one
+/// input row's columns, then added to the window's rows whole.
+fn avg_pool_vjp_inside<T: Float>(g: &PoolGeom, dy: &[T], oh: usize, ow: usize) -> Vec<T> {
+    let (ohw, hw, w) = (oh * ow, g.h * g.w, g.w);
+    let [kh, kw] = g.kernel;
+    let [sh, sw] = g.stride;
+    let div = T::of((kh * kw) as f64);
+    let mut dx = vec![T::zero(); g.planes * hw];
+    let per = planes_per_task(g);
+    dx.par_chunks_mut(hw * per).enumerate().for_each(|(t, ds)| {
+        let mut spread = vec![T::zero(); w];
+        for (i, d) in ds.chunks_mut(hw).enumerate() {
+            let dyp = &dy[(t * per + i) * ohw..(t * per + i + 1) * ohw];
+            for (oy, drow) in dyp.chunks_exact(ow).enumerate() {
+                spread.fill(T::zero());
+                for (ox, &v) in drow.iter().enumerate() {
+                    let v = v / div;
+                    spread[ox * sw..ox * sw + kw].iter_mut().for_each(|a| *a += v);
+                }
+                for r in d[oy * sh * w..(oy * sh + kh) * w].chunks_exact_mut(w) {
+                    r.iter_mut().zip(&spread).for_each(|(a, &v)| *a += v);
                 }
             }
         }
@@ -452,6 +536,49 @@ mod tests {
             want[o / (oh * ow) * 30 + i as usize] += dy[o];
         }
         assert_eq!(dx, want);
+    }
+
+    #[test]
+    fn avg_pool_inside_matches_windows() {
+        // Windows wholly inside (the separable paths): 2×2 stride 2 on odd planes (the last row
+        // and column dropped), overlapping 3×3 stride 1 and 2, non-square kernels, 1×1; against
+        // the window-by-window forward and, for the VJP, against scattering each output's share.
+        let cases = [
+            (7, 9, [2, 2], [2, 2]),
+            (8, 8, [3, 3], [1, 1]),
+            (9, 7, [3, 3], [2, 2]),
+            (6, 10, [2, 3], [1, 2]),
+            (5, 5, [1, 1], [1, 1]),
+        ];
+        for (h, w, kernel, stride) in cases {
+            let g = PoolGeom { planes: 5, kernel, stride, ..geom(h, w, 1, 1, [0; 4], false) };
+            let (oh, ow) = g.out_hw().unwrap();
+            assert!(avg_windows_inside(&g, oh, ow), "{g:?}");
+            let x: Vec<f64> = (0..5 * h * w).map(|i| ((i * 37) % 23) as f64 * 0.25 - 2.0).collect();
+            let want = avg_pool_windows(&g, &x, oh, ow);
+            let got = avg_pool(&g, &x);
+            assert_eq!(got.len(), want.len());
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-12, "{g:?}: {a} vs {b}");
+            }
+            let dy: Vec<f64> = (0..want.len()).map(|i| ((i * 11) % 7) as f64 - 3.0).collect();
+            let mut dwant = vec![0.0; x.len()];
+            for (o, &v) in dy.iter().enumerate() {
+                let (p, oy, ox) = (o / (oh * ow), o / ow % oh, o % ow);
+                for iy in oy * stride[0]..oy * stride[0] + kernel[0] {
+                    for ix in ox * stride[1]..ox * stride[1] + kernel[1] {
+                        dwant[p * h * w + iy * w + ix] += v / (kernel[0] * kernel[1]) as f64;
+                    }
+                }
+            }
+            let dgot = avg_pool_vjp(&g, &dy);
+            for (a, b) in dgot.iter().zip(&dwant) {
+                assert!((a - b).abs() < 1e-12, "{g:?} vjp: {a} vs {b}");
+            }
+        }
+        // Padding or a window cut off by ceil_mode takes the window-by-window path.
+        let g = geom(7, 7, 2, 2, [0; 4], true);
+        assert!(!avg_windows_inside(&g, 4, 4));
     }
 
     #[test]
