@@ -6,6 +6,7 @@ use super::depthwise16::{self, LANES};
 use super::direct;
 use super::gemm::{Epilogue, Mat, SendPtr, Threads, matmul_raw};
 use super::pool::valid_outputs;
+use super::shifted;
 use super::winograd;
 use crate::tensor::Float;
 use rayon::prelude::*;
@@ -787,6 +788,9 @@ pub fn conv2d_onto<T: Float>(
     // The stem kernel's packed weights, once for all samples; not where the Winograd kernel runs
     // (3×3 layers with 16 or 17 input channels qualify for both, and it takes precedence).
     let stem = (wino.is_none() && direct::pays::<T>(g)).then(|| direct::Direct::new(g, wt, bias, clamp));
+    // Other stride-1 layers with small kernels: one product per tap over shifted views (see
+    // `shifted`).
+    let shift = wino.is_none() && stem.is_none() && shifted::applies(g);
     // Writes one sample's outputs at `ys`, [m, oh, ow].
     let sample = |xs: &[T], ys: *mut T, threads: Threads| {
         let ys = SendPtr(ys);
@@ -854,6 +858,11 @@ pub fn conv2d_onto<T: Float>(
         if let Some(d) = &stem {
             // SAFETY: pays() checked; ys holds this sample's outputs, initialised when accumulating.
             unsafe { d.sample(xs, ys.0, accumulate, threads) };
+            return;
+        }
+        if shift {
+            // SAFETY: ys holds this sample's outputs, initialised when accumulating.
+            unsafe { shifted::sample(g, xs, wt, bias, clamp, ys.0, accumulate, threads) };
             return;
         }
         // 1×1: one tile, the whole plane (tiles that stay in cache from bias to clamp measured no
@@ -1478,6 +1487,62 @@ mod tests {
             // Fewer than half as many outputs as inputs (DenseNet's 128→32): the VJP only.
             ConvGeom { c: 40, m: 16, ..base },
         ]
+    }
+
+    /// Stride-1 layers with at least 16 input channels (the shifted products, see `shifted`):
+    /// 3×3 with pads 1, none, and uneven ones, 5×3 dilated, a 1×7 row kernel; one sample (blocks
+    /// over the pool, 34×36 = 1 224 grid columns in two blocks whose boundary falls inside a
+    /// row) and two (one thread each).
+    #[test]
+    fn shifted_products_match_naive() {
+        let base = ConvGeom {
+            n: 1,
+            c: 16,
+            h: 34,
+            w: 34,
+            m: 12,
+            kh: 3,
+            kw: 3,
+            stride: [1, 1],
+            dilation: [1, 1],
+            pads: [1; 4],
+            group: 1,
+        };
+        let geoms = [
+            base,
+            ConvGeom { n: 2, c: 20, h: 9, w: 11, pads: [0; 4], ..base },
+            ConvGeom { c: 17, m: 5, h: 13, w: 10, pads: [2, 0, 1, 3], ..base },
+            ConvGeom { n: 2, h: 15, w: 12, kh: 5, dilation: [2, 1], pads: [4, 1, 3, 0], ..base },
+            ConvGeom { m: 7, h: 6, w: 20, kh: 1, kw: 7, pads: [0, 3, 0, 3], ..base },
+        ];
+        for g in geoms {
+            assert!(shifted::applies(&g), "{g:?}");
+            let (oh, ow) = g.out_hw().unwrap();
+            let x = data(g.n * g.c * g.h * g.w, 21);
+            let wt = data(g.m * g.c * g.kh * g.kw, 22);
+            let bias = data(g.m, 23);
+            let init = data(g.n * g.m * oh * ow, 24);
+            let plain = naive(&g, &x, &wt);
+            // f64 takes the shifted products wherever they apply (no Winograd, no stem kernel).
+            let y = conv2d_onto(&g, &x, &wt, Some(&bias), Some((-0.4, 0.6)), Some(init.clone()));
+            for (i, (a, b)) in y.iter().zip(&plain).enumerate() {
+                let want = (b + bias[(i / (oh * ow)) % g.m] + init[i]).clamp(-0.4, 0.6);
+                assert!((a - want).abs() < 1e-12, "{g:?} output {i}: {a} vs {want}");
+            }
+            let y = conv2d(&g, &x, &wt, None);
+            for (i, (a, b)) in y.iter().zip(&plain).enumerate() {
+                assert!((a - b).abs() < 1e-12, "{g:?} output {i}: {a} vs {b}");
+            }
+            // f32 where neither the Winograd nor the stem kernel takes the layer.
+            if winograd::Geom::forward::<f32>(&g).is_none() && !direct::pays::<f32>(&g) {
+                let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+                let y = conv2d(&g, &f(&x), &f(&wt), Some(&f(&bias)));
+                for (i, (a, b)) in y.iter().zip(&plain).enumerate() {
+                    let want = b + bias[(i / (oh * ow)) % g.m];
+                    assert!((*a as f64 - want).abs() < 1e-4, "{g:?} f32 output {i}: {a} vs {want}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@ pub mod elementwise;
 pub mod gemm;
 pub mod lstm;
 pub mod pool;
+mod shifted;
 mod winograd;
 
 /// Whether the hand-written AVX-512 kernels run: the CPU has AVX-512F (the crate is built for AVX2
