@@ -47,9 +47,10 @@ fn enabled() -> bool {
     *ON.get_or_init(|| std::env::var("RELPROP_SHIFTED").map_or(true, |v| v != "off"))
 }
 
-/// One sample's convolution: `x` is its input `[c, h, w]`, `wt` the kernel `[m, c, kh, kw]`;
-/// writes `[m, oh, ow]` at `out`, adding onto what is there when `accumulate`,
-/// with `bias` added and the result clamped to `clamp`.
+/// One sample's convolution, summed over `terms` of (input `[c, h, w]`, kernel): writes
+/// `[m, oh, ow]` at `out`, adding onto what is there when `accumulate`, with `bias` added and the
+/// result clamped to `clamp`. Kernels are `[m, c, kh, kw]`, or with `transposed` the forward kernel
+/// `[c, m, kh, kw]` of a layer whose input VJP this is (read flipped and transposed in place).
 ///
 /// # Safety
 /// `out` must be valid for writes of `m·oh·ow` elements, not aliased during the call, and
@@ -57,8 +58,8 @@ fn enabled() -> bool {
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn sample<T: Float>(
     g: &ConvGeom,
-    x: &[T],
-    wt: &[T],
+    terms: &[(&[T], &[T])],
+    transposed: bool,
     bias: Option<&[T]>,
     clamp: Option<(T, T)>,
     out: *mut T,
@@ -72,17 +73,24 @@ pub(super) unsafe fn sample<T: Float>(
     let plane = hp * wp;
     let [dh, dw] = g.dilation;
     let kk = g.kh * g.kw;
-    assert_eq!(x.len(), c * h * w, "input size");
-    assert_eq!(wt.len(), g.kh * g.kw * m * c, "kernel size");
+    assert!(!terms.is_empty(), "at least one term");
     // The last tap's view of the last plane runs (kw − 1)·d past it; those values reach only the
     // discarded columns, but must exist.
-    let mut xp = vec![T::zero(); c * plane + (g.kw - 1) * dw];
-    for (src, dst) in x.chunks_exact(h * w).zip(xp.chunks_exact_mut(plane)) {
-        for (r, row) in src.chunks_exact(w).enumerate() {
-            let at = (pt + r) * wp + pl;
-            dst[at..at + w].copy_from_slice(row);
-        }
-    }
+    let xps: Vec<Vec<T>> = terms
+        .iter()
+        .map(|(x, wt)| {
+            assert_eq!(x.len(), c * h * w, "input size");
+            assert_eq!(wt.len(), kk * m * c, "kernel size");
+            let mut xp = vec![T::zero(); c * plane + (g.kw - 1) * dw];
+            for (src, dst) in x.chunks_exact(h * w).zip(xp.chunks_exact_mut(plane)) {
+                for (r, row) in src.chunks_exact(w).enumerate() {
+                    let at = (pt + r) * wp + pl;
+                    dst[at..at + w].copy_from_slice(row);
+                }
+            }
+            xp
+        })
+        .collect();
     let np = oh * wp;
     let workers = if threads == Threads::Pool { rayon::current_num_threads().max(1) } else { 1 };
     // Tasks of output channels × grid columns. Many channels on a small plane (ResNet-50's 512
@@ -105,14 +113,25 @@ pub(super) unsafe fn sample<T: Float>(
         let (lo, hi) = ((ti % cparts) * step, ((ti % cparts + 1) * step).min(np));
         let (mm, len) = (m1 - m0, hi - lo);
         let mut acc: Vec<T> = Vec::with_capacity(mm * len);
-        for ki in 0..g.kh {
-            for kj in 0..g.kw {
-                let t = ki * g.kw + kj;
-                let a = Mat { data: &wt[m0 * c * kk + t..], rs: c * kk, cs: kk };
-                let b = Mat { data: &xp[ki * dh * wp + kj * dw + lo..], rs: plane, cs: 1 };
-                // SAFETY: `acc` has capacity mm·len; the first product writes all of it before any
-                // later one reads it (accumulate only from the second tap on).
-                unsafe { matmul_raw(mm, len, c, a, b, acc.as_mut_ptr(), mm * len, len, t > 0, Threads::One, None) };
+        let mut first = true;
+        for ((_, wt), xp) in terms.iter().zip(&xps) {
+            for ki in 0..g.kh {
+                for kj in 0..g.kw {
+                    let t = ki * g.kw + kj;
+                    // Rows m0..m1 of tap t's m × c matrix, read in place from the kernel.
+                    let a = if transposed {
+                        Mat { data: &wt[m0 * kk + kk - 1 - t..], rs: kk, cs: m * kk }
+                    } else {
+                        Mat { data: &wt[m0 * c * kk + t..], rs: c * kk, cs: kk }
+                    };
+                    let b = Mat { data: &xp[ki * dh * wp + kj * dw + lo..], rs: plane, cs: 1 };
+                    // SAFETY: `acc` has capacity mm·len; the first product writes all of it
+                    // before any later one reads it (they accumulate).
+                    unsafe {
+                        matmul_raw(mm, len, c, a, b, acc.as_mut_ptr(), mm * len, len, !first, Threads::One, None)
+                    };
+                    first = false;
+                }
             }
         }
         // SAFETY: written by the first product above.
