@@ -222,6 +222,33 @@ fn depthwise_vjp_geom(g: &ConvGeom, oh: usize, ow: usize) -> Option<ConvGeom> {
     Some(ConvGeom { n: 1, h: hu, w: wu, m: g.c, stride: [1, 1], pads: [pt, pl, pb, pr], ..*g })
 }
 
+/// `n` samples of `len` values each, written by `write(sample, its first element, threads)`,
+/// which must write every element of its sample: samples in parallel with one thread each, or
+/// one sample with the pool. The buffer starts uninitialised (a zero fill is a pass over memory
+/// as long as the output); unit tests poison it, so that an element a kernel misses shows up as
+/// NaN.
+fn per_sample_uninit<T: Float>(n: usize, len: usize, write: impl Fn(usize, *mut T, Threads) + Sync) -> Vec<T> {
+    let total = n * len;
+    let mut out: Vec<T> = Vec::with_capacity(total);
+    let op = SendPtr(out.as_mut_ptr());
+    #[cfg(test)]
+    // SAFETY: within the allocated capacity.
+    (0..total).for_each(|i| unsafe { op.0.add(i).write(T::of(f64::NAN)) });
+    let run = |s: usize, threads: Threads| {
+        let op = &op;
+        // SAFETY: sample s's part of the allocation, handed to one call alone.
+        write(s, unsafe { op.0.add(s * len) }, threads)
+    };
+    if n > 1 {
+        (0..n).into_par_iter().for_each(|s| run(s, Threads::One));
+    } else if n == 1 {
+        run(0, Threads::Pool);
+    }
+    // SAFETY: `write` wrote every element of every sample (its contract).
+    unsafe { out.set_len(total) };
+    out
+}
+
 /// The input VJP of a stride-1, one-group convolution as a forward one (one sample): the output
 /// gradient convolved with the flipped, transposed kernel, padded by `(k − 1)·d − p` on each side.
 /// None for other layers and for paddings wider than `(k − 1)·d`.
@@ -970,30 +997,13 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
     // other paths accumulate into zeros; a zero fill is a pass over memory as long as the output).
     if let Some(geom) = winograd::Geom::vjp::<T>(g) {
         let us: Vec<_> = terms.iter().map(|(_, wt)| winograd::Weights::new(&geom, wt, true)).collect();
-        let total = g.n * xsz;
-        let mut dx: Vec<T> = Vec::with_capacity(total);
-        let dp = SendPtr(dx.as_mut_ptr());
-        // Unit tests poison the buffer so that an element the kernel misses shows up as NaN.
-        #[cfg(test)]
-        // SAFETY: within the allocated capacity.
-        (0..total).for_each(|i| unsafe { dp.0.add(i).write(T::of(f64::NAN)) });
-        let run = |s: usize, threads: Threads| {
-            let dp = &dp;
+        return per_sample_uninit(g.n, xsz, |s, dxs, threads| {
             let ts: Vec<(&[T], &winograd::Weights)> =
                 terms.iter().zip(&us).map(|((dy, _), u)| (part(dy, s, ysz), u)).collect();
             let epi = winograd::Epi { bias: None, clamp: None, accumulate: false };
-            // SAFETY: sample s's [c, h, w] input gradient, the VJP geometry's output, written by
-            // this call alone.
-            unsafe { winograd::sample(&geom, &ts, dp.0.add(s * xsz), epi, threads) };
-        };
-        if g.n > 1 {
-            (0..g.n).into_par_iter().for_each(|s| run(s, Threads::One));
-        } else if g.n == 1 {
-            run(0, Threads::Pool);
-        }
-        // SAFETY: the kernel wrote every element of every sample.
-        unsafe { dx.set_len(total) };
-        return dx;
+            // SAFETY: sample s's [c, h, w] input gradient, the VJP geometry's output.
+            unsafe { winograd::sample(&geom, &ts, dxs, epi, threads) };
+        });
     }
     // Stride-1 layers with small weights and at most 64 output channels: the shifted products of
     // the output gradient with the flipped, transposed kernel (see `shifted`), into an
@@ -1001,27 +1011,11 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
     // im2col time; a 128→128 one on 14×14 1.15× (`convbench`, batch 1), so wider layers keep
     // im2col and col2im.
     if let Some(gv) = shifted_vjp_geom(g).filter(|gv| gv.c <= 64 && shifted::applies(gv)) {
-        let total = g.n * xsz;
-        let mut dx: Vec<T> = Vec::with_capacity(total);
-        let dp = SendPtr(dx.as_mut_ptr());
-        #[cfg(test)]
-        // SAFETY: within the allocated capacity.
-        (0..total).for_each(|i| unsafe { dp.0.add(i).write(T::of(f64::NAN)) });
-        let run = |s: usize, threads: Threads| {
-            let dp = &dp;
+        return per_sample_uninit(g.n, xsz, |s, dxs, threads| {
             let ts: Vec<(&[T], &[T])> = terms.iter().map(|(dy, wt)| (part(dy, s, ysz), *wt)).collect();
-            // SAFETY: sample s's [c, h, w] input gradient, the VJP geometry's output, written by
-            // this call alone.
-            unsafe { shifted::sample(&gv, &ts, true, None, None, dp.0.add(s * xsz), false, threads) };
-        };
-        if g.n > 1 {
-            (0..g.n).into_par_iter().for_each(|s| run(s, Threads::One));
-        } else if g.n == 1 {
-            run(0, Threads::Pool);
-        }
-        // SAFETY: the products wrote every element of every sample.
-        unsafe { dx.set_len(total) };
-        return dx;
+            // SAFETY: sample s's [c, h, w] input gradient, the VJP geometry's output.
+            unsafe { shifted::sample(&gv, &ts, true, None, None, dxs, false, threads) };
+        });
     }
     let mut dx = vec![T::zero(); g.n * g.c * hw];
     let vjp_geom = if g.is_depthwise() { depthwise_vjp_geom(g, oh, ow) } else { None };
@@ -1538,19 +1532,7 @@ mod tests {
     /// row) and two (one thread each).
     #[test]
     fn shifted_products_match_naive() {
-        let base = ConvGeom {
-            n: 1,
-            c: 16,
-            h: 34,
-            w: 34,
-            m: 20,
-            kh: 3,
-            kw: 3,
-            stride: [1, 1],
-            dilation: [1, 1],
-            pads: [1; 4],
-            group: 1,
-        };
+        let base = ConvGeom { h: 34, w: 34, ..winograd_geoms()[0] };
         let geoms = [
             base,
             ConvGeom { n: 2, c: 20, h: 9, w: 11, pads: [0; 4], ..base },

@@ -93,71 +93,60 @@ pub(super) unsafe fn sample<T: Float>(
         .collect();
     let np = oh * wp;
     let workers = if threads == Threads::Pool { rayon::current_num_threads().max(1) } else { 1 };
-    // Tasks of output channels × grid columns. Many channels on a small plane (ResNet-50's 512
-    // on 7×7): the channels split between threads, each product packing only its rows of the
-    // weights (split by columns, every thread packed all 9.4 MB of them: 3× slower). Otherwise
-    // the columns, at least a block per thread, on 16-column boundaries that keep the products'
-    // vector tails at the blocks' ends.
-    let (mparts, cparts) = if m >= np {
-        (workers.min(m.div_ceil(8)), np.div_ceil(BLOCK))
-    } else {
-        (1, np.div_ceil(BLOCK).max(workers).min(np.div_ceil(16)))
-    };
-    let mstep = m.div_ceil(mparts).div_ceil(8) * 8;
-    let mparts = m.div_ceil(mstep);
-    let step = np.div_ceil(cparts).div_ceil(16) * 16;
-    let cparts = np.div_ceil(step);
+    // Blocks of grid columns, at least one per thread, on 16-column boundaries that keep the
+    // products' vector tails at the blocks' ends. (Splitting the output channels instead pays
+    // only where they outnumber the columns, which the weight bound in `applies` rules out for
+    // 3×3 kernels.)
+    let blocks = np.div_ceil(BLOCK).max(workers).min(np.div_ceil(16));
+    let step = np.div_ceil(blocks).div_ceil(16) * 16;
+    let blocks = np.div_ceil(step);
     let op = SendPtr(out);
-    let task = |ti: usize| {
-        let (m0, m1) = ((ti / cparts) * mstep, ((ti / cparts + 1) * mstep).min(m));
-        let (lo, hi) = ((ti % cparts) * step, ((ti % cparts + 1) * step).min(np));
-        let (mm, len) = (m1 - m0, hi - lo);
-        let mut acc: Vec<T> = Vec::with_capacity(mm * len);
+    let block = |bi: usize| {
+        let (lo, hi) = (bi * step, ((bi + 1) * step).min(np));
+        let len = hi - lo;
+        let mut acc: Vec<T> = Vec::with_capacity(m * len);
         let mut first = true;
         for ((_, wt), xp) in terms.iter().zip(&xps) {
             for ki in 0..g.kh {
                 for kj in 0..g.kw {
                     let t = ki * g.kw + kj;
-                    // Rows m0..m1 of tap t's m × c matrix, read in place from the kernel.
+                    // Tap t's m × c matrix, read in place from the kernel.
                     let a = if transposed {
-                        Mat { data: &wt[m0 * kk + kk - 1 - t..], rs: kk, cs: m * kk }
+                        Mat { data: &wt[kk - 1 - t..], rs: kk, cs: m * kk }
                     } else {
-                        Mat { data: &wt[m0 * c * kk + t..], rs: c * kk, cs: kk }
+                        Mat { data: &wt[t..], rs: c * kk, cs: kk }
                     };
                     let b = Mat { data: &xp[ki * dh * wp + kj * dw + lo..], rs: plane, cs: 1 };
-                    // SAFETY: `acc` has capacity mm·len; the first product writes all of it
+                    // SAFETY: `acc` has capacity m·len; the first product writes all of it
                     // before any later one reads it (they accumulate).
-                    unsafe {
-                        matmul_raw(mm, len, c, a, b, acc.as_mut_ptr(), mm * len, len, !first, Threads::One, None)
-                    };
+                    unsafe { matmul_raw(m, len, c, a, b, acc.as_mut_ptr(), m * len, len, !first, Threads::One, None) };
                     first = false;
                 }
             }
         }
         // SAFETY: written by the first product above.
-        unsafe { acc.set_len(mm * len) };
+        unsafe { acc.set_len(m * len) };
         let op = &op;
-        // The task's columns lie in output rows lo / wp ..= (hi − 1) / wp; each row's first ow
+        // The block's columns lie in output rows lo / wp ..= (hi − 1) / wp; each row's first ow
         // columns are outputs.
         for oy in lo / wp..=(hi - 1) / wp {
             let (c0, c1) = ((oy * wp).max(lo), (oy * wp + ow).min(hi));
             if c0 >= c1 {
                 continue;
             }
-            for mi in m0..m1 {
-                let src = &acc[(mi - m0) * len + c0 - lo..(mi - m0) * len + c1 - lo];
+            for mi in 0..m {
+                let src = &acc[mi * len + c0 - lo..mi * len + c1 - lo];
                 let b = bias.map_or(T::zero(), |b| b[mi]);
-                // SAFETY: outputs (mi, oy, c0 − oy·wp ..) of this sample; tasks cover disjoint
-                // channels × columns, so no two write the same element.
+                // SAFETY: outputs (mi, oy, c0 − oy·wp ..) of this sample; blocks cover disjoint
+                // columns, so no two write the same element.
                 unsafe { store(op.0.add(mi * oh * ow + oy * ow + c0 - oy * wp), src, b, clamp, accumulate) };
             }
         }
     };
-    let tasks = mparts * cparts;
-    if tasks > 1 && threads == Threads::Pool {
-        (0..tasks).into_par_iter().for_each(task);
+    if blocks > 1 && threads == Threads::Pool {
+        (0..blocks).into_par_iter().for_each(block);
     } else {
-        (0..tasks).for_each(task);
+        (0..blocks).for_each(block);
     }
 }
 
