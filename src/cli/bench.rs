@@ -51,6 +51,7 @@ fn reset_peak() -> bool {
     // SAFETY: mi_collect only frees memory that no live allocation uses; it runs on every thread
     // that allocates (the caller and the pool's workers), each collecting its own heap.
     rayon::broadcast(|_| unsafe { libmimalloc_sys::mi_collect(true) });
+    // SAFETY: as above, for this thread's heap.
     unsafe { libmimalloc_sys::mi_collect(true) };
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
