@@ -1540,6 +1540,9 @@ mod tests {
             ConvGeom { n: 2, h: 15, w: 12, kh: 5, dilation: [2, 1], pads: [4, 1, 3, 0], ..base },
             ConvGeom { m: 7, h: 6, w: 20, kh: 1, kw: 7, pads: [0, 3, 0, 3], ..base },
             ConvGeom { c: 18, m: 24, h: 8, w: 9, kh: 1, kw: 7, pads: [0, 6, 0, 5], ..base },
+            // More than 32 outputs (the products untransposed), forward and VJP.
+            ConvGeom { m: 40, h: 12, w: 12, ..base },
+            ConvGeom { c: 40, h: 12, w: 12, pads: [1, 0, 2, 1], ..base },
         ];
         let mut vjps = 0;
         for g in geoms {
