@@ -194,36 +194,25 @@ pub fn explain<T: Float>(
     // pass does; with intermediate relevance requested, or targets that do not fit the batch (an
     // error the batched path reports), the batch at once.
     crate::graph::check_inputs(&plan.graph, &inputs)?;
-    crate::ops::on_pool(|| explain_checked(plan, consts, weights, inputs, targets, seed, keep))
-}
-
-/// [`explain`] after the input check, on the pool.
-fn explain_checked<T: Float>(
-    plan: &Plan,
-    consts: &HashMap<ValueId, Value<T>>,
-    weights: &HashMap<usize, WeightCache<T>>,
-    inputs: Vec<Value<T>>,
-    targets: Option<&[usize]>,
-    seed: Seed,
-    keep: &[String],
-) -> Result<Explanation<T>> {
-    let fits = |n: usize| targets.is_none_or(|t| t.len() == n || t.len() == 1);
-    if keep.is_empty()
-        && let Some(parts) = crate::graph::batch::split_samples(&plan.graph, &inputs).filter(|p| fits(p.len()))
-    {
-        use rayon::prelude::*;
-        let es: Vec<Explanation<T>> = parts
-            .into_par_iter()
-            .enumerate()
-            .with_max_len(1)
-            .map(|(s, p)| {
-                let t = targets.map(|t| if t.len() == 1 { t } else { &t[s..s + 1] });
-                explain_batch(plan, consts, weights, p, t, seed, keep)
-            })
-            .collect::<Result<_>>()?;
-        return join_samples(es);
-    }
-    explain_batch(plan, consts, weights, inputs, targets, seed, keep)
+    crate::ops::on_pool(|| {
+        let fits = |n: usize| targets.is_none_or(|t| t.len() == n || t.len() == 1);
+        if keep.is_empty()
+            && let Some(parts) = crate::graph::batch::split_samples(&plan.graph, &inputs).filter(|p| fits(p.len()))
+        {
+            use rayon::prelude::*;
+            let es: Vec<Explanation<T>> = parts
+                .into_par_iter()
+                .enumerate()
+                .with_max_len(1)
+                .map(|(s, p)| {
+                    let t = targets.map(|t| if t.len() == 1 { t } else { &t[s..s + 1] });
+                    explain_batch(plan, consts, weights, p, t, seed, keep)
+                })
+                .collect::<Result<_>>()?;
+            return join_samples(es);
+        }
+        explain_batch(plan, consts, weights, inputs, targets, seed, keep)
+    })
 }
 
 /// Per-sample explanations as one of the whole batch.

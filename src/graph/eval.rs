@@ -97,26 +97,19 @@ pub fn run<T: Float>(
     // running samples' activations alive. Checked on the whole batch first, so that errors name
     // the shapes the caller gave.
     check_inputs(g, &inputs)?;
-    crate::ops::on_pool(|| run_checked(g, consts, inputs))
-}
-
-/// [`run`] after the input check, on the pool.
-fn run_checked<T: Float>(
-    g: &Graph,
-    consts: &std::collections::HashMap<ValueId, Value<T>>,
-    inputs: Vec<Value<T>>,
-) -> Result<Vec<Value<T>>> {
-    if let Some(parts) = super::batch::split_samples(g, &inputs) {
-        use rayon::prelude::*;
-        let outs: Vec<Vec<Value<T>>> =
-            parts.into_par_iter().with_max_len(1).map(|p| run_batch(g, consts, p)).collect::<Result<_>>()?;
-        let mut cols: Vec<Vec<Value<T>>> = vec![Vec::new(); g.outputs.len()];
-        for o in outs {
-            cols.iter_mut().zip(o).for_each(|(c, v)| c.push(v));
+    crate::ops::on_pool(|| {
+        if let Some(parts) = super::batch::split_samples(g, &inputs) {
+            use rayon::prelude::*;
+            let outs: Vec<Vec<Value<T>>> =
+                parts.into_par_iter().with_max_len(1).map(|p| run_batch(g, consts, p)).collect::<Result<_>>()?;
+            let mut cols: Vec<Vec<Value<T>>> = vec![Vec::new(); g.outputs.len()];
+            for o in outs {
+                cols.iter_mut().zip(o).for_each(|(c, v)| c.push(v));
+            }
+            return cols.iter().map(|c| super::batch::concat_values(c).map_err(Error::Invalid)).collect();
         }
-        return cols.iter().map(|c| super::batch::concat_values(c).map_err(Error::Invalid)).collect();
-    }
-    run_batch(g, consts, inputs)
+        run_batch(g, consts, inputs)
+    })
 }
 
 /// [`run`] on the whole batch at once.

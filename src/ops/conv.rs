@@ -208,7 +208,8 @@ fn col2im<T: Float>(g: &ConvGeom, col: &[T], x: &mut [T], rows: Range<usize>, ow
     }
 }
 
-/// The depthwise input VJP as a forward depthwise convolution: `dx[iy, ix] = Σ w[ki, kj] ·
+/// The depthwise input VJP as a forward depthwise convolution (and, at stride 1, any
+/// convolution's, see [`shifted_vjp_geom`]): `dx[iy, ix] = Σ w[ki, kj] ·
 /// up(dy)[iy + pt − ki·d, ix + pl − kj·d]`, where `up(dy)` holds `dy[oy, ox]` at `(oy·s, ox·s)`
 /// and zeros between, is a stride-1 correlation of `up(dy)` with the flipped kernel, padded by
 /// `(k − 1)·d − pad` before. Returns its geometry (one sample), or None for paddings wider than
@@ -249,19 +250,15 @@ fn per_sample_uninit<T: Float>(n: usize, len: usize, write: impl Fn(usize, *mut 
     out
 }
 
-/// The input VJP of a stride-1, one-group convolution as a forward one (one sample): the output
-/// gradient convolved with the flipped, transposed kernel, padded by `(k − 1)·d − p` on each side.
-/// None for other layers and for paddings wider than `(k − 1)·d`.
+/// The input VJP of a stride-1, one-group convolution as a forward one (one sample): the
+/// correlation of [`depthwise_vjp_geom`] (nothing to spread out at stride 1), from the layer's
+/// `m` channels to its `c`. None for other layers and for paddings wider than the kernel.
 fn shifted_vjp_geom(g: &ConvGeom) -> Option<ConvGeom> {
     if g.group != 1 || g.stride != [1, 1] {
         return None;
     }
     let (oh, ow) = g.out_hw()?;
-    let (eh, ew) = ((g.kh - 1) * g.dilation[0], (g.kw - 1) * g.dilation[1]);
-    let [pt, pl, pb, pr] = g.pads;
-    let pads = [eh.checked_sub(pt)?, ew.checked_sub(pl)?, eh.checked_sub(pb)?, ew.checked_sub(pr)?];
-    let gv = ConvGeom { n: 1, c: g.m, m: g.c, h: oh, w: ow, pads, ..*g };
-    (gv.out_hw() == Some((g.h, g.w))).then_some(gv)
+    depthwise_vjp_geom(g, oh, ow).map(|gv| ConvGeom { c: g.m, m: g.c, ..gv })
 }
 
 /// Output columns per register block of the depthwise kernel (one AVX2 vector of f32).
@@ -1540,7 +1537,7 @@ mod tests {
             ConvGeom { n: 2, h: 15, w: 12, kh: 5, dilation: [2, 1], pads: [4, 1, 3, 0], ..base },
             ConvGeom { m: 7, h: 6, w: 20, kh: 1, kw: 7, pads: [0, 3, 0, 3], ..base },
             ConvGeom { c: 18, m: 24, h: 8, w: 9, kh: 1, kw: 7, pads: [0, 6, 0, 5], ..base },
-            // More than 32 outputs (the products untransposed), forward and VJP.
+            // Wider products: 40 outputs, and a VJP with 40 (uneven padding).
             ConvGeom { m: 40, h: 12, w: 12, ..base },
             ConvGeom { c: 40, h: 12, w: 12, pads: [1, 0, 2, 1], ..base },
         ];

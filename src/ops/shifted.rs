@@ -81,13 +81,21 @@ pub(super) unsafe fn sample<T: Float>(
         .map(|(x, wt)| {
             assert_eq!(x.len(), c * h * w, "input size");
             assert_eq!(wt.len(), kk * m * c, "kernel size");
-            let mut xp = vec![T::zero(); c * plane + (g.kw - 1) * dw];
-            for (src, dst) in x.chunks_exact(h * w).zip(xp.chunks_exact_mut(plane)) {
-                for (r, row) in src.chunks_exact(w).enumerate() {
-                    let at = (pt + r) * wp + pl;
-                    dst[at..at + w].copy_from_slice(row);
+            // In one pass, zeros only where there is padding (zeroing all, then copying the
+            // rows in, wrote the input twice).
+            let zeros = |xp: &mut Vec<T>, n: usize| xp.extend(std::iter::repeat_n(T::zero(), n));
+            let mut xp = Vec::with_capacity(c * plane + (g.kw - 1) * dw);
+            for src in x.chunks_exact(h * w) {
+                zeros(&mut xp, pt * wp);
+                for row in src.chunks_exact(w) {
+                    zeros(&mut xp, pl);
+                    xp.extend_from_slice(row);
+                    zeros(&mut xp, pr);
                 }
+                zeros(&mut xp, pb * wp);
             }
+            zeros(&mut xp, (g.kw - 1) * dw);
+            debug_assert_eq!(xp.len(), c * plane + (g.kw - 1) * dw);
             xp
         })
         .collect();
