@@ -275,9 +275,9 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
 /// A bias-free ReLU network: Conv → ReLU → MaxPool → Conv(stride 2) → ReLU → Flatten → Gemm.
 /// The sign-split rules (z⁺, αβ, γ) over inputs of both signs, in f32, against the float64 formula
 /// on layers of realistic depth, one output channel with all-negative weights (its z⁺ is made of
-/// the few x⁻ terms only): a guard for regroupings of the sign-split sums that cancel in f32, such
-/// as x⁺·w⁺ + x⁻·w⁻ = (x·w + |x|·|w|) / 2 (tried: its error here was 1e-6 of the largest value,
-/// a 1e-4 change of the ½ fails this test).
+/// the few x⁻ terms only): a guard for regroupings of the sign-split sums that cancel in f32, as
+/// x⁺·w⁺ + x⁻·w⁻ = (x·w + |x|·|w|) / 2, which the rules use where the output is at hand (its error
+/// here was 1e-6 of the largest value; a 1e-4 change of the ½ fails this test).
 #[test]
 fn sign_split_rules_in_f32_stay_at_the_float64_formula() {
     let mut rng = Lcg(11);

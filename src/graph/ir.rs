@@ -467,6 +467,54 @@ impl Graph {
         p
     }
 
+    /// For each value, whether it is non-negative by construction: the output of a ReLU, of a
+    /// clamp at or above zero, a sigmoid or softmax, a threshold ReLU whose kept and filled values
+    /// cannot be negative, and the pooling, reshaping, joins, sums and products of such values;
+    /// non-negative constants. False where it may be negative (graph inputs, linear layers, the
+    /// rest): the rules use it to keep what inputs of both signs need.
+    pub fn nonnegative(&self) -> Vec<bool> {
+        let mut nn = vec![false; self.names.len()];
+        for (&id, c) in &self.consts {
+            nn[id] = match c {
+                Const::F(a) => a.iter().all(|v| *v >= 0.0),
+                Const::F32(a) => a.iter().all(|v| *v >= 0.0),
+                Const::I(a) => a.iter().all(|v| *v >= 0),
+            };
+        }
+        for n in &self.nodes {
+            let input = |i: usize| n.input(i).is_some_and(|v| nn[v]);
+            let all = || n.inputs.iter().flatten().all(|v| nn[*v]);
+            let out = match &n.op {
+                Op::Relu | Op::Sigmoid | Op::Softmax { .. } | Op::HardSigmoid { .. } | Op::Sqrt => true,
+                Op::Clip { min, .. } => min.is_some_and(|m| m >= 0.0) || input(1),
+                Op::ThreshRelu { thresholds, dirs } => {
+                    thresholds.iter().zip(dirs).all(|(&t, &d)| d == 0 || (t >= 0.0 && (d > 0 || input(0))))
+                }
+                Op::MaxPool { .. }
+                | Op::AveragePool { .. }
+                | Op::GlobalAveragePool
+                | Op::Flatten { .. }
+                | Op::Reshape { .. }
+                | Op::Transpose { .. }
+                | Op::Squeeze { .. }
+                | Op::Unsqueeze { .. }
+                | Op::Slice { .. }
+                | Op::Split { .. }
+                | Op::Identity
+                | Op::Dropout
+                | Op::Expand
+                | Op::Gather { .. } => input(0),
+                Op::Pad { value, .. } => input(0) && n.input(2).map_or(*value >= 0.0, |v| nn[v]),
+                Op::Concat { .. } | Op::Add | Op::Mul => all(),
+                _ => false,
+            };
+            for o in n.outputs.iter().flatten() {
+                nn[*o] = out;
+            }
+        }
+        nn
+    }
+
     /// Makes the first input's batch axis free, for models exported with a fixed batch of 1 whose
     /// operators do not depend on it (callers that run other batch sizes on purpose: bench, eval).
     pub fn free_batch(&mut self) {
@@ -478,5 +526,62 @@ impl Graph {
     /// Whether a value is a graph input.
     pub fn is_input(&self, v: ValueId) -> bool {
         self.inputs.iter().any(|i| i.id == v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Single-output nodes `v0, v1, …` after one graph input `x`; each entry is (op, the value ids
+    /// it reads, constant inputs after them).
+    fn chain(ops: Vec<(Op, Vec<usize>, Vec<Const>)>) -> Graph {
+        let mut g = Graph {
+            names: vec!["x".into()],
+            inputs: vec![Input { id: 0, dims: None, kind: ElemKind::Float }],
+            ..Default::default()
+        };
+        for (k, (op, ins, consts)) in ops.into_iter().enumerate() {
+            let mut inputs: Vec<Option<ValueId>> = ins.into_iter().map(Some).collect();
+            for c in consts {
+                let id = g.add_value(format!("c{k}"));
+                g.consts.insert(id, c);
+                inputs.push(Some(id));
+            }
+            let y = g.add_value(format!("v{k}"));
+            g.nodes.push(Node { name: format!("n{k}"), op, op_type: "T".into(), inputs, outputs: vec![Some(y)] });
+        }
+        g
+    }
+
+    #[test]
+    fn nonnegative_values_follow_the_ops() {
+        let scalar = |v: f64| Const::float(ndarray::arr0(v).into_dyn());
+        let clip = || Op::Clip { min: None, max: None };
+        let thresh = |t: Vec<f64>, d: Vec<i8>| Op::ThreshRelu { thresholds: t, dirs: d };
+        // Value ids: x is 0, v0 1, v1 2, v2 3, v3 4, v4 5 (constants take ids too, from v6 on).
+        let g = chain(vec![
+            (Op::Relu, vec![0], vec![]),                            // v0: ReLU(x)
+            (Op::Identity, vec![0], vec![]),                        // v1: x
+            (Op::Add, vec![1, 1], vec![]),                          // v2: v0 + v0
+            (Op::Add, vec![1, 2], vec![]),                          // v3: v0 + v1
+            (Op::Concat { axis: 1 }, vec![1, 3], vec![]),           // v4: [v0, v2]
+            (Op::GlobalAveragePool, vec![5], vec![]),               // v5: of v4
+            (clip(), vec![0], vec![scalar(0.0)]),                   // v6: x clamped at 0
+            (clip(), vec![0], vec![scalar(-1.0)]),                  // v7: x clamped at −1
+            (thresh(vec![0.5, 0.0], vec![1, 0]), vec![0], vec![]),  // v8
+            (thresh(vec![0.5, -0.1], vec![1, 1]), vec![0], vec![]), // v9: fills −0.1
+            (thresh(vec![0.5], vec![-1]), vec![0], vec![]),         // v10: keeps x < 0.5
+            (thresh(vec![0.5], vec![-1]), vec![1], vec![]),         // v11: the same of v0
+            (Op::Mul, vec![1], vec![scalar(-2.0)]),                 // v12: −2·v0
+            (Op::Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b: false }, vec![1], vec![]), // v13
+        ]);
+        let nn = g.nonnegative();
+        assert!(!nn[0], "the graph input");
+        let want = [true, false, true, false, true, true, true, false, true, false, false, true, false, false];
+        for (k, w) in want.iter().enumerate() {
+            let id = g.value_id(&format!("v{k}")).unwrap_or_default();
+            assert_eq!(nn[id], *w, "value {} (node {k})", g.names[id]);
+        }
     }
 }

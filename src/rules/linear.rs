@@ -89,6 +89,8 @@ pub struct WeightCache<T> {
     /// `[w⁺ | w⁻]` stacked along the input channels, made on first use (only layers whose input
     /// has both signs need it, which is known at run time).
     stacked: std::sync::OnceLock<Vec<T>>,
+    /// `|w|`, made on first use (as `stacked`).
+    abs: std::sync::OnceLock<Vec<T>>,
 }
 
 impl<T: Float> WeightCache<T> {
@@ -97,6 +99,7 @@ impl<T: Float> WeightCache<T> {
         WeightCache {
             map: WeightMod::for_rule(rule).into_iter().map(|m| (m, m.apply(w))).collect(),
             stacked: Default::default(),
+            abs: Default::default(),
         }
     }
 }
@@ -268,6 +271,23 @@ impl<T: Float> LinearLayer<'_, T> {
         w.iter().enumerate().map(|(i, &v)| at(low, channel(i)) * pos(v) + at(high, channel(i)) * neg(v)).collect()
     }
 
+    /// `x⁺·w⁺ + x⁻·w⁻` (no bias) from the forward output `y` (with the stored bias): half of
+    /// `x·w + |x|·|w|`, where `x·w` is `y` less the bias. One product with `|w|` instead of the two
+    /// with w⁺ and w⁻ (or the stacked one of twice the size) that inputs of both signs need
+    /// otherwise. The sum cancels where the mixed-sign terms dominate, as in the γ rule's
+    /// regrouping: its error is the rounding of `|x|·|w|`, not of `x⁺·w⁺ + x⁻·w⁻`.
+    fn pos_part(&self, x: &[T], y: &[T]) -> Vec<T> {
+        let xa = map(x, |v| v.abs());
+        let mut p = self.fwd(&xa, &abs_weights(self), None);
+        drop(xa);
+        let half = T::of(0.5);
+        update1(&mut p, y, move |av, yv| half * (av + yv));
+        if let Some(b) = &self.bias {
+            add_bias(&self.kind, &mut p, b, -half);
+        }
+        p
+    }
+
     /// The forward output `y` less the layer's stored bias (per channel, spatially varying, or per
     /// feature), as [`LinearLayer::fwd`] adds it.
     fn without_bias(&self, y: &[T]) -> Vec<T> {
@@ -425,10 +445,9 @@ impl<T: Float> GammaPlane<'_, T> {
     }
 }
 
-/// `[x⁺; x⁻]` per sample and `[w⁺ | w⁻]` (cached per plan when the layer's weights are stored
-/// ones): a convolution with twice the input channels that computes `x⁺·w⁺ + x⁻·w⁻` at once.
-fn stacked<'w, T: Float>(layer: &'w LinearLayer<'_, T>, g: &ConvGeom, x: &[T]) -> (Vec<T>, Cow<'w, [T]>) {
-    let w2 = stacked_weights(layer, g);
+/// `[x⁺; x⁻]` per sample: the input of a convolution with twice the input channels that, with
+/// `[w⁺ | w⁻]`, computes `x⁺·w⁺ + x⁻·w⁻` at once.
+fn split_signs<T: Float>(g: &ConvGeom, x: &[T]) -> Vec<T> {
     let plane = g.c * g.h * g.w;
     // Split straight from x: separate x⁺ and x⁻ tensors were two more passes and buffers.
     let mut x2 = Vec::with_capacity(2 * x.len());
@@ -436,7 +455,7 @@ fn stacked<'w, T: Float>(layer: &'w LinearLayer<'_, T>, g: &ConvGeom, x: &[T]) -
         x2.extend(xs.iter().map(|&v| pos(v)));
         x2.extend(xs.iter().map(|&v| neg(v)));
     }
-    (x2, w2)
+    x2
 }
 
 /// `[w⁺ | w⁻]` of a convolution, cached per plan when the layer's weights are stored ones.
@@ -450,6 +469,16 @@ fn stacked_weights<'w, T: Float>(layer: &'w LinearLayer<'_, T>, g: &ConvGeom) ->
     }
 }
 
+/// `|w|`, cached per plan when the layer's weights are stored ones.
+fn abs_weights<'w, T: Float>(layer: &'w LinearLayer<'_, T>) -> Cow<'w, [T]> {
+    match layer.cache {
+        Some(c) if matches!(layer.w, Cow::Borrowed(_)) => {
+            Cow::Borrowed(&c.abs.get_or_init(|| map(&layer.w, |v| v.abs()))[..])
+        }
+        _ => Cow::Owned(map(&layer.w, |v| v.abs())),
+    }
+}
+
 /// Whether a plain convolution's output is larger than its input, where the stacked form of a
 /// two-sign rule pays (it saves passes over the output and adds passes over the input; DenseNet's
 /// 1×1 convolutions, inputs four times their outputs, were 8 % slower with it).
@@ -460,6 +489,8 @@ fn stacking_pays(g: &ConvGeom) -> bool {
 /// The z⁺ rule's relevance at a plain convolution's input whose values have both signs:
 /// `x⁺ ⊙ Jᵀ_{w⁺} g + x⁻ ⊙ Jᵀ_{w⁻} g` with `g = r / (x⁺·w⁺ + x⁻·w⁻ + b⁺)`, computed as a
 /// convolution with twice the input channels (`[x⁺; x⁻]`, `[w⁺ | w⁻]`): one forward and one VJP.
+/// `p`, when given, is `x⁺·w⁺ + x⁻·w⁻` made from the forward output (see `pos_part`), and the
+/// stacked forward is skipped.
 fn stacked_zplus<T: Float>(
     layer: &LinearLayer<'_, T>,
     g: &ConvGeom,
@@ -467,15 +498,23 @@ fn stacked_zplus<T: Float>(
     r: &[T],
     bias: Option<&[T]>,
     stabilizer: f64,
+    p: Option<Vec<T>>,
 ) -> Vec<T> {
     let g2 = ConvGeom { c: 2 * g.c, ..*g };
-    let (x2, w2) = stacked(layer, g, x);
+    let w2 = stacked_weights(layer, g);
     let w2 = &w2[..];
     let plane = g.c * g.h * g.w;
-    // The stacked geometry has the same outputs, so the bias applies as to the plain one.
-    let mut z = conv_biased(&g2, &x2, w2, bias);
+    let mut z = match p {
+        Some(mut p) => {
+            if let Some(b) = bias {
+                add_bias(&layer.kind, &mut p, b, T::one());
+            }
+            p
+        }
+        // The stacked geometry has the same outputs, so the bias applies as to the plain one.
+        None => conv_biased(&g2, &split_signs(g, x), w2, bias),
+    };
     update1(&mut z, r, move |zv, rv| rv / stabilize(zv, stabilizer));
-    drop(x2);
     let d = conv2d_vjp(&g2, &z, w2);
     // d holds [Jᵀ_{w⁺} g; Jᵀ_{w⁻} g] per sample: x⁺ times the first half plus x⁻ times the second,
     // in one pass.
@@ -503,7 +542,9 @@ pub fn relevance_bf<T: Float>(
 ) -> Result<Vec<T>, String> {
     let w = &layer.w[..];
     let b = if ignore_bias { None } else { layer.bias.as_deref() };
-    // The forward output, for the rules that read it (see Rule::reads_output).
+    // The forward output, for the rules that read it (see Rule::reads_output); z⁺ and αβ use it
+    // where it was kept.
+    let y_kept = y;
     let y = || y.ok_or_else(|| format!("rule {rule} needs the layer's forward output, which was not kept"));
     let div = |z: &[T], eps: f64| -> Vec<T> { map2(z, r, move |zv, rv| rv / stabilize(zv, eps)) };
     let bm = |f: fn(T) -> T| b.map(|b| map(b, f));
@@ -522,15 +563,27 @@ pub fn relevance_bf<T: Float>(
     if let (Rule::ZPlus | Rule::Gamma(_), LinearKind::Conv(g)) = (rule, &layer.kind)
         && pointwise::pays(g)
     {
-        let (wp, w2) = (layer.modified(WeightMod::Pos), has_neg.then(|| stacked_weights(layer, g)));
-        let pl = pointwise::Layer { c: g.c, m: g.m, hw: g.h * g.w, n: g.n, w, wp: &wp, stacked: w2.as_deref() };
+        let gamma = matches!(rule, Rule::Gamma(_));
+        // With inputs of both signs, the forward comes from the output where it is at hand (γ
+        // always reads it) and z⁺'s VJP takes the stacked weights.
+        let wp = layer.modified(WeightMod::Pos);
+        let w2 = (has_neg && !gamma).then(|| stacked_weights(layer, g));
+        let wa = (has_neg && (gamma || y_kept.is_some())).then(|| abs_weights(layer));
+        let pl = pointwise::Layer {
+            c: g.c,
+            m: g.m,
+            hw: g.h * g.w,
+            n: g.n,
+            w,
+            wp: &wp,
+            stacked: w2.as_deref(),
+            abs: wa.as_deref(),
+        };
         let used = pointwise::Bias::of(b, g.m, pl.hw);
+        let stored = pointwise::Bias::of(layer.bias.as_deref(), g.m, pl.hw);
         return Ok(match rule {
-            Rule::Gamma(gamma) => {
-                let stored = pointwise::Bias::of(layer.bias.as_deref(), g.m, pl.hw);
-                pointwise::gamma(&pl, pl.tile(), x, y()?, r, stored, used, T::of(*gamma), stabilizer)
-            }
-            _ => pointwise::zplus(&pl, pl.tile(), x, r, used, stabilizer),
+            Rule::Gamma(gamma) => pointwise::gamma(&pl, pl.tile(), x, y()?, r, stored, used, T::of(*gamma), stabilizer),
+            _ => pointwise::zplus(&pl, pl.tile(), x, y_kept, r, stored, used, stabilizer),
         });
     }
     let mut out: Option<Vec<T>> = None;
@@ -573,19 +626,38 @@ pub fn relevance_bf<T: Float>(
             };
             let wp = layer.modified(WeightMod::Pos);
             let wn = if has_neg || beta != 0.0 { layer.modified(WeightMod::Neg) } else { Vec::new().into() };
-            // Positive part: x⁺w⁺ + x⁻w⁻ (+ b⁺); negative part: x⁺w⁻ + x⁻w⁺ (+ b⁻).
+            // Positive part: x⁺w⁺ + x⁻w⁻ (+ b⁺); negative part: x⁺w⁻ + x⁻w⁺ (+ b⁻). Over inputs of
+            // both signs with the output kept, the positive part is one product (see pos_part)
+            // and the negative part x·w less it.
+            let mut p = match (has_neg, y_kept) {
+                (true, Some(y)) => Some(layer.pos_part(x, y)),
+                _ => None,
+            };
             let parts: [Part<T, f64, Vec<T>>; 2] = [(alpha, &wp, &wn, bm(pos)), (-beta, &wn, &wp, bm(neg))];
             for (k, (scale, w_for_pos, w_for_neg, bias)) in parts.into_iter().enumerate() {
                 if scale == 0.0 {
                     continue;
                 }
+                // The part without its bias, from the output (taken by the last part using it).
+                let from_output = match (k, &mut p, y_kept) {
+                    (0, p, _) if beta == 0.0 => p.take(),
+                    (0, Some(p), _) => Some(p.clone()),
+                    (_, Some(p), Some(y)) => {
+                        let mut q = map2(y, p, |yv, pv| yv - pv);
+                        if let Some(bs) = &layer.bias {
+                            add_bias(&layer.kind, &mut q, bs, -T::one());
+                        }
+                        Some(q)
+                    }
+                    _ => None,
+                };
                 // A plain convolution over inputs of both signs: the positive part as one
                 // convolution of [x⁺; x⁻] with [w⁺ | w⁻] and one VJP, instead of two of each and a
                 // sum (EfficientNet-Lite0's expansion convolutions read the unactivated projections).
                 if let (0, true, LinearKind::Conv(g)) = (k, has_neg, &layer.kind)
                     && stacking_pays(g)
                 {
-                    let mut r_in = stacked_zplus(layer, g, x, r, bias.as_deref(), stabilizer);
+                    let mut r_in = stacked_zplus(layer, g, x, r, bias.as_deref(), stabilizer, from_output);
                     let sc = T::of(scale);
                     match &mut out {
                         Some(a) => update1(a, &r_in, move |a, v| a + sc * v),
@@ -596,10 +668,21 @@ pub fn relevance_bf<T: Float>(
                     }
                     continue;
                 }
-                let mut z = layer.fwd(xp(), w_for_pos, bias.as_deref());
-                if let Some(xn) = xn() {
-                    z = sum2(&z, &layer.fwd(xn, w_for_neg, None));
-                }
+                let z = match from_output {
+                    Some(mut z) => {
+                        if let Some(b) = &bias {
+                            add_bias(&layer.kind, &mut z, b, T::one());
+                        }
+                        z
+                    }
+                    None => {
+                        let z = layer.fwd(xp(), w_for_pos, bias.as_deref());
+                        match xn() {
+                            Some(xn) => sum2(&z, &layer.fwd(xn, w_for_neg, None)),
+                            None => z,
+                        }
+                    }
+                };
                 // The stabilised ratio in z's own buffer (a new one cost a pass over fresh memory).
                 let mut g = z;
                 update1(&mut g, r, move |zv, rv| rv / stabilize(zv, stabilizer));
@@ -622,17 +705,7 @@ pub fn relevance_bf<T: Float>(
             // (instead of eight products), and one forward instead of four.
             let gm = T::of(*gamma);
             let wp = layer.modified(WeightMod::Pos);
-            let p = match (has_neg, &layer.kind) {
-                (false, _) => layer.fwd(x, &wp, None),
-                (true, LinearKind::Conv(g)) if stacking_pays(g) => {
-                    let (x2, w2) = stacked(layer, g, x);
-                    conv2d(&ConvGeom { c: 2 * g.c, ..*g }, &x2, &w2, None)
-                }
-                (true, _) => {
-                    let xn = map(x, neg);
-                    sum2(&layer.fwd(xp(), &wp, None), &layer.fwd(&xn, &layer.modified(WeightMod::Neg), None))
-                }
-            };
+            let p = if has_neg { layer.pos_part(x, y) } else { layer.fwd(x, &wp, None) };
             let (per, rows) = layer.out_rows();
             let inner = match &layer.kind {
                 LinearKind::Conv(g) => per / g.m.max(1),

@@ -170,6 +170,14 @@ impl Rule {
                     | Rule::DeconvNet
             ))
     }
+
+    /// Whether the rule also reads its node's forward output where the node's first input may
+    /// have negative values: z⁺ and αβ on a linear layer make `x⁺·w⁺ + x⁻·w⁻` from it with one
+    /// product instead of two (see `rules::linear`).
+    pub fn reads_output_over_signed_input(&self, op: &Op) -> bool {
+        matches!(op, Op::Conv { .. } | Op::Gemm { .. } | Op::MatMul)
+            && matches!(self, Rule::ZPlus | Rule::AlphaBeta { .. })
+    }
 }
 
 /// zennit's stabiliser: `z + ε·sign(z)` with sign(0) = +1.

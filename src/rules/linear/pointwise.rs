@@ -72,8 +72,12 @@ pub(super) struct Layer<'a, T> {
     pub w: &'a [T],
     /// `w⁺` [m, c].
     pub wp: &'a [T],
-    /// `[w⁺ | w⁻]` [m, 2c], present exactly when the input has negative values.
+    /// `[w⁺ | w⁻]` [m, 2c], for z⁺ over inputs with negative values (its VJP, and its forward
+    /// where the output was not kept).
     pub stacked: Option<&'a [T]>,
+    /// `|w|` [m, c], for the forward `x⁺·w⁺ + x⁻·w⁻` of inputs with negative values from the
+    /// layer's output (see `LinearLayer::pos_part`).
+    pub abs: Option<&'a [T]>,
 }
 
 /// Buffers one thread reuses across its tiles.
@@ -101,6 +105,11 @@ unsafe fn init<T>(v: &[MaybeUninit<T>]) -> &[T] {
 }
 
 impl<T: Float> Layer<'_, T> {
+    /// Whether the input has negative values.
+    fn signed(&self) -> bool {
+        self.stacked.is_some() || self.abs.is_some()
+    }
+
     /// Pixels per tile: the tile's buffers (about 3c + 4m values per pixel) near 512 kB, in
     /// multiples of 16 (the kernels' vector width), and at least two tiles per thread at batch 1
     /// so that both cores work.
@@ -142,10 +151,38 @@ impl<T: Float> Layer<'_, T> {
     }
 
     /// The modified forward of one tile into `p` [m, cols]: `w⁺·x` for non-negative inputs,
-    /// `[w⁺ | w⁻]·[x⁺; x⁻]` otherwise (the split copy of x is the tile's only).
-    fn forward(&self, xs: &[T], cols: &Range<usize>, sc: &mut Scratch<T>) {
+    /// otherwise `x⁺·w⁺ + x⁻·w⁻`, from the output `out` (sample s's [m, hw] with its stored bias)
+    /// as `½(y − b + |w|·|x|)` where `abs` and `out` are at hand, else as `[w⁺ | w⁻]·[x⁺; x⁻]`
+    /// (the tile's only copy of x is |x| or the split).
+    fn forward(&self, xs: &[T], cols: &Range<usize>, sc: &mut Scratch<T>, out: Option<(&[T], Bias<'_, T>)>) {
         let (c, m, hw, tl) = (self.c, self.m, self.hw, cols.len());
         let p = room(&mut sc.p, m * tl).as_mut_ptr() as *mut T;
+        if let (Some(wa), Some((ys, stored))) = (self.abs, out) {
+            let xa = room(&mut sc.xs, c * tl);
+            for i in 0..c {
+                let src = &xs[i * hw + cols.start..i * hw + cols.end];
+                xa[i * tl..(i + 1) * tl].iter_mut().zip(src).for_each(|(d, &v)| {
+                    d.write(v.abs());
+                });
+            }
+            // SAFETY: all c rows written above.
+            let xa = unsafe { init(xa) };
+            // SAFETY: p holds m·tl elements, written by the product.
+            unsafe {
+                matmul_raw(m, tl, c, Mat::rows(wa, c), Mat::rows(xa, tl), p, m * tl, tl, false, Threads::One, None)
+            };
+            // SAFETY: written by the product.
+            let p = unsafe { std::slice::from_raw_parts_mut(p, m * tl) };
+            let half = T::of(0.5);
+            for (i, row) in p.chunks_mut(tl).enumerate() {
+                let yr = &ys[i * hw + cols.start..i * hw + cols.end];
+                match stored.row(i, cols, hw) {
+                    Ok(b) => row.iter_mut().zip(yr).for_each(|(a, &yv)| *a = half * (*a + yv - b)),
+                    Err(bs) => row.iter_mut().zip(yr).zip(bs).for_each(|((a, &yv), &b)| *a = half * (*a + yv - b)),
+                }
+            }
+            return;
+        }
         match self.stacked {
             Some(w2) => {
                 let x2 = room(&mut sc.xs, 2 * c * tl);
@@ -189,14 +226,24 @@ impl<T: Float> Layer<'_, T> {
 
 /// z⁺ (`x⁺·w⁺ + x⁻·w⁻ + b⁺` over its sum) on a plain 1×1 convolution, in tiles of `t` pixels (see
 /// [`Layer::tile`]): `x` [n, c, hw], `r` [n, m, hw]; `bias` is the layer's bias the rule uses (its
-/// positive part is taken here).
-pub(super) fn zplus<T: Float>(l: &Layer<'_, T>, t: usize, x: &[T], r: &[T], bias: Bias<'_, T>, eps: f64) -> Vec<T> {
+/// positive part is taken here); `y` the forward output with its `stored` bias, when kept.
+#[allow(clippy::too_many_arguments)] // the rule's full context; a struct would only rename it
+pub(super) fn zplus<T: Float>(
+    l: &Layer<'_, T>,
+    t: usize,
+    x: &[T],
+    y: Option<&[T]>,
+    r: &[T],
+    stored: Bias<'_, T>,
+    bias: Bias<'_, T>,
+    eps: f64,
+) -> Vec<T> {
     let (c, m, hw) = (l.c, l.m, l.hw);
     l.each_tile(t, |s, cols, sc, out| {
         let tl = cols.len();
         let xs = &x[s * c * hw..(s + 1) * c * hw];
         let rs = &r[s * m * hw..(s + 1) * m * hw];
-        l.forward(xs, &cols, sc);
+        l.forward(xs, &cols, sc, y.map(|y| (&y[s * m * hw..(s + 1) * m * hw], stored)));
         // The ratio g = r / (z + b⁺), in place of z.
         // SAFETY: the forward wrote all m·tl elements.
         let g = unsafe { std::slice::from_raw_parts_mut(sc.p.as_mut_ptr() as *mut T, m * tl) };
@@ -289,13 +336,13 @@ pub(super) fn gamma<T: Float>(
     eps: f64,
 ) -> Vec<T> {
     let (c, m, hw) = (l.c, l.m, l.hw);
-    let plain = l.stacked.is_some();
+    let plain = l.signed();
     let k = T::of(2.0) + gamma;
     l.each_tile(t, |s, cols, sc, out| {
         let tl = cols.len();
         let xs = &x[s * c * hw..(s + 1) * c * hw];
         let (ys, rs) = (&y[s * m * hw..(s + 1) * m * hw], &r[s * m * hw..(s + 1) * m * hw]);
-        l.forward(xs, &cols, sc);
+        l.forward(xs, &cols, sc, Some((ys, stored)));
         // SAFETY: written by the forward.
         let p = unsafe { init(&sc.p[..m * tl]) };
         // Seeds [ga; gb] (Jᵀ_w's and Jᵀ_{w⁺}'s) and, with x⁻, the plain ratio gc.
@@ -450,23 +497,39 @@ mod tests {
                 y
             };
             let per_channel: Vec<f64> = (0..m * hw).map(|i| bc[i / hw]).collect();
-            // Mixed signs (the stacked forward and the plain ratio) and non-negative inputs; a
-            // bias per channel, spatially varying, and none; tiles of one, several (with a short
-            // last one) and all pixels.
-            for (xv, signs) in [(&x, true), (&xabs, false)] {
-                let l = Layer { c, m, hw, n, w: &w, wp: &wp, stacked: signs.then_some(&w2[..]) };
+            let wabs: Vec<f64> = w.iter().map(|v| v.abs()).collect();
+            // Mixed signs (the forward stacked, or from the output with |w|; the plain ratio) and
+            // non-negative inputs; a bias per channel, spatially varying, and none; tiles of one,
+            // several (with a short last one) and all pixels.
+            let forms = [(&x, true, false), (&x, true, true), (&xabs, false, false)];
+            for (xv, signs, from_output) in forms {
+                let l = Layer {
+                    c,
+                    m,
+                    hw,
+                    n,
+                    w: &w,
+                    wp: &wp,
+                    stacked: signs.then_some(&w2[..]),
+                    abs: from_output.then_some(&wabs[..]),
+                };
                 for (bias, full) in [(Bias::Channel(&bc[..]), &per_channel), (Bias::Varying(&bv[..]), &bv)] {
                     let y = y_of(xv, full);
+                    let yk = from_output.then_some(&y[..]);
                     for t in [16, hw.div_ceil(2), hw] {
                         let check = |got: Vec<f64>, want: Vec<f64>, what: &str| {
                             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                                 assert!(
                                     (a - b).abs() <= 1e-9 * (1.0 + b.abs()),
-                                    "{what} n {n} hw {hw} tile {t} signs {signs} at {i}: {a} vs {b}"
+                                    "{what} n {n} hw {hw} tile {t} signs {signs} {from_output} at {i}: {a} vs {b}"
                                 );
                             }
                         };
-                        check(zplus(&l, t, xv, &r, bias, 1e-6), naive(None, c, m, hw, xv, &w, full, full, &r), "z+");
+                        check(
+                            zplus(&l, t, xv, yk, &r, bias, bias, 1e-6),
+                            naive(None, c, m, hw, xv, &w, full, full, &r),
+                            "z+",
+                        );
                         check(
                             gamma(&l, t, xv, &y, &r, bias, bias, 0.25, 1e-6),
                             naive(Some(0.25), c, m, hw, xv, &w, full, full, &r),
@@ -477,7 +540,7 @@ mod tests {
                     // with its stored bias).
                     let zero = vec![0.0; m * hw];
                     check_close(
-                        zplus(&l, hw, xv, &r, Bias::None, 1e-6),
+                        zplus(&l, hw, xv, yk, &r, bias, Bias::None, 1e-6),
                         naive(None, c, m, hw, xv, &w, &zero, &zero, &r),
                     );
                     check_close(
@@ -499,7 +562,7 @@ mod tests {
     fn tiles_cover_the_plane_in_vector_multiples() {
         let w = [0.0f32; 4];
         for (n, hw, c, m) in [(1, 12544, 16, 96), (1, 784, 40, 240), (8, 3136, 24, 144), (1, 600, 2000, 2000)] {
-            let l = Layer { c, m, hw, n, w: &w, wp: &w, stacked: None };
+            let l = Layer { c, m, hw, n, w: &w, wp: &w, stacked: None, abs: None };
             let t = l.tile();
             assert!(t >= 1 && t <= hw, "tile {t} of {hw}");
             assert!(t == hw || t.is_multiple_of(16), "tile {t} of {hw} not a multiple of 16");
