@@ -201,6 +201,12 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
             for (g, w) in got.iter().zip(&want) {
                 assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "dense {rule} trial {trial}: {g} vs {w}");
             }
+            let r_relu: Vec<f64> = r.iter().zip(&y).map(|(&rv, &yv)| if yv < 0.0 { 0.0 } else { rv }).collect();
+            let got = relevance(&layer, rule, &x, &y, &r_relu, false, 1e-6, Some(&bounds)).unwrap();
+            let want_relu = naive(rule, &x, &mat, &b, &r_relu, (&low, &high));
+            for (g, w) in got.iter().zip(&want_relu) {
+                assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "dense {rule} ReLU trial {trial}: {g} vs {w}");
+            }
             // The same layer with its weights stored [n×k] (Gemm transB) gives the same relevance.
             let wt: Vec<f64> = (0..n * k).map(|i| w[(i % k) * n + i / k]).collect();
             let lt = LinearLayer {
@@ -264,6 +270,15 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
                         let got = relevance(l, rule, x, &y, &r, false, 1e-6, Some(&bounds)).unwrap();
                         for (g, w) in got.iter().zip(&want) {
                             assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "conv {geom:?} {rule}: {g} vs {w}");
+                        }
+                    }
+                    // No relevance at negative outputs, as under a ReLU (γ then runs one seed).
+                    let r_relu: Vec<f64> = r.iter().zip(&y).map(|(&rv, &yv)| if yv < 0.0 { 0.0 } else { rv }).collect();
+                    let want = naive(rule, x, &mat, &bias_k, &r_relu, (&low, &high));
+                    for l in [&layer, &cached] {
+                        let got = relevance(l, rule, x, &y, &r_relu, false, 1e-6, Some(&bounds)).unwrap();
+                        for (g, w) in got.iter().zip(&want) {
+                            assert!((g - w).abs() <= 1e-10 * (1.0 + w.abs()), "conv {geom:?} {rule} ReLU: {g} vs {w}");
                         }
                     }
                 }

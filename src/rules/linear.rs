@@ -91,6 +91,9 @@ pub struct WeightCache<T> {
     stacked: std::sync::OnceLock<Vec<T>>,
     /// `|w|`, made on first use (as `stacked`).
     abs: std::sync::OnceLock<Vec<T>>,
+    /// `w + γ·w⁺` with γ's bits, made on first use (only where negative outputs carry no
+    /// relevance, which is known at run time).
+    gamma: std::sync::OnceLock<(u64, Vec<T>)>,
 }
 
 impl<T: Float> WeightCache<T> {
@@ -100,6 +103,7 @@ impl<T: Float> WeightCache<T> {
             map: WeightMod::for_rule(rule).into_iter().map(|m| (m, m.apply(w))).collect(),
             stacked: Default::default(),
             abs: Default::default(),
+            gamma: Default::default(),
         }
     }
 }
@@ -396,12 +400,12 @@ struct GammaPlane<'a, T> {
 }
 
 impl<T: Float> GammaPlane<'_, T> {
-    /// Writes the VJP seeds, every element (the buffers start uninitialised): `ga` for Jᵀ_w and
-    /// `gb` for Jᵀ_{w⁺} (x⁺'s factor), and with `PLAIN` also `gc`, the plain ratio g for Jᵀ_w (x⁻'s
-    /// factor, see `relevance_bf`). Both output signs are computed and one selected (a branch per
-    /// element ran scalar and took an eighth of ResNet-50's εγ□ pass).
+    /// Writes the first `N` VJP seeds, every element (the buffers start uninitialised): `ga` for
+    /// Jᵀ_w and `gb` for Jᵀ_{w⁺} (x⁺'s factor), and `gc`, the plain ratio g for Jᵀ_w (x⁻'s factor,
+    /// see `relevance_bf`). Both output signs are computed and one selected (a branch per element
+    /// ran scalar and took an eighth of ResNet-50's εγ□ pass).
     #[inline(always)]
-    fn run<const PLAIN: bool>(
+    fn run<const N: usize>(
         &self,
         stored: impl Fn(usize) -> T,
         used: impl Fn(usize) -> T,
@@ -427,7 +431,11 @@ impl<T: Float> GammaPlane<'_, T> {
             (a, b, g)
         };
         let inputs = self.y.iter().zip(self.r).zip(self.p);
-        if PLAIN {
+        if N == 1 {
+            for (j, (ga, ((&yv, &rv), &pv))) in ga.iter_mut().zip(inputs).enumerate() {
+                ga.write(seed(j, yv, rv, pv).0);
+            }
+        } else if N == 3 {
             let it = ga.iter_mut().zip(gb.iter_mut()).zip(gc.iter_mut()).zip(inputs);
             for (j, (((ga, gb), gc), ((&yv, &rv), &pv))) in it.enumerate() {
                 let (a, b, g) = seed(j, yv, rv, pv);
@@ -477,6 +485,29 @@ fn abs_weights<'w, T: Float>(layer: &'w LinearLayer<'_, T>) -> Cow<'w, [T]> {
         }
         _ => Cow::Owned(map(&layer.w, |v| v.abs())),
     }
+}
+
+/// `w + γ·w⁺`, the γ rule's weights for positive outputs, cached per plan when the layer's
+/// weights are stored ones (for the γ the cache was made with).
+fn gamma_weights<'w, T: Float>(layer: &'w LinearLayer<'_, T>, gamma: f64) -> Cow<'w, [T]> {
+    let gm = T::of(gamma);
+    let make = || map(&layer.w, move |v| v + gm * pos(v));
+    match layer.cache {
+        Some(c) if matches!(layer.w, Cow::Borrowed(_)) => {
+            let (bits, w) = c.gamma.get_or_init(|| (gamma.to_bits(), make()));
+            if *bits == gamma.to_bits() { Cow::Borrowed(&w[..]) } else { Cow::Owned(make()) }
+        }
+        _ => Cow::Owned(make()),
+    }
+}
+
+/// Whether no output below zero has relevance: the γ rule's seeds for negative outputs vanish.
+fn negatives_carry_nothing<T: Float>(y: &[T], r: &[T]) -> bool {
+    use rayon::prelude::*;
+    let z = T::zero();
+    !y.par_chunks(1 << 14)
+        .zip(r.par_chunks(1 << 14))
+        .any(|(yc, rc)| yc.iter().zip(rc).fold(false, |n, (&yv, &rv)| n | (yv < z && rv != z)))
 }
 
 /// Whether a plain convolution's output is larger than its input, where the stacked form of a
@@ -582,7 +613,11 @@ pub fn relevance_bf<T: Float>(
         let used = pointwise::Bias::of(b, g.m, pl.hw);
         let stored = pointwise::Bias::of(layer.bias.as_deref(), g.m, pl.hw);
         return Ok(match rule {
-            Rule::Gamma(gamma) => pointwise::gamma(&pl, pl.tile(), x, y()?, r, stored, used, T::of(*gamma), stabilizer),
+            Rule::Gamma(gamma) => {
+                let y = y()?;
+                let wg = negatives_carry_nothing(y, r).then(|| gamma_weights(layer, *gamma));
+                pointwise::gamma(&pl, pl.tile(), x, y, r, stored, used, T::of(*gamma), stabilizer, wg.as_deref())
+            }
             _ => pointwise::zplus(&pl, pl.tile(), x, y_kept, r, stored, used, stabilizer),
         });
     }
@@ -715,12 +750,13 @@ pub fn relevance_bf<T: Float>(
             let nch = per / inner;
             // Output element j of plane q (= row · channels + channel c) has a stored bias and a
             // bias the rule uses, per channel or spatially varying (per == bias length).
-            // With `plain` also the plain ratio g (for inputs with a negative part).
-            let seeds = |plain: bool| {
+            // `n` seeds: ga; ga and gb; or ga, gb and the plain ratio gc (for inputs with a
+            // negative part).
+            let seeds = |n: usize| {
                 let len = per * rows;
-                let lc = if plain { len } else { 0 };
+                let (lb, lc) = (if n >= 2 { len } else { 0 }, if n >= 3 { len } else { 0 });
                 let (mut ga, mut gb, mut gc) =
-                    (Vec::with_capacity(len), Vec::with_capacity(len), Vec::with_capacity(lc));
+                    (Vec::with_capacity(len), Vec::with_capacity(lb), Vec::with_capacity(lc));
                 let plane = |q: usize,
                              ga: &mut [MaybeUninit<T>],
                              gb: &mut [MaybeUninit<T>],
@@ -739,10 +775,10 @@ pub fn relevance_bf<T: Float>(
                     // Monomorphised per bias kind, so that the common per-channel case vectorises.
                     macro_rules! go {
                         ($st:expr, $us:expr) => {
-                            if plain {
-                                args.run::<true>($st, $us, ga, gb, gc)
-                            } else {
-                                args.run::<false>($st, $us, ga, gb, gc)
+                            match n {
+                                1 => args.run::<1>($st, $us, ga, gb, gc),
+                                2 => args.run::<2>($st, $us, ga, gb, gc),
+                                _ => args.run::<3>($st, $us, ga, gb, gc),
                             }
                         };
                     }
@@ -753,48 +789,75 @@ pub fn relevance_bf<T: Float>(
                         (Err(s), Err(u)) => go!(|j| s[j], |j| u[j]),
                     }
                 };
-                let (sa, sb) = (&mut ga.spare_capacity_mut()[..len], &mut gb.spare_capacity_mut()[..len]);
-                let sc = &mut gc.spare_capacity_mut()[..lc];
-                // Without `plain`, each plane gets an empty slice of gc.
-                // Planes run in parallel when large (a single thread left the other core idle).
-                if inner >= 1 << 10 && len >= 1 << 16 {
+                let sa = &mut ga.spare_capacity_mut()[..len];
+                let (sb, sc) = (&mut gb.spare_capacity_mut()[..lb], &mut gc.spare_capacity_mut()[..lc]);
+                // The seeds not asked for get empty slices. Planes run in parallel when large (a
+                // single thread left the other core idle).
+                let par = inner >= 1 << 10 && len >= 1 << 16;
+                macro_rules! planes {
+                    ($chunks:ident) => {
+                        match n {
+                            1 => sa.$chunks(inner).enumerate().for_each(|(q, a)| plane(q, a, &mut [], &mut [])),
+                            2 => sa
+                                .$chunks(inner)
+                                .zip(sb.$chunks(inner))
+                                .enumerate()
+                                .for_each(|(q, (a, b))| plane(q, a, b, &mut [])),
+                            _ => sa
+                                .$chunks(inner)
+                                .zip(sb.$chunks(inner))
+                                .zip(sc.$chunks(inner))
+                                .enumerate()
+                                .for_each(|(q, ((a, b), c))| plane(q, a, b, c)),
+                        }
+                    };
+                }
+                if par {
                     use rayon::prelude::*;
-                    let planes = sa.par_chunks_mut(inner).zip(sb.par_chunks_mut(inner)).enumerate();
-                    if plain {
-                        planes.zip(sc.par_chunks_mut(inner)).for_each(|((q, (a, b)), c)| plane(q, a, b, c));
-                    } else {
-                        planes.for_each(|(q, (a, b))| plane(q, a, b, &mut []));
-                    }
+                    planes!(par_chunks_mut);
                 } else {
-                    let planes = sa.chunks_mut(inner).zip(sb.chunks_mut(inner)).enumerate();
-                    if plain {
-                        planes.zip(sc.chunks_mut(inner)).for_each(|((q, (a, b)), c)| plane(q, a, b, c));
-                    } else {
-                        planes.for_each(|(q, (a, b))| plane(q, a, b, &mut []));
-                    }
+                    planes!(chunks_mut);
                 }
                 // SAFETY: the planes cover all `len` elements (per · rows = planes · inner), and
-                // `run` writes each of them (and of gc with `plain`).
+                // `run` writes each of them (and of gb and gc where asked).
                 unsafe {
                     ga.set_len(len);
-                    gb.set_len(len);
+                    gb.set_len(lb);
                     gc.set_len(lc);
                 }
                 (ga, gb, gc)
             };
-            if has_neg {
-                let (ga, gb, gc) = seeds(true);
-                let mut f = layer.vjp_sum(&[(&ga, w), (&gb, &wp)]);
-                drop((ga, gb));
-                let plain = layer.vjp(&gc, w);
-                drop(gc);
-                let k = T::of(2.0 + *gamma);
-                // F⁺ becomes R in its own buffer: |x| ⊙ F⁺ + (2+γ)·x⁻ ⊙ Jᵀ_w g.
-                update2(&mut f, x, &plain, move |fv, xv, pv| xv.abs() * fv + k * neg(xv) * pv);
-                out = Some(f);
-            } else {
-                let (ga, gb, _) = seeds(false);
-                add_product(&mut out, x, layer.vjp_sum(&[(&ga, w), (&gb, &wp)]), T::one());
+            // Where no output below zero carries relevance (a ReLU follows, and the layer above
+            // multiplies by its input, which is zero there), g⁻ = 0: ga = g⁺ and gb = γ·ga, so
+            // x⁺'s factor is one VJP, Jᵀ_{w+γw⁺} ga, and x⁻'s plain ratio is ga too.
+            let collapse = negatives_carry_nothing(y, r);
+            let k = T::of(2.0 + *gamma);
+            match (collapse, has_neg) {
+                (true, false) => {
+                    let (ga, _, _) = seeds(1);
+                    add_product(&mut out, x, layer.vjp(&ga, &gamma_weights(layer, *gamma)), T::one());
+                }
+                (true, true) => {
+                    let (ga, _, _) = seeds(1);
+                    let mut f = layer.vjp(&ga, &gamma_weights(layer, *gamma));
+                    let plain = layer.vjp(&ga, w);
+                    update2(&mut f, x, &plain, move |fv, xv, pv| xv.abs() * fv + k * neg(xv) * pv);
+                    out = Some(f);
+                }
+                (false, true) => {
+                    let (ga, gb, gc) = seeds(3);
+                    let mut f = layer.vjp_sum(&[(&ga, w), (&gb, &wp)]);
+                    drop((ga, gb));
+                    let plain = layer.vjp(&gc, w);
+                    drop(gc);
+                    // F⁺ becomes R in its own buffer: |x| ⊙ F⁺ + (2+γ)·x⁻ ⊙ Jᵀ_w g.
+                    update2(&mut f, x, &plain, move |fv, xv, pv| xv.abs() * fv + k * neg(xv) * pv);
+                    out = Some(f);
+                }
+                (false, false) => {
+                    let (ga, gb, _) = seeds(2);
+                    add_product(&mut out, x, layer.vjp_sum(&[(&ga, w), (&gb, &wp)]), T::one());
+                }
             }
         }
         Rule::ZBox => {

@@ -322,7 +322,8 @@ pub(super) fn zplus<T: Float>(
 
 /// γ on a plain 1×1 convolution, the regrouped form of `relevance_bf` (see there) per tile of `t`
 /// pixels: `y` is the forward output with the layer's stored bias, `stored` that bias and `used`
-/// the one the rule adds (none when the bias is ignored).
+/// the one the rule adds (none when the bias is ignored). `collapsed`, `w + γ·w⁺` [m, c], is given
+/// where no negative output carries relevance: then one seed and one VJP make x⁺'s factor.
 #[allow(clippy::too_many_arguments)] // the rule's full context; a struct would only rename it
 pub(super) fn gamma<T: Float>(
     l: &Layer<'_, T>,
@@ -334,9 +335,12 @@ pub(super) fn gamma<T: Float>(
     used: Bias<'_, T>,
     gamma: T,
     eps: f64,
+    collapsed: Option<&[T]>,
 ) -> Vec<T> {
     let (c, m, hw) = (l.c, l.m, l.hw);
     let plain = l.signed();
+    // Seeds: ga alone when collapsed (it is also the plain ratio), else ga, gb (and gc).
+    let n = if collapsed.is_some() { 1 } else { 2 + plain as usize };
     let k = T::of(2.0) + gamma;
     l.each_tile(t, |s, cols, sc, out| {
         let tl = cols.len();
@@ -345,18 +349,24 @@ pub(super) fn gamma<T: Float>(
         l.forward(xs, &cols, sc, Some((ys, stored)));
         // SAFETY: written by the forward.
         let p = unsafe { init(&sc.p[..m * tl]) };
-        // Seeds [ga; gb] (Jᵀ_w's and Jᵀ_{w⁺}'s) and, with x⁻, the plain ratio gc.
-        let seeds = room(&mut sc.s, (2 + plain as usize) * m * tl);
-        let (ab, gc) = seeds.split_at_mut(2 * m * tl);
-        let (ga, gb) = ab.split_at_mut(m * tl);
+        // Seeds [ga; gb] (Jᵀ_w's and Jᵀ_{w⁺}'s) and, with x⁻, the plain ratio gc; ga alone when
+        // collapsed.
+        let seeds = room(&mut sc.s, n * m * tl);
+        let (ga, rest) = seeds.split_at_mut(m * tl);
+        let (gb, gc) = rest.split_at_mut(if n >= 2 { m * tl } else { 0 });
         for i in 0..m {
             let span = i * hw + cols.start..i * hw + cols.end;
             let args = GammaPlane { gamma, eps, y: &ys[span.clone()], r: &rs[span], p: &p[i * tl..(i + 1) * tl] };
-            let (a, b) = (&mut ga[i * tl..(i + 1) * tl], &mut gb[i * tl..(i + 1) * tl]);
-            let cc: &mut [MaybeUninit<T>] = if plain { &mut gc[i * tl..(i + 1) * tl] } else { &mut [] };
+            let a = &mut ga[i * tl..(i + 1) * tl];
+            let b: &mut [MaybeUninit<T>] = if n >= 2 { &mut gb[i * tl..(i + 1) * tl] } else { &mut [] };
+            let cc: &mut [MaybeUninit<T>] = if n >= 3 { &mut gc[i * tl..(i + 1) * tl] } else { &mut [] };
             macro_rules! go {
                 ($st:expr, $us:expr) => {
-                    if plain { args.run::<true>($st, $us, a, b, cc) } else { args.run::<false>($st, $us, a, b, cc) }
+                    match n {
+                        1 => args.run::<1>($st, $us, a, b, cc),
+                        2 => args.run::<2>($st, $us, a, b, cc),
+                        _ => args.run::<3>($st, $us, a, b, cc),
+                    }
                 };
             }
             match (stored.row(i, &cols, hw), used.row(i, &cols, hw)) {
@@ -366,20 +376,61 @@ pub(super) fn gamma<T: Float>(
                 (Err(st), Err(us)) => go!(|j| st[j], |j| us[j]),
             }
         }
-        // SAFETY: `run` wrote every element of ga, gb (and gc with `plain`).
+        // SAFETY: `run` wrote every element of the n seeds.
         let (ga, gb) = unsafe { (init(ga), init(gb)) };
         // SAFETY (below): this tile's columns of sample s, written by this task alone; the first
         // product writes every element before the second accumulates onto it.
         let base = unsafe { out.add(s * c * hw + cols.start) };
         let rest = (l.n - s) * c * hw - cols.start;
-        // F⁺ = Jᵀ_w ga + Jᵀ_{w⁺} gb, straight into the output.
+        // F⁺ = Jᵀ_w ga + Jᵀ_{w⁺} gb, or Jᵀ_{w+γw⁺} ga when collapsed, straight into the output.
         unsafe {
-            matmul_raw(c, tl, m, Mat::rows_t(l.w, c), Mat::rows(ga, tl), base, rest, hw, false, Threads::One, None);
-            matmul_raw(c, tl, m, Mat::rows_t(l.wp, c), Mat::rows(gb, tl), base, rest, hw, true, Threads::One, None);
+            match collapsed {
+                Some(wg) => matmul_raw(
+                    c,
+                    tl,
+                    m,
+                    Mat::rows_t(wg, c),
+                    Mat::rows(ga, tl),
+                    base,
+                    rest,
+                    hw,
+                    false,
+                    Threads::One,
+                    None,
+                ),
+                None => {
+                    matmul_raw(
+                        c,
+                        tl,
+                        m,
+                        Mat::rows_t(l.w, c),
+                        Mat::rows(ga, tl),
+                        base,
+                        rest,
+                        hw,
+                        false,
+                        Threads::One,
+                        None,
+                    );
+                    matmul_raw(
+                        c,
+                        tl,
+                        m,
+                        Mat::rows_t(l.wp, c),
+                        Mat::rows(gb, tl),
+                        base,
+                        rest,
+                        hw,
+                        true,
+                        Threads::One,
+                        None,
+                    );
+                }
+            }
         }
         if plain {
             // R = |x| ⊙ F⁺ + (2+γ)·x⁻ ⊙ Jᵀ_w g.
-            let gc = unsafe { init(gc) };
+            let gc = if collapsed.is_some() { ga } else { unsafe { init(gc) } };
             let d = room(&mut sc.d, c * tl).as_mut_ptr() as *mut T;
             unsafe {
                 matmul_raw(c, tl, m, Mat::rows_t(l.w, c), Mat::rows(gc, tl), d, c * tl, tl, false, Threads::One, None)
@@ -516,6 +567,9 @@ mod tests {
                 for (bias, full) in [(Bias::Channel(&bc[..]), &per_channel), (Bias::Varying(&bv[..]), &bv)] {
                     let y = y_of(xv, full);
                     let yk = from_output.then_some(&y[..]);
+                    let r_relu: Vec<f64> = r.iter().zip(&y).map(|(&rv, &yv)| if yv < 0.0 { 0.0 } else { rv }).collect();
+                    assert!(r_relu.iter().zip(&r).any(|(a, b)| a != b) && r_relu.iter().any(|&v| v != 0.0));
+                    let wg: Vec<f64> = w.iter().map(|&v| v + 0.25 * pos(v)).collect();
                     for t in [16, hw.div_ceil(2), hw] {
                         let check = |got: Vec<f64>, want: Vec<f64>, what: &str| {
                             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
@@ -531,9 +585,15 @@ mod tests {
                             "z+",
                         );
                         check(
-                            gamma(&l, t, xv, &y, &r, bias, bias, 0.25, 1e-6),
+                            gamma(&l, t, xv, &y, &r, bias, bias, 0.25, 1e-6, None),
                             naive(Some(0.25), c, m, hw, xv, &w, full, full, &r),
                             "gamma",
+                        );
+                        // No relevance at negative outputs (as under a ReLU): one seed, w + γw⁺.
+                        check(
+                            gamma(&l, t, xv, &y, &r_relu, bias, bias, 0.25, 1e-6, Some(&wg)),
+                            naive(Some(0.25), c, m, hw, xv, &w, full, full, &r_relu),
+                            "gamma collapsed",
                         );
                     }
                     // The bias left out of the rule (z⁺ without b⁺; γ's sign still from the output
@@ -544,7 +604,7 @@ mod tests {
                         naive(None, c, m, hw, xv, &w, &zero, &zero, &r),
                     );
                     check_close(
-                        gamma(&l, 16, xv, &y, &r, bias, Bias::None, 1.0, 1e-6),
+                        gamma(&l, 16, xv, &y, &r, bias, Bias::None, 1.0, 1e-6, None),
                         naive(Some(1.0), c, m, hw, xv, &w, full, &zero, &r),
                     );
                 }
