@@ -403,7 +403,8 @@ impl<T: Float> GammaPlane<'_, T> {
     /// Writes the first `N` VJP seeds, every element (the buffers start uninitialised): `ga` for
     /// Jᵀ_w and `gb` for Jᵀ_{w⁺} (x⁺'s factor), and `gc`, the plain ratio g for Jᵀ_w (x⁻'s factor,
     /// see `relevance_bf`). Both output signs are computed and one selected (a branch per element
-    /// ran scalar and took an eighth of ResNet-50's εγ□ pass).
+    /// ran scalar and took an eighth of ResNet-50's εγ□ pass). With `N` = 1 it returns whether
+    /// some negative output has relevance (where ga alone is not the rule), else false.
     #[inline(always)]
     fn run<const N: usize>(
         &self,
@@ -412,7 +413,7 @@ impl<T: Float> GammaPlane<'_, T> {
         ga: &mut [MaybeUninit<T>],
         gb: &mut [MaybeUninit<T>],
         gc: &mut [MaybeUninit<T>],
-    ) {
+    ) -> bool {
         let gm = self.gamma;
         let eps = T::of(self.eps);
         let zero = T::zero();
@@ -432,9 +433,12 @@ impl<T: Float> GammaPlane<'_, T> {
         };
         let inputs = self.y.iter().zip(self.r).zip(self.p);
         if N == 1 {
+            let mut some = false;
             for (j, (ga, ((&yv, &rv), &pv))) in ga.iter_mut().zip(inputs).enumerate() {
                 ga.write(seed(j, yv, rv, pv).0);
+                some |= yv < zero && rv != zero;
             }
+            return some;
         } else if N == 3 {
             let it = ga.iter_mut().zip(gb.iter_mut()).zip(gc.iter_mut()).zip(inputs);
             for (j, (((ga, gb), gc), ((&yv, &rv), &pv))) in it.enumerate() {
@@ -450,6 +454,7 @@ impl<T: Float> GammaPlane<'_, T> {
                 gb.write(b);
             }
         }
+        false
     }
 }
 
@@ -501,13 +506,11 @@ fn gamma_weights<'w, T: Float>(layer: &'w LinearLayer<'_, T>, gamma: f64) -> Cow
     }
 }
 
-/// Whether no output below zero has relevance: the γ rule's seeds for negative outputs vanish.
-fn negatives_carry_nothing<T: Float>(y: &[T], r: &[T]) -> bool {
-    use rayon::prelude::*;
+/// Whether some output below zero has relevance (else the γ rule's seeds for negative outputs
+/// vanish).
+fn negatives_carry_some<T: Float>(y: &[T], r: &[T]) -> bool {
     let z = T::zero();
-    !y.par_chunks(1 << 14)
-        .zip(r.par_chunks(1 << 14))
-        .any(|(yc, rc)| yc.iter().zip(rc).fold(false, |n, (&yv, &rv)| n | (yv < z && rv != z)))
+    y.iter().zip(r).fold(false, |n, (&yv, &rv)| n | (yv < z && rv != z))
 }
 
 /// Whether a plain convolution's output is larger than its input, where the stacked form of a
@@ -614,9 +617,8 @@ pub fn relevance_bf<T: Float>(
         let stored = pointwise::Bias::of(layer.bias.as_deref(), g.m, pl.hw);
         return Ok(match rule {
             Rule::Gamma(gamma) => {
-                let y = y()?;
-                let wg = negatives_carry_nothing(y, r).then(|| gamma_weights(layer, *gamma));
-                pointwise::gamma(&pl, pl.tile(), x, y, r, stored, used, T::of(*gamma), stabilizer, wg.as_deref())
+                let wg = gamma_weights(layer, *gamma);
+                pointwise::gamma(&pl, pl.tile(), x, y()?, r, stored, used, T::of(*gamma), stabilizer, Some(&wg))
             }
             _ => pointwise::zplus(&pl, pl.tile(), x, y_kept, r, stored, used, stabilizer),
         });
@@ -753,6 +755,8 @@ pub fn relevance_bf<T: Float>(
             // `n` seeds: ga; ga and gb; or ga, gb and the plain ratio gc (for inputs with a
             // negative part).
             let seeds = |n: usize| {
+                // Set by a plane of the one-seed pass where a negative output has relevance.
+                let some = std::sync::atomic::AtomicBool::new(false);
                 let len = per * rows;
                 let (lb, lc) = (if n >= 2 { len } else { 0 }, if n >= 3 { len } else { 0 });
                 let (mut ga, mut gb, mut gc) =
@@ -782,11 +786,14 @@ pub fn relevance_bf<T: Float>(
                             }
                         };
                     }
-                    match (bias_of(layer.bias.as_deref(), per, c, inner), bias_of(b, per, c, inner)) {
+                    let found = match (bias_of(layer.bias.as_deref(), per, c, inner), bias_of(b, per, c, inner)) {
                         (Ok(s), Ok(u)) => go!(|_| s, |_| u),
                         (Ok(s), Err(u)) => go!(|_| s, |j| u[j]),
                         (Err(s), Ok(u)) => go!(|j| s[j], |_| u),
                         (Err(s), Err(u)) => go!(|j| s[j], |j| u[j]),
+                    };
+                    if found {
+                        some.store(true, std::sync::atomic::Ordering::Relaxed);
                     }
                 };
                 let sa = &mut ga.spare_capacity_mut()[..len];
@@ -825,27 +832,33 @@ pub fn relevance_bf<T: Float>(
                     gb.set_len(lb);
                     gc.set_len(lc);
                 }
-                (ga, gb, gc)
+                (ga, gb, gc, some.into_inner())
             };
             // Where no output below zero carries relevance (a ReLU follows, and the layer above
             // multiplies by its input, which is zero there), g⁻ = 0: ga = g⁺ and gb = γ·ga, so
-            // x⁺'s factor is one VJP, Jᵀ_{w+γw⁺} ga, and x⁻'s plain ratio is ga too.
-            let collapse = negatives_carry_nothing(y, r);
+            // x⁺'s factor is one VJP, Jᵀ_{w+γw⁺} ga, and x⁻'s plain ratio is ga too. A look at
+            // the first outputs settles most layers without a ReLU after them; the one-seed pass
+            // checks the rest as it goes (a separate pass over y and r cost 2 % of VGG-16's εγ□).
+            let head = y.len().min(1 << 10);
+            let collapsed = if negatives_carry_some(&y[..head], &r[..head]) {
+                None
+            } else {
+                let (ga, _, _, some) = seeds(1);
+                (!some).then_some(ga)
+            };
             let k = T::of(2.0 + *gamma);
-            match (collapse, has_neg) {
-                (true, false) => {
-                    let (ga, _, _) = seeds(1);
+            match (collapsed, has_neg) {
+                (Some(ga), false) => {
                     add_product(&mut out, x, layer.vjp(&ga, &gamma_weights(layer, *gamma)), T::one());
                 }
-                (true, true) => {
-                    let (ga, _, _) = seeds(1);
+                (Some(ga), true) => {
                     let mut f = layer.vjp(&ga, &gamma_weights(layer, *gamma));
                     let plain = layer.vjp(&ga, w);
                     update2(&mut f, x, &plain, move |fv, xv, pv| xv.abs() * fv + k * neg(xv) * pv);
                     out = Some(f);
                 }
-                (false, true) => {
-                    let (ga, gb, gc) = seeds(3);
+                (None, true) => {
+                    let (ga, gb, gc, _) = seeds(3);
                     let mut f = layer.vjp_sum(&[(&ga, w), (&gb, &wp)]);
                     drop((ga, gb));
                     let plain = layer.vjp(&gc, w);
@@ -854,8 +867,8 @@ pub fn relevance_bf<T: Float>(
                     update2(&mut f, x, &plain, move |fv, xv, pv| xv.abs() * fv + k * neg(xv) * pv);
                     out = Some(f);
                 }
-                (false, false) => {
-                    let (ga, gb, _) = seeds(2);
+                (None, false) => {
+                    let (ga, gb, _, _) = seeds(2);
                     add_product(&mut out, x, layer.vjp_sum(&[(&ga, w), (&gb, &wp)]), T::one());
                 }
             }

@@ -322,8 +322,9 @@ pub(super) fn zplus<T: Float>(
 
 /// γ on a plain 1×1 convolution, the regrouped form of `relevance_bf` (see there) per tile of `t`
 /// pixels: `y` is the forward output with the layer's stored bias, `stored` that bias and `used`
-/// the one the rule adds (none when the bias is ignored). `collapsed`, `w + γ·w⁺` [m, c], is given
-/// where no negative output carries relevance: then one seed and one VJP make x⁺'s factor.
+/// the one the rule adds (none when the bias is ignored). With `collapsed`, `w + γ·w⁺` [m, c], a
+/// tile where no negative output carries relevance takes one seed and one VJP for x⁺'s factor
+/// (checked per tile, on values the tile reads anyway).
 #[allow(clippy::too_many_arguments)] // the rule's full context; a struct would only rename it
 pub(super) fn gamma<T: Float>(
     l: &Layer<'_, T>,
@@ -339,13 +340,19 @@ pub(super) fn gamma<T: Float>(
 ) -> Vec<T> {
     let (c, m, hw) = (l.c, l.m, l.hw);
     let plain = l.signed();
-    // Seeds: ga alone when collapsed (it is also the plain ratio), else ga, gb (and gc).
-    let n = if collapsed.is_some() { 1 } else { 2 + plain as usize };
     let k = T::of(2.0) + gamma;
     l.each_tile(t, |s, cols, sc, out| {
         let tl = cols.len();
         let xs = &x[s * c * hw..(s + 1) * c * hw];
         let (ys, rs) = (&y[s * m * hw..(s + 1) * m * hw], &r[s * m * hw..(s + 1) * m * hw]);
+        let collapsed = collapsed.filter(|_| {
+            (0..m).all(|i| {
+                let span = i * hw + cols.start..i * hw + cols.end;
+                !super::negatives_carry_some(&ys[span.clone()], &rs[span])
+            })
+        });
+        // Seeds: ga alone when collapsed (it is also the plain ratio), else ga, gb (and gc).
+        let n = if collapsed.is_some() { 1 } else { 2 + plain as usize };
         l.forward(xs, &cols, sc, Some((ys, stored)));
         // SAFETY: written by the forward.
         let p = unsafe { init(&sc.p[..m * tl]) };
@@ -369,12 +376,13 @@ pub(super) fn gamma<T: Float>(
                     }
                 };
             }
-            match (stored.row(i, &cols, hw), used.row(i, &cols, hw)) {
+            // (Whether a negative output has relevance was settled above for the tile.)
+            let _ = match (stored.row(i, &cols, hw), used.row(i, &cols, hw)) {
                 (Ok(st), Ok(us)) => go!(|_| st, |_| us),
                 (Ok(st), Err(us)) => go!(|_| st, |j| us[j]),
                 (Err(st), Ok(us)) => go!(|j| st[j], |_| us),
                 (Err(st), Err(us)) => go!(|j| st[j], |j| us[j]),
-            }
+            };
         }
         // SAFETY: `run` wrote every element of the n seeds.
         let (ga, gb) = unsafe { (init(ga), init(gb)) };
@@ -568,6 +576,8 @@ mod tests {
                     let y = y_of(xv, full);
                     let yk = from_output.then_some(&y[..]);
                     let r_relu: Vec<f64> = r.iter().zip(&y).map(|(&rv, &yv)| if yv < 0.0 { 0.0 } else { rv }).collect();
+                    // Masked in the first 16 columns of every plane only.
+                    let r_mixed: Vec<f64> = (0..r.len()).map(|i| if i % hw < 16 { r_relu[i] } else { r[i] }).collect();
                     assert!(r_relu.iter().zip(&r).any(|(a, b)| a != b) && r_relu.iter().any(|&v| v != 0.0));
                     let wg: Vec<f64> = w.iter().map(|&v| v + 0.25 * pos(v)).collect();
                     for t in [16, hw.div_ceil(2), hw] {
@@ -589,12 +599,16 @@ mod tests {
                             naive(Some(0.25), c, m, hw, xv, &w, full, full, &r),
                             "gamma",
                         );
-                        // No relevance at negative outputs (as under a ReLU): one seed, w + γw⁺.
-                        check(
-                            gamma(&l, t, xv, &y, &r_relu, bias, bias, 0.25, 1e-6, Some(&wg)),
-                            naive(Some(0.25), c, m, hw, xv, &w, full, full, &r_relu),
-                            "gamma collapsed",
-                        );
+                        // No relevance at negative outputs (as under a ReLU): one seed, w + γw⁺;
+                        // where some have relevance, the full form (per tile: on the mixed
+                        // relevance the first tiles collapse and the last do not).
+                        for rr in [&r, &r_relu, &r_mixed] {
+                            check(
+                                gamma(&l, t, xv, &y, rr, bias, bias, 0.25, 1e-6, Some(&wg)),
+                                naive(Some(0.25), c, m, hw, xv, &w, full, full, rr),
+                                "gamma collapsed",
+                            );
+                        }
                     }
                     // The bias left out of the rule (z⁺ without b⁺; γ's sign still from the output
                     // with its stored bias).
