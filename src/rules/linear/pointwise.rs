@@ -104,6 +104,42 @@ unsafe fn init<T>(v: &[MaybeUninit<T>]) -> &[T] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const T, v.len()) }
 }
 
+/// `Jᵀ_w s` for one tile: `w` [rows, m] read transposed times the seeds `s` [m, tl], into `dst`
+/// (rows of stride `stride`, `len` elements valid), added onto it with `accumulate`.
+///
+/// # Safety
+/// As [`matmul_raw`]: `dst` valid for `rows` rows of `tl` at stride `stride` within `len`,
+/// initialised when `accumulate`, and not aliased during the call.
+#[allow(clippy::too_many_arguments)] // a product's full shape; a struct would only rename it
+unsafe fn vjp_tile<T: Float>(
+    rows: usize,
+    m: usize,
+    w: &[T],
+    s: &[T],
+    tl: usize,
+    dst: *mut T,
+    len: usize,
+    stride: usize,
+    accumulate: bool,
+) {
+    // SAFETY: by the caller.
+    unsafe {
+        matmul_raw(
+            rows,
+            tl,
+            m,
+            Mat::rows_t(w, rows),
+            Mat::rows(s, tl),
+            dst,
+            len,
+            stride,
+            accumulate,
+            Threads::One,
+            None,
+        )
+    }
+}
+
 impl<T: Float> Layer<'_, T> {
     /// Whether the input has negative values.
     fn signed(&self) -> bool {
@@ -268,21 +304,7 @@ pub(super) fn zplus<T: Float>(
             Some(w2) => {
                 // [Jᵀ_{w⁺} g; Jᵀ_{w⁻} g], then x⁺ times the first half plus x⁻ times the second.
                 let d = room(&mut sc.d, 2 * c * tl).as_mut_ptr() as *mut T;
-                unsafe {
-                    matmul_raw(
-                        2 * c,
-                        tl,
-                        m,
-                        Mat::rows_t(w2, 2 * c),
-                        Mat::rows(g, tl),
-                        d,
-                        2 * c * tl,
-                        tl,
-                        false,
-                        Threads::One,
-                        None,
-                    )
-                };
+                unsafe { vjp_tile(2 * c, m, w2, g, tl, d, 2 * c * tl, tl, false) };
                 let d = unsafe { std::slice::from_raw_parts(d as *const T, 2 * c * tl) };
                 for i in 0..c {
                     let xr = &xs[i * hw + cols.start..i * hw + cols.end];
@@ -295,21 +317,7 @@ pub(super) fn zplus<T: Float>(
                 }
             }
             None => {
-                unsafe {
-                    matmul_raw(
-                        c,
-                        tl,
-                        m,
-                        Mat::rows_t(l.wp, c),
-                        Mat::rows(g, tl),
-                        base,
-                        rest,
-                        hw,
-                        false,
-                        Threads::One,
-                        None,
-                    )
-                };
+                unsafe { vjp_tile(c, m, l.wp, g, tl, base, rest, hw, false) };
                 for i in 0..c {
                     let xr = &xs[i * hw + cols.start..i * hw + cols.end];
                     let o = unsafe { std::slice::from_raw_parts_mut(base.add(i * hw), tl) };
@@ -393,46 +401,10 @@ pub(super) fn gamma<T: Float>(
         // F⁺ = Jᵀ_w ga + Jᵀ_{w⁺} gb, or Jᵀ_{w+γw⁺} ga when collapsed, straight into the output.
         unsafe {
             match collapsed {
-                Some(wg) => matmul_raw(
-                    c,
-                    tl,
-                    m,
-                    Mat::rows_t(wg, c),
-                    Mat::rows(ga, tl),
-                    base,
-                    rest,
-                    hw,
-                    false,
-                    Threads::One,
-                    None,
-                ),
+                Some(wg) => vjp_tile(c, m, wg, ga, tl, base, rest, hw, false),
                 None => {
-                    matmul_raw(
-                        c,
-                        tl,
-                        m,
-                        Mat::rows_t(l.w, c),
-                        Mat::rows(ga, tl),
-                        base,
-                        rest,
-                        hw,
-                        false,
-                        Threads::One,
-                        None,
-                    );
-                    matmul_raw(
-                        c,
-                        tl,
-                        m,
-                        Mat::rows_t(l.wp, c),
-                        Mat::rows(gb, tl),
-                        base,
-                        rest,
-                        hw,
-                        true,
-                        Threads::One,
-                        None,
-                    );
+                    vjp_tile(c, m, l.w, ga, tl, base, rest, hw, false);
+                    vjp_tile(c, m, l.wp, gb, tl, base, rest, hw, true);
                 }
             }
         }
@@ -440,9 +412,7 @@ pub(super) fn gamma<T: Float>(
             // R = |x| ⊙ F⁺ + (2+γ)·x⁻ ⊙ Jᵀ_w g.
             let gc = if collapsed.is_some() { ga } else { unsafe { init(gc) } };
             let d = room(&mut sc.d, c * tl).as_mut_ptr() as *mut T;
-            unsafe {
-                matmul_raw(c, tl, m, Mat::rows_t(l.w, c), Mat::rows(gc, tl), d, c * tl, tl, false, Threads::One, None)
-            };
+            unsafe { vjp_tile(c, m, l.w, gc, tl, d, c * tl, tl, false) };
             let d = unsafe { std::slice::from_raw_parts(d as *const T, c * tl) };
             for i in 0..c {
                 let xr = &xs[i * hw + cols.start..i * hw + cols.end];
