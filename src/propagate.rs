@@ -403,9 +403,9 @@ fn explain_batch<T: Float>(
 
 /// The values the rules read in the backward pass, which the forward pass keeps: the inputs and
 /// outputs of every node that carries relevance, except what its rule does not read (see
-/// [`Rule::reads_nothing`], [`Rule::reads_output`] and [`Rule::reads_output_over_signed_input`]). What is not kept is freed as soon as the
-/// forward pass is done with it, and a convolution whose output is not kept runs fused with the
-/// activation after it.
+/// [`Rule::reads_nothing`], [`Rule::reads_output`] and [`Rule::reads_output_over_signed_input`]).
+/// What is not kept is freed as soon as the forward pass is done with it, and a convolution whose
+/// output is not kept runs fused with the activation after it.
 fn needed_values(plan: &Plan) -> Vec<bool> {
     let g = &plan.graph;
     let mut needed = vec![false; g.names.len()];
@@ -549,9 +549,13 @@ mod tests {
     use crate::rules::grad::RuleOpts;
 
     fn plan(composite: &str) -> Plan {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let g = crate::onnx::load(root.join("tests/fixtures/vgg/model.onnx")).unwrap();
-        let x: Value<f32> = crate::io::read_npy(&root.join("tests/fixtures/vgg/input_0.npy")).unwrap();
+        plan_of("vgg", composite)
+    }
+
+    fn plan_of(fixture: &str, composite: &str) -> Plan {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fixture);
+        let g = crate::onnx::load(root.join("model.onnx")).unwrap();
+        let x: Value<f32> = crate::io::read_npy(&root.join("input_0.npy")).unwrap();
         let method = Method::Lrp(Box::new(Composite::named(composite, &Params::default()).unwrap()));
         let opts = RuleOpts { bounds: Some(Bounds { low: vec![-3.0], high: vec![3.0] }), ..RuleOpts::default() };
         let s = Settings { method, canonize: Mode::Full, opts, tolerance: 1e-4 };
@@ -597,6 +601,67 @@ mod tests {
         let needed = needed_values(&p);
         for n in p.graph.nodes.iter().filter(|n| matches!(n.op, Op::Relu)) {
             assert!(needed[n.outputs[0].unwrap()], "output of {} not kept", n.name);
+        }
+    }
+
+    #[test]
+    fn z_plus_keeps_its_output_over_signed_inputs_of_narrowing_layers() {
+        // DenseNet, fully canonized: 1×1 layers read threshold ReLUs (thresholds below zero: inputs
+        // of both signs) and feed a ReLU. Nothing else reads their output, so it is kept exactly
+        // where z⁺ makes its forward from it: where the layer does not widen. (Outputs before a
+        // ReLU over non-negative inputs are not kept: `forward_keeps_only_what_the_rules_read`.)
+        let p = plan_of("densenet", "epsilon_plus_flat");
+        let g = &p.graph;
+        let needed = needed_values(&p);
+        let (producers, consumers) = (g.producers(), g.consumers());
+        let mut seen = [0, 0];
+        for (n, r) in g.nodes.iter().zip(&p.rules) {
+            let (Some(x), Some(y)) = (n.input(0), n.outputs[0]) else { continue };
+            let signed = matches!(producers[x].map(|i| &g.nodes[i].op),
+                Some(Op::ThreshRelu { thresholds, .. }) if thresholds.iter().any(|&t| t < 0.0));
+            let into_relu = consumers[y].iter().all(|&(i, _)| matches!(g.nodes[i].op, Op::Relu));
+            if !matches!(n.op, Op::Conv { .. }) || r.as_ref() != Some(&Rule::ZPlus) || !signed || !into_relu {
+                continue;
+            }
+            let w = g.consts.get(&n.input(1).unwrap()).unwrap().shape().to_vec();
+            let narrow = w[0] <= w[1];
+            assert_eq!(needed[y], narrow, "{}: weights {w:?}", n.name);
+            seen[narrow as usize] += 1;
+        }
+        assert!(seen[1] >= 1, "no signed narrowing layer in the fixture ({seen:?})");
+    }
+
+    #[test]
+    fn narrowing_compares_output_with_input_channels() {
+        use crate::graph::ir::{AutoPad, Node, Window};
+        let win = Window { kernel: None, strides: vec![], dilations: vec![], pads: vec![], auto_pad: AutoPad::NotSet };
+        let conv = |group| Op::Conv { win: win.clone(), group };
+        let gemm = |trans_b| Op::Gemm { alpha: 1.0, beta: 1.0, trans_a: false, trans_b };
+        // (op, weight shape, whether the output has no more channels or features than the input)
+        let cases = [
+            (conv(1), vec![8, 4, 1, 1], false),
+            (conv(1), vec![4, 8, 1, 1], true),
+            (conv(1), vec![8, 8, 3, 3], true),
+            (conv(8), vec![8, 1, 3, 3], true), // depthwise
+            (conv(4), vec![16, 1, 3, 3], false),
+            (gemm(true), vec![10, 20], true),   // [n, k]
+            (gemm(false), vec![10, 20], false), // [k, n]
+            (Op::MatMul, vec![20, 10], true),
+        ];
+        for (op, shape, want) in cases {
+            let mut g = Graph::default();
+            let x = g.add_value("x");
+            let w = g.add_value("w");
+            g.consts.insert(w, crate::tensor::Const::float(ArrayD::zeros(ndarray::IxDyn(&shape))));
+            let y = g.add_value("y");
+            let n = Node {
+                name: "n".into(),
+                op,
+                op_type: "T".into(),
+                inputs: vec![Some(x), Some(w)],
+                outputs: vec![Some(y)],
+            };
+            assert_eq!(narrowing(&g, &n), want, "{:?} {shape:?}", n.op);
         }
     }
 }
