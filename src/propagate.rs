@@ -552,10 +552,16 @@ mod tests {
         plan_of("vgg", composite)
     }
 
+    /// The plan for a fixture's input and model (the bundled one for EfficientNet-Lite0).
     fn plan_of(fixture: &str, composite: &str) -> Plan {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(fixture);
-        let g = crate::onnx::load(root.join("model.onnx")).unwrap();
-        let x: Value<f32> = crate::io::read_npy(&root.join("input_0.npy")).unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+        let dir = root.join("tests/fixtures").join(fixture);
+        let model = match fixture {
+            "efficientnet_lite0" => root.join("assets/models/efficientnet_lite0.onnx"),
+            _ => dir.join("model.onnx"),
+        };
+        let g = crate::onnx::load(model).unwrap();
+        let x: Value<f32> = crate::io::read_npy(&dir.join("input_0.npy")).unwrap();
         let method = Method::Lrp(Box::new(Composite::named(composite, &Params::default()).unwrap()));
         let opts = RuleOpts { bounds: Some(Bounds { low: vec![-3.0], high: vec![3.0] }), ..RuleOpts::default() };
         let s = Settings { method, canonize: Mode::Full, opts, tolerance: 1e-4 };
@@ -607,28 +613,30 @@ mod tests {
     #[test]
     fn z_plus_keeps_its_output_over_signed_inputs_of_narrowing_layers() {
         // DenseNet, fully canonized: 1×1 layers read threshold ReLUs (thresholds below zero: inputs
-        // of both signs) and feed a ReLU. Nothing else reads their output, so it is kept exactly
-        // where z⁺ makes its forward from it: where the layer does not widen. (Outputs before a
-        // ReLU over non-negative inputs are not kept: `forward_keeps_only_what_the_rules_read`.)
-        let p = plan_of("densenet", "epsilon_plus_flat");
-        let g = &p.graph;
-        let needed = needed_values(&p);
-        let (producers, consumers) = (g.producers(), g.consumers());
-        let mut seen = [0, 0];
-        for (n, r) in g.nodes.iter().zip(&p.rules) {
-            let (Some(x), Some(y)) = (n.input(0), n.outputs[0]) else { continue };
-            let signed = matches!(producers[x].map(|i| &g.nodes[i].op),
-                Some(Op::ThreshRelu { thresholds, .. }) if thresholds.iter().any(|&t| t < 0.0));
-            let into_relu = consumers[y].iter().all(|&(i, _)| matches!(g.nodes[i].op, Op::Relu));
-            if !matches!(n.op, Op::Conv { .. }) || r.as_ref() != Some(&Rule::ZPlus) || !signed || !into_relu {
-                continue;
+        // of both signs) and feed a ReLU; EfficientNet-Lite0's expansions read the projections
+        // (no activation) and feed a ReLU6. Nothing else reads those outputs, so one is kept
+        // exactly where z⁺ makes its forward from it: where the layer does not widen (DenseNet's
+        // 1×1 layers, not the six-fold expansions). Outputs before a ReLU over non-negative inputs
+        // are not kept: `forward_keeps_only_what_the_rules_read`.
+        for (fixture, narrow_ones) in [("densenet", true), ("efficientnet_lite0", false)] {
+            let p = plan_of(fixture, "epsilon_plus_flat");
+            let g = &p.graph;
+            let needed = needed_values(&p);
+            let (nonneg, consumers) = (g.nonnegative(), g.consumers());
+            let mut seen = [0, 0];
+            for (n, r) in g.nodes.iter().zip(&p.rules) {
+                let (Some(x), Some(y)) = (n.input(0), n.outputs[0]) else { continue };
+                let into_act = consumers[y].iter().all(|&(i, _)| matches!(g.nodes[i].op, Op::Relu | Op::Clip { .. }));
+                if !matches!(n.op, Op::Conv { .. }) || r.as_ref() != Some(&Rule::ZPlus) || nonneg[x] || !into_act {
+                    continue;
+                }
+                let w = g.consts.get(&n.input(1).unwrap()).unwrap().shape().to_vec();
+                let narrow = w[0] <= w[1];
+                assert_eq!(needed[y], narrow, "{fixture} {}: weights {w:?}", n.name);
+                seen[narrow as usize] += 1;
             }
-            let w = g.consts.get(&n.input(1).unwrap()).unwrap().shape().to_vec();
-            let narrow = w[0] <= w[1];
-            assert_eq!(needed[y], narrow, "{}: weights {w:?}", n.name);
-            seen[narrow as usize] += 1;
+            assert!(seen[narrow_ones as usize] >= 4, "{fixture}: {seen:?} (widening, not)");
         }
-        assert!(seen[1] >= 1, "no signed narrowing layer in the fixture ({seen:?})");
     }
 
     #[test]
