@@ -471,19 +471,21 @@ impl Graph {
     /// clamp at or above zero, a sigmoid or softmax, a threshold ReLU whose kept and filled values
     /// cannot be negative, and the pooling, reshaping, joins, sums and products of such values;
     /// non-negative constants. False where it may be negative (graph inputs, linear layers, the
-    /// rest): the rules use it to keep what inputs of both signs need.
+    /// rest): the rules use it to keep what inputs of both signs need. Constants are read only
+    /// where an op's answer depends on them (a clamp's bound, a sum's operand), never a layer's
+    /// weights: this runs per explanation.
     pub fn nonnegative(&self) -> Vec<bool> {
+        let konst = |v: ValueId| match self.consts.get(&v) {
+            Some(Const::F(a)) => a.iter().all(|x| *x >= 0.0),
+            Some(Const::F32(a)) => a.iter().all(|x| *x >= 0.0),
+            Some(Const::I(a)) => a.iter().all(|x| *x >= 0),
+            None => false,
+        };
         let mut nn = vec![false; self.names.len()];
-        for (&id, c) in &self.consts {
-            nn[id] = match c {
-                Const::F(a) => a.iter().all(|v| *v >= 0.0),
-                Const::F32(a) => a.iter().all(|v| *v >= 0.0),
-                Const::I(a) => a.iter().all(|v| *v >= 0),
-            };
-        }
         for n in &self.nodes {
-            let input = |i: usize| n.input(i).is_some_and(|v| nn[v]);
-            let all = || n.inputs.iter().flatten().all(|v| nn[*v]);
+            let at = |v: ValueId| nn[v] || konst(v);
+            let input = |i: usize| n.input(i).is_some_and(at);
+            let all = || n.inputs.iter().flatten().all(|&v| at(v));
             let out = match &n.op {
                 Op::Relu | Op::Sigmoid | Op::Softmax { .. } | Op::HardSigmoid { .. } | Op::Sqrt => true,
                 Op::Clip { min, .. } => min.is_some_and(|m| m >= 0.0) || input(1),
@@ -504,7 +506,7 @@ impl Graph {
                 | Op::Dropout
                 | Op::Expand
                 | Op::Gather { .. } => input(0),
-                Op::Pad { value, .. } => input(0) && n.input(2).map_or(*value >= 0.0, |v| nn[v]),
+                Op::Pad { value, .. } => input(0) && n.input(2).map_or(*value >= 0.0, at),
                 Op::Concat { .. } | Op::Add | Op::Mul => all(),
                 _ => false,
             };

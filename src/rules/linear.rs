@@ -86,14 +86,14 @@ impl WeightMod {
 pub struct WeightCache<T> {
     /// The modified weights by modification.
     pub map: std::collections::HashMap<WeightMod, Vec<T>>,
-    /// `[w⁺ | w⁻]` stacked along the input channels, made on first use (only layers whose input
-    /// has both signs need it, which is known at run time).
+    /// The variants that depend on what the input and the relevance turn out to be, made on
+    /// first use: `[w⁺ | w⁻]` stacked along the input channels and `|w|` (inputs with both
+    /// signs), `w + γ·w⁺` for the rule's γ (no relevance at negative outputs).
     stacked: std::sync::OnceLock<Vec<T>>,
-    /// `|w|`, made on first use (as `stacked`).
     abs: std::sync::OnceLock<Vec<T>>,
-    /// `w + γ·w⁺` with γ's bits, made on first use (only where negative outputs carry no
-    /// relevance, which is known at run time).
-    gamma: std::sync::OnceLock<(u64, Vec<T>)>,
+    gamma_weights: std::sync::OnceLock<Vec<T>>,
+    /// The γ of the rule the cache was made for.
+    gamma: Option<f64>,
 }
 
 impl<T: Float> WeightCache<T> {
@@ -103,7 +103,8 @@ impl<T: Float> WeightCache<T> {
             map: WeightMod::for_rule(rule).into_iter().map(|m| (m, m.apply(w))).collect(),
             stacked: Default::default(),
             abs: Default::default(),
-            gamma: Default::default(),
+            gamma_weights: Default::default(),
+            gamma: if let Rule::Gamma(g) = rule { Some(*g) } else { None },
         }
     }
 }
@@ -471,39 +472,34 @@ fn split_signs<T: Float>(g: &ConvGeom, x: &[T]) -> Vec<T> {
     x2
 }
 
-/// `[w⁺ | w⁻]` of a convolution, cached per plan when the layer's weights are stored ones.
+/// A modified copy of the layer's weights, made once per plan and kept in the slot `cell` picks
+/// from its cache when the layer's weights are the stored ones (and the slot fits), else per call.
+fn lazily<'w, T: Float>(
+    layer: &'w LinearLayer<'_, T>,
+    cell: impl FnOnce(&'w WeightCache<T>) -> Option<&'w std::sync::OnceLock<Vec<T>>>,
+    make: impl FnOnce(&[T]) -> Vec<T>,
+) -> Cow<'w, [T]> {
+    match layer.cache.and_then(cell) {
+        Some(c) if matches!(layer.w, Cow::Borrowed(_)) => Cow::Borrowed(&c.get_or_init(|| make(&layer.w))[..]),
+        _ => Cow::Owned(make(&layer.w)),
+    }
+}
+
+/// `[w⁺ | w⁻]` of a convolution.
 fn stacked_weights<'w, T: Float>(layer: &'w LinearLayer<'_, T>, g: &ConvGeom) -> Cow<'w, [T]> {
     let row = g.c * g.kh * g.kw;
-    match layer.cache {
-        Some(c) if matches!(layer.w, Cow::Borrowed(_)) => {
-            Cow::Borrowed(&c.stacked.get_or_init(|| stack_pos_neg(&layer.w, row))[..])
-        }
-        _ => Cow::Owned(stack_pos_neg(&layer.w, row)),
-    }
+    lazily(layer, |c| Some(&c.stacked), |w| stack_pos_neg(w, row))
 }
 
-/// `|w|`, cached per plan when the layer's weights are stored ones.
+/// `|w|`.
 fn abs_weights<'w, T: Float>(layer: &'w LinearLayer<'_, T>) -> Cow<'w, [T]> {
-    match layer.cache {
-        Some(c) if matches!(layer.w, Cow::Borrowed(_)) => {
-            Cow::Borrowed(&c.abs.get_or_init(|| map(&layer.w, |v| v.abs()))[..])
-        }
-        _ => Cow::Owned(map(&layer.w, |v| v.abs())),
-    }
+    lazily(layer, |c| Some(&c.abs), |w| map(w, |v| v.abs()))
 }
 
-/// `w + γ·w⁺`, the γ rule's weights for positive outputs, cached per plan when the layer's
-/// weights are stored ones (for the γ the cache was made with).
+/// `w + γ·w⁺`, the γ rule's weights for positive outputs (cached for the γ of the plan's rule).
 fn gamma_weights<'w, T: Float>(layer: &'w LinearLayer<'_, T>, gamma: f64) -> Cow<'w, [T]> {
     let gm = T::of(gamma);
-    let make = || map(&layer.w, move |v| v + gm * pos(v));
-    match layer.cache {
-        Some(c) if matches!(layer.w, Cow::Borrowed(_)) => {
-            let (bits, w) = c.gamma.get_or_init(|| (gamma.to_bits(), make()));
-            if *bits == gamma.to_bits() { Cow::Borrowed(&w[..]) } else { Cow::Owned(make()) }
-        }
-        _ => Cow::Owned(make()),
-    }
+    lazily(layer, |c| (c.gamma == Some(gamma)).then_some(&c.gamma_weights), |w| map(w, move |v| v + gm * pos(v)))
 }
 
 /// Whether some output below zero has relevance (else the γ rule's seeds for negative outputs
@@ -666,28 +662,25 @@ pub fn relevance_bf<T: Float>(
             // Positive part: x⁺w⁺ + x⁻w⁻ (+ b⁺); negative part: x⁺w⁻ + x⁻w⁺ (+ b⁻). Over inputs of
             // both signs with the output kept, the positive part is one product (see pos_part)
             // and the negative part x·w less it.
-            let mut p = match (has_neg, y_kept) {
-                (true, Some(y)) => Some(layer.pos_part(x, y)),
-                _ => None,
-            };
+            let mut from_output: [Option<Vec<T>>; 2] = [None, None];
+            if let (true, Some(y)) = (has_neg, y_kept) {
+                let p = layer.pos_part(x, y);
+                if beta != 0.0 {
+                    let mut q = map2(y, &p, |yv, pv| yv - pv);
+                    if let Some(bs) = &layer.bias {
+                        add_bias(&layer.kind, &mut q, bs, -T::one());
+                    }
+                    from_output[1] = Some(q);
+                }
+                from_output[0] = Some(p);
+            }
             let parts: [Part<T, f64, Vec<T>>; 2] = [(alpha, &wp, &wn, bm(pos)), (-beta, &wn, &wp, bm(neg))];
             for (k, (scale, w_for_pos, w_for_neg, bias)) in parts.into_iter().enumerate() {
                 if scale == 0.0 {
                     continue;
                 }
-                // The part without its bias, from the output (taken by the last part using it).
-                let from_output = match (k, &mut p, y_kept) {
-                    (0, p, _) if beta == 0.0 => p.take(),
-                    (0, Some(p), _) => Some(p.clone()),
-                    (_, Some(p), Some(y)) => {
-                        let mut q = map2(y, p, |yv, pv| yv - pv);
-                        if let Some(bs) = &layer.bias {
-                            add_bias(&layer.kind, &mut q, bs, -T::one());
-                        }
-                        Some(q)
-                    }
-                    _ => None,
-                };
+                // The part without its bias, when made from the output above.
+                let from_output = from_output[k].take();
                 // A plain convolution over inputs of both signs: the positive part as one
                 // convolution of [x⁺; x⁻] with [w⁺ | w⁻] and one VJP, instead of two of each and a
                 // sum (EfficientNet-Lite0's expansion convolutions read the unactivated projections).
