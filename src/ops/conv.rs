@@ -829,7 +829,7 @@ pub fn conv2d_onto<T: Float>(
     let stem = (wino.is_none() && direct::pays::<T>(g)).then(|| direct::Direct::new(g, wt, bias, clamp));
     // Other stride-1 layers with small kernels: one product per tap over shifted views (see
     // `shifted`).
-    let shift = wino.is_none() && stem.is_none() && shifted::applies(g);
+    let shift = wino.is_none() && stem.is_none() && shifted::applies::<T>(g);
     // Writes one sample's outputs at `ys`, [m, oh, ow].
     let sample = |xs: &[T], ys: *mut T, threads: Threads| {
         let ys = SendPtr(ys);
@@ -1007,7 +1007,7 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
     // uninitialised output as above. DenseNet-121's 32→128 VJPs on 14×14 planes ran 0.6× their
     // im2col time; a 128→128 one on 14×14 1.15× (`convbench`, batch 1), so wider layers keep
     // im2col and col2im.
-    if let Some(gv) = shifted_vjp_geom(g).filter(|gv| gv.c <= 64 && shifted::applies(gv)) {
+    if let Some(gv) = shifted_vjp_geom(g).filter(|gv| gv.c <= 64 && shifted::applies::<T>(gv)) {
         return per_sample_uninit(g.n, xsz, |s, dxs, threads| {
             let ts: Vec<(&[T], &[T])> = terms.iter().map(|(dy, wt)| (part(dy, s, ysz), *wt)).collect();
             // SAFETY: sample s's [c, h, w] input gradient, the VJP geometry's output.
@@ -1543,7 +1543,7 @@ mod tests {
         ];
         let mut vjps = 0;
         for g in geoms {
-            assert!(shifted::applies(&g), "{g:?}");
+            assert!(shifted::applies::<f64>(&g), "{g:?}");
             let (oh, ow) = g.out_hw().unwrap();
             let x = data(g.n * g.c * g.h * g.w, 21);
             let wt = data(g.m * g.c * g.kh * g.kw, 22);
@@ -1575,12 +1575,71 @@ mod tests {
             let dy2 = data(g.n * g.m * oh * ow, 27);
             let mut want = naive_vjp(&g, &dy, &wt);
             want.iter_mut().zip(naive_vjp(&g, &dy2, &w2)).for_each(|(a, b)| *a += b);
-            vjps += usize::from(shifted_vjp_geom(&g).filter(|gv| gv.c <= 64 && shifted::applies(gv)).is_some());
+            vjps += usize::from(shifted_vjp_geom(&g).filter(|gv| gv.c <= 64 && shifted::applies::<f64>(gv)).is_some());
             let got = conv2d_vjp_sum(&g, &[(&dy, &wt), (&dy2, &w2)]);
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
                 assert!((a - b).abs() < 1e-12, "{g:?} vjp input {i}: {a} vs {b}");
             }
         }
+        assert!(vjps >= 4, "the VJPs' shifted path ran on {vjps} geometries");
+    }
+
+    /// The shifted products in f32 (the register-blocked kernel where the CPU has AVX-512F, one
+    /// matrix product per tap elsewhere) against the float64 loops: forward with bias, clamp and
+    /// an initial output, and the input VJP summed over two terms (the transposed weights read in
+    /// place). Output channels 5, 7, 11, 20, 21, 40, 48 and 64 leave most remainders of the blocks of
+    /// eight; 8×8 and 6×6 planes are fewer grid tiles than threads' shares, so the work splits
+    /// over channel blocks; the last two geometries take the kernel only in f32 (weights above
+    /// eight times the input).
+    #[test]
+    fn shifted_products_f32_match_naive() {
+        let base = ConvGeom { h: 34, w: 34, ..winograd_geoms()[0] };
+        let geoms = [
+            ConvGeom { c: 17, m: 5, h: 13, w: 10, pads: [2, 0, 1, 3], ..base },
+            ConvGeom { n: 2, h: 15, w: 12, kh: 5, dilation: [2, 1], pads: [4, 1, 3, 0], ..base },
+            ConvGeom { m: 7, h: 6, w: 20, kh: 1, kw: 7, pads: [0, 3, 0, 3], ..base },
+            ConvGeom { c: 40, m: 21, h: 8, w: 8, pads: [1, 0, 2, 1], ..base },
+            ConvGeom { c: 16, m: 40, h: 12, w: 12, pads: [0; 4], ..base },
+            ConvGeom { n: 2, c: 24, m: 11, h: 34, w: 33, ..base },
+            ConvGeom { c: 16, m: 64, h: 6, w: 6, ..base },
+            ConvGeom { c: 32, m: 48, h: 7, w: 7, pads: [2, 1, 0, 1], ..base },
+        ];
+        let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        let (mut wide, mut vjps) = (0, 0);
+        for g in geoms {
+            assert!(shifted::applies::<f32>(&g) || !crate::ops::avx512(), "{g:?}");
+            wide += usize::from(!shifted::applies::<f64>(&g));
+            if winograd::Geom::forward::<f32>(&g).is_some() || direct::pays::<f32>(&g) {
+                continue;
+            }
+            let (oh, ow) = g.out_hw().unwrap();
+            let x = data(g.n * g.c * g.h * g.w, 31);
+            let wt = data(g.m * g.c * g.kh * g.kw, 32);
+            let bias = data(g.m, 33);
+            let init = data(g.n * g.m * oh * ow, 34);
+            let plain = naive(&g, &x, &wt);
+            // Sums of up to 40·9 products of values up to 2: f32 rounding stays far below 1e-3.
+            let y = conv2d_onto(&g, &f(&x), &f(&wt), Some(&f(&bias)), Some((-3.0, 4.0)), Some(f(&init)));
+            for (i, (a, b)) in y.iter().zip(&plain).enumerate() {
+                let want = (b + bias[(i / (oh * ow)) % g.m] + init[i]).clamp(-3.0, 4.0);
+                assert!((*a as f64 - want).abs() < 1e-3, "{g:?} output {i}: {a} vs {want}");
+            }
+            let w2 = data(g.m * g.c * g.kh * g.kw, 35);
+            let dy = data(g.n * g.m * oh * ow, 36);
+            let dy2 = data(g.n * g.m * oh * ow, 37);
+            let mut want = naive_vjp(&g, &dy, &wt);
+            want.iter_mut().zip(naive_vjp(&g, &dy2, &w2)).for_each(|(a, b)| *a += b);
+            let (dy, dy2, wt, w2) = (f(&dy), f(&dy2), f(&wt), f(&w2));
+            vjps += usize::from(
+                winograd::Geom::vjp::<f32>(&g).is_none()
+                    && shifted_vjp_geom(&g).is_some_and(|gv| gv.c <= 64 && shifted::applies::<f32>(&gv)),
+            );
+            let got = conv2d_vjp_sum(&g, &[(&dy, &wt), (&dy2, &w2)]);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!((*a as f64 - b).abs() < 1e-3, "{g:?} vjp input {i}: {a} vs {b}");
+            }
+        }
+        assert!(!crate::ops::avx512() || wide == 2, "{wide} geometries only for the register kernel");
         assert!(vjps >= 4, "the VJPs' shifted path ran on {vjps} geometries");
     }
 

@@ -12,7 +12,10 @@
 //!
 //! The output is computed in blocks of columns, all taps of a block before the next, so that the
 //! block's sums stay in cache between products; a block's finished rows are then written to the
-//! output with bias, initial output and clamp.
+//! output with bias, initial output and clamp. In f32 with AVX-512F the products are instead one
+//! hand-written kernel ([`Registers`]) that keeps a block's sums in registers over every channel
+//! and tap: the matrix product per tap packed its weights per sample and wrote its sums back per
+//! tap, which the library's product cannot be told to skip.
 
 use super::conv::ConvGeom;
 use super::gemm::{Mat, SendPtr, Threads, matmul_raw};
@@ -30,13 +33,15 @@ const BLOCK: usize = 1024;
 /// read, per sample: ResNet-50's 256-channel 14×14 and 512-channel 7×7 layers (weights 12× and
 /// 94× their inputs) ran 1.07–1.13× their im2col time, its 128-channel 14×14 ones (6×) 0.77×,
 /// DenseNet-121's 128→32 layers 0.56–0.9× (`convbench`, batches 1 and 8, `RELPROP_SHIFTED=off`
-/// alternated).
-pub(super) fn applies(g: &ConvGeom) -> bool {
+/// alternated). The register-blocked kernel packs nothing and takes weights up to 24 times the
+/// input: ResNet-50's 256-channel 14×14 layers ran 0.92× their im2col time, its 512-channel 7×7
+/// ones 1.28× (a 7×9 grid is 63 columns in tiles of 48).
+pub(super) fn applies<T: Float>(g: &ConvGeom) -> bool {
     g.group == 1
         && g.stride == [1, 1]
         && g.kh * g.kw > 1
         && g.c >= 16
-        && g.kh * g.kw * g.m <= 8 * g.h * g.w
+        && g.kh * g.kw * g.m <= if registers::<T>() { 24 } else { 8 } * g.h * g.w
         && enabled()
 }
 
@@ -101,6 +106,26 @@ pub(super) unsafe fn sample<T: Float>(
         .collect();
     let np = oh * wp;
     let workers = if threads == Threads::Pool { rayon::current_num_threads().max(1) } else { 1 };
+    #[cfg(target_arch = "x86_64")]
+    if registers::<T>() {
+        let f = |v: &[T]| {
+            // SAFETY: T is f32 (checked above).
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) }
+        };
+        let kk_off: Vec<usize> = (0..g.kh).flat_map(|ki| (0..g.kw).map(move |kj| ki * dh * wp + kj * dw)).collect();
+        // Weight (oc, ic, tap t) at oc·so + ic·sc + toff[t]: the kernel [m, c, kh, kw], or the
+        // forward kernel [c, m, kh, kw] of a VJP read flipped and transposed.
+        let (so, sc) = if transposed { (kk, m * kk) } else { (c * kk, kk) };
+        let toff: Vec<usize> = (0..kk).map(|t| if transposed { kk - 1 - t } else { t }).collect();
+        let ts: Vec<(&[f32], &[f32])> = terms.iter().zip(&xps).map(|((_, wt), xp)| (f(xp), f(wt))).collect();
+        let rows: Vec<usize> = (0..g.kh).map(|ki| ki * dh * wp).collect();
+        let k = Registers { ts: &ts, c, m, plane, np, offs: &kk_off, toff: &toff, rows: &rows, so, sc };
+        let bias: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.f64() as f32).collect());
+        let clamp = clamp.map(|(lo, hi)| (lo.f64() as f32, hi.f64() as f32));
+        // SAFETY: AVX-512F present; `out` as the caller promises, T being f32.
+        unsafe { k.run(out as *mut f32, oh, ow, wp, bias.as_deref(), clamp, accumulate, workers) };
+        return;
+    }
     // Blocks of grid columns, at least one per thread, on 16-column boundaries that keep the
     // products' vector tails at the blocks' ends. (Splitting the output channels instead pays
     // only where they outnumber the columns, which the weight bound in `applies` rules out for
@@ -174,6 +199,198 @@ unsafe fn store<T: Float>(dst: *mut T, src: &[T], b: T, clamp: Option<(T, T)>, a
         } else {
             for (i, &s) in src.iter().enumerate() {
                 dst.add(i).write(f(s + b));
+            }
+        }
+    }
+}
+
+/// Whether the register-blocked kernel ([`Registers`]) runs: f32 with AVX-512F.
+fn registers<T: Float>() -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && super::avx512() && registers_on()
+}
+
+/// Whether the register-blocked kernel may run (`RELPROP_SHIFTED=gemm` sends its layers to one matrix
+/// product per tap, for A/B timing in one binary).
+fn registers_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RELPROP_SHIFTED").map_or(true, |v| v != "gemm"))
+}
+
+/// Output channels per register block.
+const RO: usize = 8;
+/// Vectors of sixteen grid columns per register block.
+const RP: usize = 3;
+
+/// The shifted products with the sums in registers (f32, AVX-512F): a block of `RO` output
+/// channels by `RP`·16 grid columns accumulates every input channel and tap of every term before
+/// it is stored, and reads the weights in place (a broadcast per output channel and tap), so
+/// nothing is packed per call. The matrix product per tap packed its tap's weights per sample and
+/// wrote and re-read the block's sums once per tap: DenseNet-121's 3×3 128→32 layers ran at 0.68
+/// of the machine's peak multiply-adds that way, onnxruntime's direct kernels at 0.95.
+#[cfg(target_arch = "x86_64")]
+struct Registers<'a> {
+    /// Per term: the padded input planes and the weights.
+    ts: &'a [(&'a [f32], &'a [f32])],
+    c: usize,
+    m: usize,
+    plane: usize,
+    /// Grid columns (`oh·wp`).
+    np: usize,
+    /// Each tap's offset in the padded plane.
+    offs: &'a [usize],
+    /// Each tap's offset in the weights.
+    toff: &'a [usize],
+    /// Each kernel row's offset in the padded plane (for prefetching).
+    rows: &'a [usize],
+    /// The weights' strides per output and per input channel.
+    so: usize,
+    sc: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Registers<'_> {
+    /// Writes one sample's `[m, oh, ow]` outputs at `out` (adding onto them when `accumulate`),
+    /// split over `workers` threads.
+    ///
+    /// # Safety
+    /// AVX-512F present; `out` valid for `m·oh·ow` writes, initialised when `accumulate`, not
+    /// aliased during the call; each term's padded input holds the grid's reads (as `sample`
+    /// builds it).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn run(
+        &self,
+        out: *mut f32,
+        oh: usize,
+        ow: usize,
+        wp: usize,
+        bias: Option<&[f32]>,
+        clamp: Option<(f32, f32)>,
+        accumulate: bool,
+        workers: usize,
+    ) {
+        const COLS: usize = RP * 16;
+        let tiles = self.np.div_ceil(COLS);
+        let ocb = self.m.div_ceil(RO);
+        // Work items: runs of column tiles by runs of channel blocks. Columns where there are
+        // many (each item then reads its inputs from its own cache), channel blocks where the
+        // plane is small beside the weights (a 7×7 plane is one or two tiles).
+        let (col_parts, oc_parts) = if workers == 1 {
+            (1, 1)
+        } else if tiles >= 4 * workers {
+            (4 * workers, 1)
+        } else {
+            (tiles.min(workers), (4 * workers).div_ceil(tiles.min(workers)).min(ocb))
+        };
+        let col_per = tiles.div_ceil(col_parts);
+        let oc_per = ocb.div_ceil(oc_parts);
+        let col_parts = tiles.div_ceil(col_per);
+        let oc_parts = ocb.div_ceil(oc_per);
+        let op = SendPtr(out);
+        let item = |i: usize| {
+            let (cp, opart) = (i % col_parts, i / col_parts);
+            let op = &op;
+            let mut tmp = [0.0f32; RO * COLS];
+            for b in opart * oc_per..((opart + 1) * oc_per).min(ocb) {
+                let oc0 = b * RO;
+                let nr = RO.min(self.m - oc0);
+                for t in cp * col_per..((cp + 1) * col_per).min(tiles) {
+                    let q0 = t * COLS;
+                    let n = COLS.min(self.np - q0);
+                    // SAFETY: AVX-512F present; columns q0..q0 + n of the grid and channels
+                    // oc0..oc0 + nr exist (the reads past them are masked off).
+                    unsafe {
+                        match nr {
+                            8.. => self.tile::<RO>(oc0, q0, n, &mut tmp),
+                            7 => self.tile::<7>(oc0, q0, n, &mut tmp),
+                            6 => self.tile::<6>(oc0, q0, n, &mut tmp),
+                            5 => self.tile::<5>(oc0, q0, n, &mut tmp),
+                            4 => self.tile::<4>(oc0, q0, n, &mut tmp),
+                            3 => self.tile::<3>(oc0, q0, n, &mut tmp),
+                            2 => self.tile::<2>(oc0, q0, n, &mut tmp),
+                            _ => self.tile::<1>(oc0, q0, n, &mut tmp),
+                        }
+                    }
+                    // The tile's columns lie in output rows q0 / wp ..= (q0 + n − 1) / wp; each
+                    // row's first ow columns are outputs.
+                    for oy in q0 / wp..=(q0 + n - 1) / wp {
+                        let (c0, c1) = ((oy * wp).max(q0), (oy * wp + ow).min(q0 + n));
+                        if c0 >= c1 {
+                            continue;
+                        }
+                        for r in 0..nr {
+                            let src = &tmp[r * COLS + c0 - q0..r * COLS + c1 - q0];
+                            let bv = bias.map_or(0.0, |b| b[oc0 + r]);
+                            // SAFETY: outputs (oc0 + r, oy, c0 − oy·wp ..) of this sample; items
+                            // cover disjoint channels × columns.
+                            unsafe {
+                                store(
+                                    op.0.add((oc0 + r) * oh * ow + oy * ow + c0 - oy * wp),
+                                    src,
+                                    bv,
+                                    clamp,
+                                    accumulate,
+                                )
+                            };
+                        }
+                    }
+                }
+            }
+        };
+        let items = col_parts * oc_parts;
+        if items > 1 {
+            (0..items).into_par_iter().with_max_len(1).for_each(item);
+        } else {
+            item(0);
+        }
+    }
+
+    /// Sums of `R` output channels from `oc0` over grid columns `q0..q0 + n` (n ≤ `RP`·16) into
+    /// `tmp` ([R][RP·16]).
+    ///
+    /// # Safety
+    /// AVX-512F present; the channels and columns exist.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile<const R: usize>(&self, oc0: usize, q0: usize, n: usize, tmp: &mut [f32; RO * RP * 16]) {
+        use std::arch::x86_64::*;
+        let mut acc = [[_mm512_setzero_ps(); RP]; R];
+        let masks: [__mmask16; RP] = std::array::from_fn(|p| {
+            let k = n.saturating_sub(16 * p).min(16);
+            if k == 16 { 0xffff } else { ((1u32 << k) - 1) as u16 }
+        });
+        for &(xp, wt) in self.ts {
+            for ci in 0..self.c {
+                // SAFETY: plane ci's grid columns from q0, and channel ci's weights of channels
+                // oc0.. (the caller's bounds).
+                let xc = unsafe { xp.as_ptr().add(ci * self.plane + q0) };
+                let wc = unsafe { wt.as_ptr().add(oc0 * self.so + ci * self.sc) };
+                if ci + 1 < self.c {
+                    for &r in self.rows {
+                        for l in 0..=RP {
+                            // The next plane's rows under this tile (a prefetch does not fault).
+                            _mm_prefetch::<_MM_HINT_T0>(xc.wrapping_add(self.plane + r + 16 * l) as *const i8);
+                        }
+                    }
+                }
+                for (&o, &tw) in self.offs.iter().zip(self.toff) {
+                    let mut xv = [_mm512_setzero_ps(); RP];
+                    for (p, v) in xv.iter_mut().enumerate() {
+                        // SAFETY: masked lanes only past the tile's columns.
+                        *v = unsafe { _mm512_maskz_loadu_ps(masks[p], xc.add(o + 16 * p)) };
+                    }
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        // SAFETY: channel oc0 + r's weight of input ci, tap tw.
+                        let w = _mm512_set1_ps(unsafe { *wc.add(r * self.so + tw) });
+                        for (a, &v) in a.iter_mut().zip(&xv) {
+                            *a = _mm512_fmadd_ps(w, v, *a);
+                        }
+                    }
+                }
+            }
+        }
+        for (r, a) in acc.iter().enumerate() {
+            for (p, &v) in a.iter().enumerate() {
+                // SAFETY: inside tmp.
+                unsafe { _mm512_storeu_ps(tmp.as_mut_ptr().add(r * RP * 16 + 16 * p), v) };
             }
         }
     }
