@@ -42,6 +42,12 @@ fn body() {
         ("vgg 3x3 256 56", ConvGeom { c: 256, m: 256, h: 56, w: 56, group: 1, ..base }),
         ("vgg 3x3 512 28", ConvGeom { c: 512, m: 512, h: 28, w: 28, group: 1, ..base }),
         ("vgg 3x3 512 14", ConvGeom { c: 512, m: 512, h: 14, w: 14, group: 1, ..base }),
+        ("dn 1x1 256->128 56", ConvGeom { c: 256, m: 128, h: 56, w: 56, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
+        ("dn 1x1 512->128 28", ConvGeom { c: 512, m: 128, h: 28, w: 28, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
+        (
+            "dn 1x1 1024->128 14",
+            ConvGeom { c: 1024, m: 128, h: 14, w: 14, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base },
+        ),
         ("dn 3x3 128->32 56", ConvGeom { c: 128, m: 32, h: 56, w: 56, group: 1, ..base }),
         ("dn 3x3 128->32 28", ConvGeom { c: 128, m: 32, h: 28, w: 28, group: 1, ..base }),
         ("dn 3x3 128->32 14", ConvGeom { c: 128, m: 32, h: 14, w: 14, group: 1, ..base }),

@@ -1,5 +1,6 @@
-//! A Conv whose only reader is a ReLU or Clip runs as one fused kernel in the forward pass; the
-//! fused result must equal the two ops run apart (which happens when the Conv's output is needed).
+//! A Conv whose only reader is a ReLU or Clip runs as one fused kernel in the forward pass, and a
+//! BatchNormalization with the ReLU after it as one pass; the fused result must equal the ops run
+//! apart (which happens when the first op's output is needed).
 
 use prost::Message;
 use relprop::graph::{prepare_consts, run};
@@ -114,6 +115,68 @@ fn fused_residual_sum_equals_separate_ops() {
                     assert!((f - a).abs() <= 1e-5 * (1.0 + a.abs()), "skip {skip} swap {swap} relu {relu}: {f} vs {a}");
                 }
             }
+        }
+    }
+}
+
+/// x [1, 3, 4, 5] → Concat(x, x) → BatchNormalization → ReLU → y, or BatchNormalization on x
+/// itself (`on_input`); `cat_out` and `bn_out` also make the Concat's or the BatchNormalization's
+/// output a graph output. Returns every graph output. The forward runs BatchNormalization and
+/// the ReLU after it as one pass, in the Concat's buffer when nothing else reads it.
+fn batch_norm(on_input: bool, cat_out: bool, bn_out: bool) -> Vec<Vec<f32>> {
+    let c = if on_input { 3 } else { 6 };
+    let src = if on_input { "x" } else { "cat" };
+    let mut nodes = vec![
+        common::node("BatchNormalization", "bn", &[src, "g", "b", "mean", "var"], &["n"], vec![]),
+        common::node("Relu", "relu", &["n"], &["y"], vec![]),
+    ];
+    if !on_input {
+        nodes.insert(0, common::node("Concat", "cat", &["x", "x"], &["cat"], vec![int("axis", 1)]));
+    }
+    let param = |name: &str, seed: usize, shift: f32| {
+        tensor(name, &[c], data(c as usize, seed).iter().map(|v| v + shift).collect())
+    };
+    let inits = vec![param("g", 3, 0.0), param("b", 4, 0.0), param("mean", 5, 0.0), param("var", 6, 2.5)];
+    let mut model = common::model(nodes, inits, vi("x", &[1, 3, 4, 5]), vi("y", &[1, c, 4, 5]));
+    if cat_out {
+        model.graph.as_mut().unwrap().output.push(vi("cat", &[1, c, 4, 5]));
+    }
+    if bn_out {
+        model.graph.as_mut().unwrap().output.push(vi("n", &[1, c, 4, 5]));
+    }
+    let g = relprop::onnx::load_bytes(&model.encode_to_vec(), std::path::Path::new(".")).unwrap();
+    let consts = prepare_consts::<f32>(&g);
+    let x = ndarray::ArrayD::from_shape_vec(ndarray::IxDyn(&[1, 3, 4, 5]), data(60, 2)).unwrap();
+    run(&g, &consts, vec![Value::F(x)]).unwrap().into_iter().map(|v| v.to_float().iter().copied().collect()).collect()
+}
+
+#[test]
+fn batch_norm_and_relu_in_one_pass_equal_the_formula() {
+    for (on_input, cat_out, bn_out) in
+        [(false, false, false), (false, true, false), (false, false, true), (true, false, false), (true, false, true)]
+    {
+        let outs = batch_norm(on_input, cat_out, bn_out);
+        let c = if on_input { 3 } else { 6 };
+        let x = data(60, 2);
+        let p = |seed: usize, shift: f32| data(c, seed).iter().map(|v| (v + shift) as f64).collect::<Vec<f64>>();
+        let (gm, bt, mean, var) = (p(3, 0.0), p(4, 0.0), p(5, 0.0), p(6, 2.5));
+        let case = format!("on_input {on_input} cat_out {cat_out} bn_out {bn_out}");
+        let (mut neg, mut pos) = (false, false);
+        for (i, &y) in outs[0].iter().enumerate() {
+            let ch = i / 20;
+            let xv = x[(ch % 3) * 20 + i % 20] as f64;
+            let n = (xv - mean[ch]) * gm[ch] / (var[ch] + 1e-5).sqrt() + bt[ch];
+            (neg, pos) = (neg || n < 0.0, pos || n > 0.0);
+            assert!((y as f64 - n.max(0.0)).abs() < 1e-5, "{case} output {i}: {y} vs {}", n.max(0.0));
+            if bn_out {
+                let got = outs[outs.len() - 1][i] as f64;
+                assert!((got - n).abs() < 1e-5, "{case} BatchNormalization output {i}: {got} vs {n}");
+            }
+        }
+        assert!(neg && pos, "{case}: the ReLU must bite");
+        if cat_out {
+            let x2: Vec<f32> = x.iter().chain(&x).copied().collect();
+            assert_eq!(outs[1], x2, "{case}: the Concat's output must survive");
         }
     }
 }

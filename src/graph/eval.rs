@@ -174,6 +174,19 @@ fn run_keep_checked<'g, T: Float>(
                 && !g.inputs.iter().any(|x| x.id == i)
                 && matches!(env.values[i], Some(Value::F(_)))
         });
+        // BatchNormalization in one pass: in its input's buffer when that dies here, with a ReLU
+        // that alone reads its output (see `batch_norm`).
+        let bn = match (&node.op, node.input(0), node.outputs.first().copied().flatten()) {
+            (Op::BatchNorm { epsilon }, Some(x), Some(o))
+                if fused.is_none() && matches!(env.get(x), Some(Value::F(_))) =>
+            {
+                let relu = g.nodes.get(ni + 1).is_some_and(|n| {
+                    matches!(n.op, Op::Relu) && n.input(0) == Some(o) && last[o] == ni + 1 && !keep(o)
+                });
+                Some((*epsilon, x, relu))
+            }
+            _ => None,
+        };
         let f = match reuse {
             Some(_) => {
                 let ins: Vec<Option<&Value<T>>> = node.inputs.iter().map(|i| i.and_then(|id| env.get(id))).collect();
@@ -203,6 +216,27 @@ fn run_keep_checked<'g, T: Float>(
             let ins: Vec<Option<&Value<T>>> = node.inputs.iter().map(|i| i.and_then(|id| env.get(id))).collect();
             fused_into_previous = f.nodes;
             eval_conv(node, &ins, f.clamp, init).map_err(|m| node_err(&node.name, &node.op_type, m))?
+        } else if let Some((epsilon, x, relu)) = bn {
+            let owned = match reuse.filter(|&i| i == x && node.inputs.iter().filter(|v| **v == Some(x)).count() == 1) {
+                Some(i) => match env.values[i].take() {
+                    Some(Value::F(a)) => Some(a),
+                    _ => None,
+                },
+                None => None,
+            };
+            let ins: Vec<Option<&Value<T>>> = node.inputs.iter().map(|i| i.and_then(|id| env.get(id))).collect();
+            let cow = match (&owned, ins.first().copied().flatten()) {
+                (Some(_), _) => None,
+                (None, Some(Value::F(a))) => Some(a.view()),
+                _ => return Err(node_err(&node.name, &node.op_type, "input 0 has not been computed")),
+            };
+            let x = match (owned, cow) {
+                (Some(a), _) => a.into(),
+                (None, Some(v)) => v.into(),
+                _ => unreachable!("one of the two is set above"),
+            };
+            fused_into_previous = usize::from(relu);
+            vec![Value::F(batch_norm(x, &ins, epsilon, relu).map_err(|m| node_err(&node.name, &node.op_type, m))?)]
         } else if let (Some(i), Some(f)) = (reuse, f) {
             let mut v = env.values[i].take();
             if let Some(Value::F(a)) = &mut v {
@@ -241,7 +275,8 @@ fn run_keep_checked<'g, T: Float>(
             slow.push((ms, ni));
         }
         // The last fused node's output is the group's output.
-        let out_ids = &g.nodes[ni + fused.as_ref().map_or(0, |f| f.nodes)].outputs;
+        let out_ids =
+            &g.nodes[ni + fused.as_ref().map_or(0, |f| f.nodes) + usize::from(bn.is_some_and(|b| b.2))].outputs;
         for (o, v) in out_ids.iter().zip(outs) {
             if let Some(o) = o {
                 env.values[*o] = Some(v);
@@ -521,6 +556,80 @@ fn elementwise<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Option<Act
         Op::Sqrt => Some(Act::Sqrt),
         _ => None,
     })
+}
+
+/// BatchNormalization `y = (x − mean)·scale/√(var + ε) + bias` per channel (then ReLU when
+/// `relu`), in x's own buffer when it is owned (x dies here) or into a new array: one pass over
+/// memory.
+/// Cloning x and then scaling it in place, with the ReLU after it, was three (DenseNet-121's
+/// BatchNorm and ReLU after each concatenation: 1.8 ms of its 19 ms forward).
+fn batch_norm<T: Float>(
+    x: ndarray::CowArray<'_, T, ndarray::IxDyn>,
+    ins: &[Option<&Value<T>>],
+    epsilon: f64,
+    relu: bool,
+) -> R<ArrayD<T>> {
+    let params: Vec<Vec<T>> = (1..5).map(|i| float(ins, i).map(|a| std_slice(a).into_owned())).collect::<R<_>>()?;
+    if x.ndim() < 2 {
+        return Err(format!("input must have rank ≥ 2, got {:?}", x.shape()));
+    }
+    let c = x.shape()[1];
+    if params.iter().any(|p| p.len() != c) {
+        return Err(format!("scale/bias/mean/var must have {c} elements"));
+    }
+    let inner: usize = x.shape()[2..].iter().product();
+    let (scale, shift): (Vec<T>, Vec<T>) = (0..c)
+        .map(|ch| {
+            let s = params[0][ch] / (params[3][ch] + T::of(epsilon)).sqrt();
+            (s, params[1][ch] - params[2][ch] * s)
+        })
+        .unzip();
+    // The ReLU as the Relu node computes it (NaN to zero included).
+    let f = move |v: T, a: T, b: T| {
+        let y = v * a + b;
+        if !relu || y > T::zero() { y } else { T::zero() }
+    };
+    // One channel plane per task: a per-element channel index (a division) cost 10× the arithmetic.
+    match x.is_owned() && x.is_standard_layout() {
+        true => {
+            let mut y = x.into_owned();
+            let ys = y.as_slice_mut().ok_or("non-contiguous BatchNormalization input")?;
+            let plane = |(k, p): (usize, &mut [T])| {
+                let (a, b) = (scale[k % c], shift[k % c]);
+                p.iter_mut().for_each(|v| *v = f(*v, a, b));
+            };
+            if inner > 0 && ys.len() >= 1 << 16 {
+                use rayon::prelude::*;
+                ys.par_chunks_mut(inner).enumerate().for_each(plane);
+            } else if inner > 0 {
+                ys.chunks_mut(inner).enumerate().for_each(plane);
+            }
+            return Ok(y);
+        }
+        false => {}
+    };
+    let xs = x.as_standard_layout();
+    let xs = xs.as_slice().ok_or("non-contiguous BatchNormalization input")?;
+    // Every element is written below: the buffer starts uninitialised (zeroing it was one more
+    // pass).
+    let mut out: Vec<T> = Vec::with_capacity(xs.len());
+    let plane = |(k, (p, q)): (usize, (&mut [std::mem::MaybeUninit<T>], &[T]))| {
+        let (a, b) = (scale[k % c], shift[k % c]);
+        p.iter_mut().zip(q).for_each(|(o, &v)| {
+            o.write(f(v, a, b));
+        });
+    };
+    let ys = &mut out.spare_capacity_mut()[..xs.len()];
+    if inner > 0 && xs.len() >= 1 << 16 {
+        use rayon::prelude::*;
+        ys.par_chunks_mut(inner).zip(xs.par_chunks(inner)).enumerate().for_each(plane);
+    } else if inner > 0 {
+        ys.chunks_mut(inner).zip(xs.chunks(inner)).enumerate().for_each(plane);
+    }
+    // SAFETY: the chunks above cover all xs.len() elements (inner > 0), or there are none.
+    unsafe { out.set_len(if inner > 0 { xs.len() } else { 0 }) };
+    let y = ArrayD::from_shape_vec(x.raw_dim(), out).map_err(|e| e.to_string())?;
+    Ok(y)
 }
 
 fn unary<T: Float>(ins: &[Option<&Value<T>>], f: impl Fn(T) -> T) -> R<Vec<Value<T>>> {
@@ -1188,40 +1297,7 @@ fn eval_inner<T: Float>(node: &Node, ins: &[Option<&Value<T>>]) -> R<Vec<Value<T
             one(Value::F(y))
         }
         Op::MatMul => one(Value::F(matmul_nd(float(ins, 0)?, float(ins, 1)?)?)),
-        Op::BatchNorm { epsilon } => {
-            let x = float(ins, 0)?;
-            let params: Vec<Vec<T>> =
-                (1..5).map(|i| float(ins, i).map(|a| std_slice(a).into_owned())).collect::<R<_>>()?;
-            if x.ndim() < 2 {
-                return Err(format!("input must have rank ≥ 2, got {:?}", x.shape()));
-            }
-            let c = x.shape()[1];
-            if params.iter().any(|p| p.len() != c) {
-                return Err(format!("scale/bias/mean/var must have {c} elements"));
-            }
-            let inner: usize = x.shape()[2..].iter().product();
-            let (scale, shift): (Vec<T>, Vec<T>) = (0..c)
-                .map(|ch| {
-                    let s = params[0][ch] / (params[3][ch] + T::of(*epsilon)).sqrt();
-                    (s, params[1][ch] - params[2][ch] * s)
-                })
-                .unzip();
-            let mut y = x.as_standard_layout().into_owned();
-            let ys = y.as_slice_mut().ok_or("non-contiguous BatchNormalization output")?;
-            // One channel plane per task: a per-element channel index (a division) cost 10× the arithmetic.
-            let plane = |(k, p): (usize, &mut [T])| {
-                let (a, b) = (scale[k % c], shift[k % c]);
-                p.iter_mut().for_each(|v| *v = *v * a + b);
-            };
-            if inner == 0 {
-            } else if ys.len() >= 1 << 16 {
-                use rayon::prelude::*;
-                ys.par_chunks_mut(inner).enumerate().for_each(plane);
-            } else {
-                ys.chunks_mut(inner).enumerate().for_each(plane);
-            }
-            one(Value::F(y))
-        }
+        Op::BatchNorm { epsilon } => one(Value::F(batch_norm(float(ins, 0)?.view().into(), ins, *epsilon, false)?)),
         Op::Relu => unary(ins, |v| if v > T::zero() { v } else { T::zero() }),
         Op::Clip { min, max } => {
             let lo = match scalar(ins, 1)? {
