@@ -590,24 +590,21 @@ fn batch_norm<T: Float>(
         if !relu || y > T::zero() { y } else { T::zero() }
     };
     // One channel plane per task: a per-element channel index (a division) cost 10× the arithmetic.
-    match x.is_owned() && x.is_standard_layout() {
-        true => {
-            let mut y = x.into_owned();
-            let ys = y.as_slice_mut().ok_or("non-contiguous BatchNormalization input")?;
-            let plane = |(k, p): (usize, &mut [T])| {
-                let (a, b) = (scale[k % c], shift[k % c]);
-                p.iter_mut().for_each(|v| *v = f(*v, a, b));
-            };
-            if inner > 0 && ys.len() >= 1 << 16 {
-                use rayon::prelude::*;
-                ys.par_chunks_mut(inner).enumerate().for_each(plane);
-            } else if inner > 0 {
-                ys.chunks_mut(inner).enumerate().for_each(plane);
-            }
-            return Ok(y);
+    if x.is_owned() && x.is_standard_layout() {
+        let mut y = x.into_owned();
+        let ys = y.as_slice_mut().ok_or("non-contiguous BatchNormalization input")?;
+        let plane = |(k, p): (usize, &mut [T])| {
+            let (a, b) = (scale[k % c], shift[k % c]);
+            p.iter_mut().for_each(|v| *v = f(*v, a, b));
+        };
+        if inner > 0 && ys.len() >= 1 << 16 {
+            use rayon::prelude::*;
+            ys.par_chunks_mut(inner).enumerate().for_each(plane);
+        } else if inner > 0 {
+            ys.chunks_mut(inner).enumerate().for_each(plane);
         }
-        false => {}
-    };
+        return Ok(y);
+    }
     let xs = x.as_standard_layout();
     let xs = xs.as_slice().ok_or("non-contiguous BatchNormalization input")?;
     // Every element is written below: the buffer starts uninitialised (zeroing it was one more
