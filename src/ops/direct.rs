@@ -93,11 +93,17 @@ impl Direct {
         let (ph, hp) = (&self.ph, self.hp);
         let row = ph.row_len();
         let mut buf = vec![0.0f32; g.c * hp * row];
-        for (ci, plane) in buf.chunks_exact_mut(hp * row).enumerate() {
-            let src = &xs[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-            for (r, dst) in src.chunks_exact(g.w).zip(plane[g.pads[0] * row..].chunks_exact_mut(row)) {
-                ph.scatter(r, dst);
+        // Rows over the pool at batch 1 (the copy on the calling thread left the other idle).
+        let fill = |(k, dst): (usize, &mut [f32])| {
+            let (ci, r) = (k / hp, k % hp);
+            if let Some(iy) = r.checked_sub(g.pads[0]).filter(|&iy| iy < g.h) {
+                ph.scatter(&xs[(ci * g.h + iy) * g.w..(ci * g.h + iy + 1) * g.w], dst);
             }
+        };
+        if threads == Threads::Pool {
+            buf.par_chunks_exact_mut(row).enumerate().with_min_len(16).for_each(fill);
+        } else {
+            buf.chunks_exact_mut(row).enumerate().for_each(fill);
         }
         // Every read inside the buffer: the last row's last block's last tap.
         let last = (oh - 1) * g.stride[0] * row
