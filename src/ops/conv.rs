@@ -1603,11 +1603,17 @@ mod tests {
             ConvGeom { n: 2, c: 24, m: 11, h: 34, w: 33, ..base },
             ConvGeom { c: 16, m: 64, h: 6, w: 6, ..base },
             ConvGeom { c: 32, m: 48, h: 7, w: 7, pads: [2, 1, 0, 1], ..base },
+            // Three 14×14 samples: Winograd would pay, the register kernel takes them instead.
+            ConvGeom { n: 3, c: 32, m: 32, h: 14, w: 14, ..base },
         ];
         let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
         let (mut wide, mut vjps) = (0, 0);
         for g in geoms {
             assert!(shifted::applies::<f32>(&g) || !crate::ops::avx512(), "{g:?}");
+            if g.h == 14 && std::env::var("RELPROP_WINOGRAD").map_or(true, |v| v != "off") {
+                assert!(winograd::Geom::of(&g).is_some_and(|w| w.pays::<f32>(g.n)), "{g:?}");
+                assert_eq!(winograd::Geom::forward::<f32>(&g).is_none(), crate::ops::avx512(), "{g:?}");
+            }
             wide += usize::from(!shifted::applies::<f64>(&g));
             if winograd::Geom::forward::<f32>(&g).is_some() || direct::pays::<f32>(&g) {
                 continue;

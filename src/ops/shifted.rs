@@ -221,6 +221,15 @@ unsafe fn store<T: Float>(dst: *mut T, src: &[T], b: T, clamp: Option<(T, T)>, a
     }
 }
 
+/// Whether the register-blocked kernel takes a forward convolution that the Winograd kernel
+/// would: planes of at most 16 Winograd tiles (14×14 outputs), where the transforms are shared by
+/// few products. At batch 8 (`convbench`, one thread per sample) ResNet-50's 256-channel 14×14
+/// layers ran 0.78× their Winograd time, its 128-channel ones 0.63×, VGG-16's 512-channel ones
+/// 0.93×; on 28×28 planes Winograd stays ahead (ResNet-50's 128 channels: 0.84×).
+pub(super) fn beats_winograd<T: Float>(g: &ConvGeom) -> bool {
+    registers::<T>() && applies::<T>(g) && g.out_hw().is_some_and(|(oh, ow)| oh.div_ceil(4) * ow.div_ceil(4) <= 16)
+}
+
 /// Whether the register-blocked kernel ([`Registers`]) runs: f32 with AVX-512F.
 fn registers<T: Float>() -> bool {
     std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && super::avx512() && registers_on()

@@ -60,11 +60,11 @@ impl Geom {
 
     /// The forward convolution's geometry, when the kernel applies.
     pub(super) fn forward<T: Float>(g: &ConvGeom) -> Option<Geom> {
-        Geom::of(g).filter(|geom| geom.pays::<T>(g.n))
+        Geom::of(g).filter(|geom| geom.pays::<T>(g.n) && !super::shifted::beats_winograd::<T>(g))
     }
 
     /// The forward geometry of a 3×3 stride-1 group-1 convolution, whether or not it pays.
-    fn of(g: &ConvGeom) -> Option<Geom> {
+    pub(super) fn of(g: &ConvGeom) -> Option<Geom> {
         let shape_ok = g.group == 1 && g.kh == 3 && g.kw == 3 && g.stride == [1, 1] && g.dilation == [1, 1];
         let (oh, ow) = g.out_hw()?;
         shape_ok.then_some(Geom { c: g.c, k: g.m, h: g.h, w: g.w, oh, ow, pt: g.pads[0], pl: g.pads[1] })
@@ -89,7 +89,7 @@ impl Geom {
     /// output channels as input ones: the input transform, per input channel, is shared by
     /// fewer products otherwise (DenseNet's 128→32 layers ran 1.0–1.25× their im2col time in
     /// `convbench` on the AMD EPYC machine, while their VJPs, 32→128, ran 0.5–0.9×).
-    fn pays<T: Float>(&self, n: usize) -> bool {
+    pub(super) fn pays<T: Float>(&self, n: usize) -> bool {
         let (th, tw) = self.tiles();
         std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
             && enabled()
