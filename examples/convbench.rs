@@ -95,10 +95,15 @@ fn body() {
         if only.as_deref().is_some_and(|o| !name.contains(o)) {
             continue;
         }
-        let x = vec![0.5f32; g.n * g.c * g.h * g.w];
-        let w = vec![0.1f32; g.m * (g.c / g.group) * g.kh * g.kw];
+        let x: Vec<f32> = (0..g.n * g.c * g.h * g.w).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w: Vec<f32> = (0..g.m * (g.c / g.group) * g.kh * g.kw).map(|i| 0.05 * (i as f32 * 0.11).cos()).collect();
         let (oh, ow) = g.out_hw().unwrap();
-        let dy = vec![0.5f32; g.n * g.m * oh * ow];
+        let dy: Vec<f32> = (0..g.n * g.m * oh * ow)
+            .map(|i| {
+                std::env::var("DYSCALE").ok().and_then(|s| s.parse::<f32>().ok()).unwrap_or(1e-3)
+                    * (i as f32 * 0.23).sin()
+            })
+            .collect();
         let flops = 2.0 * (g.n * g.m * oh * ow * (g.c / g.group) * g.kh * g.kw) as f64;
         for _ in 0..3 {
             conv2d(&g, &x, &w, None);
@@ -107,6 +112,13 @@ fn body() {
         let time = |f: &dyn Fn()| {
             let mut t: Vec<f64> = (0..60)
                 .map(|_| {
+                    // FLUSH=1 evicts the caches before each call (a layer inside a model finds its
+                    // weights and inputs in memory, not in the cache).
+                    if std::env::var_os("FLUSH").is_some() {
+                        let mut junk = vec![1u8; 64 << 20];
+                        junk.iter_mut().step_by(64).for_each(|b| *b = b.wrapping_add(1));
+                        std::hint::black_box(&junk);
+                    }
                     let t0 = Instant::now();
                     f();
                     t0.elapsed().as_secs_f64()

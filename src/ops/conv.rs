@@ -992,7 +992,8 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
     // 3×3 stride-1 layers (see `winograd`): the transformed kernels, flipped and transposed, once
     // for all samples, and an uninitialised output, since the kernel writes every element (the
     // other paths accumulate into zeros; a zero fill is a pass over memory as long as the output).
-    if let Some(geom) = winograd::Geom::vjp::<T>(g) {
+    let registers = shifted_vjp_geom(g).filter(|gv| shifted::beats_winograd_vjp::<T>(gv));
+    if let Some(geom) = winograd::Geom::vjp::<T>(g).filter(|_| registers.is_none()) {
         let us: Vec<_> = terms.iter().map(|(_, wt)| winograd::Weights::new(&geom, wt, true)).collect();
         return per_sample_uninit(g.n, xsz, |s, dxs, threads| {
             let ts: Vec<(&[T], &winograd::Weights)> =
@@ -1006,8 +1007,9 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
     // the output gradient with the flipped, transposed kernel (see `shifted`), into an
     // uninitialised output as above. DenseNet-121's 32→128 VJPs on 14×14 planes ran 0.6× their
     // im2col time; a 128→128 one on 14×14 1.15× (`convbench`, batch 1), so wider layers keep
-    // im2col and col2im.
-    if let Some(gv) = shifted_vjp_geom(g).filter(|gv| gv.c <= 64 && shifted::applies::<T>(gv)) {
+    // im2col and col2im, unless the register-blocked kernel takes them (`registers` above, ahead
+    // of Winograd too: see `shifted::beats_winograd_vjp`).
+    if let Some(gv) = registers.or_else(|| shifted_vjp_geom(g).filter(|gv| gv.c <= 64 && shifted::applies::<T>(gv))) {
         return per_sample_uninit(g.n, xsz, |s, dxs, threads| {
             let ts: Vec<(&[T], &[T])> = terms.iter().map(|(dy, wt)| (part(dy, s, ysz), *wt)).collect();
             // SAFETY: sample s's [c, h, w] input gradient, the VJP geometry's output.
@@ -1605,9 +1607,11 @@ mod tests {
             ConvGeom { c: 32, m: 48, h: 7, w: 7, pads: [2, 1, 0, 1], ..base },
             // Three 14×14 samples: Winograd would pay, the register kernel takes them instead.
             ConvGeom { n: 3, c: 32, m: 32, h: 14, w: 14, ..base },
+            // A VJP that reads 72 gradient channels: the register kernel, not im2col.
+            ConvGeom { c: 16, m: 72, h: 10, w: 10, ..base },
         ];
         let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
-        let (mut wide, mut vjps) = (0, 0);
+        let (mut wide, mut vjps, mut wide_vjps) = (0, 0, 0);
         for g in geoms {
             assert!(shifted::applies::<f32>(&g) || !crate::ops::avx512(), "{g:?}");
             if g.h == 14 && std::env::var("RELPROP_WINOGRAD").map_or(true, |v| v != "off") {
@@ -1636,9 +1640,12 @@ mod tests {
             let mut want = naive_vjp(&g, &dy, &wt);
             want.iter_mut().zip(naive_vjp(&g, &dy2, &w2)).for_each(|(a, b)| *a += b);
             let (dy, dy2, wt, w2) = (f(&dy), f(&dy2), f(&wt), f(&w2));
+            let registers = shifted_vjp_geom(&g).is_some_and(|gv| shifted::beats_winograd_vjp::<f32>(&gv));
+            wide_vjps += usize::from(registers && g.m > 64);
             vjps += usize::from(
-                winograd::Geom::vjp::<f32>(&g).is_none()
-                    && shifted_vjp_geom(&g).is_some_and(|gv| gv.c <= 64 && shifted::applies::<f32>(&gv)),
+                registers
+                    || (winograd::Geom::vjp::<f32>(&g).is_none()
+                        && shifted_vjp_geom(&g).is_some_and(|gv| gv.c <= 64 && shifted::applies::<f32>(&gv))),
             );
             let got = conv2d_vjp_sum(&g, &[(&dy, &wt), (&dy2, &w2)]);
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
@@ -1647,6 +1654,7 @@ mod tests {
         }
         assert!(!crate::ops::avx512() || wide == 2, "{wide} geometries only for the register kernel");
         assert!(vjps >= 4, "the VJPs' shifted path ran on {vjps} geometries");
+        assert!(!crate::ops::avx512() || wide_vjps == 1, "{wide_vjps} VJPs of more than 64 channels");
     }
 
     /// `dx = Jᵀ dy` of [`naive`], loop by loop.
