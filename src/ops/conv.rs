@@ -1572,11 +1572,7 @@ mod tests {
                 }
             }
             // The input VJP of two terms (LRP's γ rule) against the naive transposed loop.
-            let w2 = data(g.m * g.c * g.kh * g.kw, 25);
-            let dy = data(g.n * g.m * oh * ow, 26);
-            let dy2 = data(g.n * g.m * oh * ow, 27);
-            let mut want = naive_vjp(&g, &dy, &wt);
-            want.iter_mut().zip(naive_vjp(&g, &dy2, &w2)).for_each(|(a, b)| *a += b);
+            let (w2, dy, dy2, want) = two_term_vjp(&g, &wt, 25);
             vjps += usize::from(shifted_vjp_geom(&g).filter(|gv| gv.c <= 64 && shifted::applies::<f64>(gv)).is_some());
             let got = conv2d_vjp_sum(&g, &[(&dy, &wt), (&dy2, &w2)]);
             for (i, (a, b)) in got.iter().zip(&want).enumerate() {
@@ -1634,11 +1630,7 @@ mod tests {
                 let want = (b + bias[(i / (oh * ow)) % g.m] + init[i]).clamp(-3.0, 4.0);
                 assert!((*a as f64 - want).abs() < 1e-3, "{g:?} output {i}: {a} vs {want}");
             }
-            let w2 = data(g.m * g.c * g.kh * g.kw, 35);
-            let dy = data(g.n * g.m * oh * ow, 36);
-            let dy2 = data(g.n * g.m * oh * ow, 37);
-            let mut want = naive_vjp(&g, &dy, &wt);
-            want.iter_mut().zip(naive_vjp(&g, &dy2, &w2)).for_each(|(a, b)| *a += b);
+            let (w2, dy, dy2, want) = two_term_vjp(&g, &wt, 35);
             let (dy, dy2, wt, w2) = (f(&dy), f(&dy2), f(&wt), f(&w2));
             let registers = shifted_vjp_geom(&g).is_some_and(|gv| shifted::beats_winograd_vjp::<f32>(&gv));
             wide_vjps += usize::from(registers && g.m > 64);
@@ -1655,6 +1647,18 @@ mod tests {
         assert!(!crate::ops::avx512() || wide == 2, "{wide} geometries only for the register kernel");
         assert!(vjps >= 4, "the VJPs' shifted path ran on {vjps} geometries");
         assert!(!crate::ops::avx512() || wide_vjps == 1, "{wide_vjps} VJPs of more than 64 channels");
+    }
+
+    /// A second kernel and two output gradients from `seed` on, with the two-term input VJP
+    /// `Jᵀ_wt dy + Jᵀ_w2 dy2` of the naive loops (LRP's γ rule sums such terms).
+    fn two_term_vjp(g: &ConvGeom, wt: &[f64], seed: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (oh, ow) = g.out_hw().unwrap();
+        let w2 = data(g.m * g.c * g.kh * g.kw, seed);
+        let dy = data(g.n * g.m * oh * ow, seed + 1);
+        let dy2 = data(g.n * g.m * oh * ow, seed + 2);
+        let mut want = naive_vjp(g, &dy, wt);
+        want.iter_mut().zip(naive_vjp(g, &dy2, &w2)).for_each(|(a, b)| *a += b);
+        (w2, dy, dy2, want)
     }
 
     /// `dx = Jᵀ dy` of [`naive`], loop by loop.
