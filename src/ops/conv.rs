@@ -1547,11 +1547,7 @@ mod tests {
         for g in geoms {
             assert!(shifted::applies::<f64>(&g), "{g:?}");
             let (oh, ow) = g.out_hw().unwrap();
-            let x = data(g.n * g.c * g.h * g.w, 21);
-            let wt = data(g.m * g.c * g.kh * g.kw, 22);
-            let bias = data(g.m, 23);
-            let init = data(g.n * g.m * oh * ow, 24);
-            let plain = naive(&g, &x, &wt);
+            let (x, wt, bias, init, plain) = layer_data(&g, 21);
             // f64 takes the shifted products wherever they apply (no Winograd, no stem kernel).
             let y = conv2d_onto(&g, &x, &wt, Some(&bias), Some((-0.4, 0.6)), Some(init.clone()));
             for (i, (a, b)) in y.iter().zip(&plain).enumerate() {
@@ -1619,11 +1615,7 @@ mod tests {
                 continue;
             }
             let (oh, ow) = g.out_hw().unwrap();
-            let x = data(g.n * g.c * g.h * g.w, 31);
-            let wt = data(g.m * g.c * g.kh * g.kw, 32);
-            let bias = data(g.m, 33);
-            let init = data(g.n * g.m * oh * ow, 34);
-            let plain = naive(&g, &x, &wt);
+            let (x, wt, bias, init, plain) = layer_data(&g, 31);
             // Sums of up to 40·9 products of values up to 2: f32 rounding stays far below 1e-3.
             let y = conv2d_onto(&g, &f(&x), &f(&wt), Some(&f(&bias)), Some((-3.0, 4.0)), Some(f(&init)));
             for (i, (a, b)) in y.iter().zip(&plain).enumerate() {
@@ -1647,6 +1639,19 @@ mod tests {
         assert!(!crate::ops::avx512() || wide == 2, "{wide} geometries only for the register kernel");
         assert!(vjps >= 4, "the VJPs' shifted path ran on {vjps} geometries");
         assert!(!crate::ops::avx512() || wide_vjps == 1, "{wide_vjps} VJPs of more than 64 channels");
+    }
+
+    /// Input, kernel, bias and initial output of `g` from `seed` on, with the naive loops' output
+    /// (without bias).
+    #[allow(clippy::type_complexity)] // five named parts, returned once
+    fn layer_data(g: &ConvGeom, seed: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (oh, ow) = g.out_hw().unwrap();
+        let x = data(g.n * g.c * g.h * g.w, seed);
+        let wt = data(g.m * g.c * g.kh * g.kw, seed + 1);
+        let bias = data(g.m, seed + 2);
+        let init = data(g.n * g.m * oh * ow, seed + 3);
+        let plain = naive(g, &x, &wt);
+        (x, wt, bias, init, plain)
     }
 
     /// A second kernel and two output gradients from `seed` on, with the two-term input VJP
