@@ -191,7 +191,7 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
         let layer = LinearLayer {
             kind: LinearKind::Dense { m: 1, k, n, transposed: false },
             w: w.clone().into(),
-            bias: Some(b.clone()),
+            bias: Some(b.clone().into()),
             cache: None,
         };
         let mat = |f: &dyn Fn(f64) -> f64| (0..k).map(|j| (0..n).map(|kk| f(w[j * n + kk])).collect()).collect();
@@ -216,7 +216,7 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
             let lt = LinearLayer {
                 kind: LinearKind::Dense { m: 1, k, n, transposed: true },
                 w: wt.into(),
-                bias: Some(b.clone()),
+                bias: Some(b.clone().into()),
                 cache: None,
             };
             let gt = relevance(&lt, rule, &x, &y, &r, false, 1e-6, Some(&bounds)).unwrap();
@@ -248,8 +248,12 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
             let w = rng.vec(geom.m * (geom.c / geom.group) * 9);
             let b = rng.vec(geom.m);
             let r = rng.vec(geom.m * oh * ow);
-            let layer =
-                LinearLayer { kind: LinearKind::Conv(*geom), w: w.clone().into(), bias: Some(b.clone()), cache: None };
+            let layer = LinearLayer {
+                kind: LinearKind::Conv(*geom),
+                w: w.clone().into(),
+                bias: Some(b.clone().into()),
+                cache: None,
+            };
             let bias_k: Vec<f64> = (0..geom.m * oh * ow).map(|kk| b[kk / (oh * ow)]).collect();
             let mat = |f: &dyn Fn(f64) -> f64| {
                 let wf: Vec<f64> = w.iter().map(|&v| f(v)).collect();
@@ -342,7 +346,8 @@ fn sign_split_rules_in_f32_stay_at_the_float64_formula() {
             conv_matrix(&geom, &wf).0
         };
         let f32s = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
-        let layer = LinearLayer { kind: LinearKind::Conv(geom), w: f32s(&w).into(), bias: Some(f32s(&b)), cache: None };
+        let layer =
+            LinearLayer { kind: LinearKind::Conv(geom), w: f32s(&w).into(), bias: Some(f32s(&b).into()), cache: None };
         let x32 = f32s(&x);
         let y = layer.fwd(&x32, &layer.w, layer.bias.as_deref());
         for rule in [Rule::ZPlus, Rule::AlphaBeta { alpha: 2.0, beta: 1.0 }, Rule::Gamma(0.25)] {

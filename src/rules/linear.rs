@@ -42,8 +42,9 @@ pub struct LinearLayer<'a, T: Clone> {
     pub kind: LinearKind,
     /// Weights (see [`LinearKind`]).
     pub w: std::borrow::Cow<'a, [T]>,
-    /// Bias per output channel (conv: M) or feature (dense: N).
-    pub bias: Option<Vec<T>>,
+    /// Bias per output channel (conv: M) or feature (dense: N), or per output element (a
+    /// canonized conv's spatially varying bias), borrowed from the graph where it can be.
+    pub bias: Option<std::borrow::Cow<'a, [T]>>,
     /// Modified weights computed once per plan (see [`WeightCache`]); missing ones are made per call.
     pub cache: Option<&'a WeightCache<T>>,
 }
