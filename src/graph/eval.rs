@@ -217,23 +217,18 @@ fn run_keep_checked<'g, T: Float>(
             fused_into_previous = f.nodes;
             eval_conv(node, &ins, f.clamp, init).map_err(|m| node_err(&node.name, &node.op_type, m))?
         } else if let Some((epsilon, x, relu)) = bn {
-            let owned = match reuse.filter(|&i| i == x && node.inputs.iter().filter(|v| **v == Some(x)).count() == 1) {
-                Some(i) => match env.values[i].take() {
+            // The input's own buffer when it dies here (`reuse` checked that it is a float).
+            let owned = reuse
+                .filter(|&i| i == x && node.inputs.iter().filter(|v| **v == Some(x)).count() == 1)
+                .and_then(|i| match env.values[i].take() {
                     Some(Value::F(a)) => Some(a),
                     _ => None,
-                },
-                None => None,
-            };
+                });
             let ins: Vec<Option<&Value<T>>> = node.inputs.iter().map(|i| i.and_then(|id| env.get(id))).collect();
-            let cow = match (&owned, ins.first().copied().flatten()) {
-                (Some(_), _) => None,
-                (None, Some(Value::F(a))) => Some(a.view()),
-                _ => return Err(node_err(&node.name, &node.op_type, "input 0 has not been computed")),
-            };
-            let x = match (owned, cow) {
+            let x: ndarray::CowArray<'_, T, ndarray::IxDyn> = match (owned, ins.first().copied().flatten()) {
                 (Some(a), _) => a.into(),
-                (None, Some(v)) => v.into(),
-                _ => unreachable!("one of the two is set above"),
+                (None, Some(Value::F(a))) => a.view().into(),
+                _ => return Err(node_err(&node.name, &node.op_type, "input 0 has not been computed")),
             };
             fused_into_previous = usize::from(relu);
             vec![Value::F(batch_norm(x, &ins, epsilon, relu).map_err(|m| node_err(&node.name, &node.op_type, m))?)]

@@ -1583,8 +1583,8 @@ mod tests {
     /// an initial output, and the input VJP summed over two terms (the transposed weights read in
     /// place). Output channels 5, 7, 11, 20, 21, 40, 48 and 64 leave most remainders of the blocks of
     /// eight; 8×8 and 6×6 planes are fewer grid tiles than threads' shares, so the work splits
-    /// over channel blocks; the last two geometries take the kernel only in f32 (weights above
-    /// eight times the input).
+    /// over channel blocks; the 6×6 64-channel and 7×7 48-channel geometries take the kernel only
+    /// in f32 (weights above eight times the input).
     #[test]
     fn shifted_products_f32_match_naive() {
         let base = ConvGeom { h: 34, w: 34, ..winograd_geoms()[0] };
@@ -1621,6 +1621,12 @@ mod tests {
             for (i, (a, b)) in y.iter().zip(&plain).enumerate() {
                 let want = (b + bias[(i / (oh * ow)) % g.m] + init[i]).clamp(-3.0, 4.0);
                 assert!((*a as f64 - want).abs() < 1e-3, "{g:?} output {i}: {a} vs {want}");
+            }
+            // Unclamped as well: the clamp above hides every output beyond it.
+            let y = conv2d_onto(&g, &f(&x), &f(&wt), Some(&f(&bias)), None, Some(f(&init)));
+            for (i, (a, b)) in y.iter().zip(&plain).enumerate() {
+                let want = b + bias[(i / (oh * ow)) % g.m] + init[i];
+                assert!((*a as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "{g:?} output {i}: {a} vs {want}");
             }
             let (w2, dy, dy2, want) = two_term_vjp(&g, &wt, 35);
             let (dy, dy2, wt, w2) = (f(&dy), f(&dy2), f(&wt), f(&w2));

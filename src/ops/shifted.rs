@@ -258,8 +258,9 @@ fn registers_on() -> bool {
     *ON.get_or_init(|| std::env::var("RELPROP_SHIFTED").map_or(true, |v| v != "gemm"))
 }
 
-/// Output channels per register block.
+/// Output channels per register block (`Registers::run` dispatches the remainders 1..7).
 const RO: usize = 8;
+const _: () = assert!(RO == 8, "Registers::run's dispatch covers blocks of up to eight channels");
 /// Input channels ahead that the kernel prefetches weights for: inside a model a layer's weights
 /// come from memory, and a VJP reads them flipped and transposed, runs of 8·9 values 9·c apart,
 /// which the hardware prefetcher missed (ResNet-50's 256-channel 14×14 VJPs took 1.14 ms per node
@@ -347,7 +348,7 @@ impl Registers<'_> {
                     // oc0..oc0 + nr exist (the reads past them are masked off).
                     unsafe {
                         match nr {
-                            8.. => self.tile::<RO>(oc0, q0, n, &mut tmp),
+                            RO.. => self.tile::<RO>(oc0, q0, n, &mut tmp),
                             7 => self.tile::<7>(oc0, q0, n, &mut tmp),
                             6 => self.tile::<6>(oc0, q0, n, &mut tmp),
                             5 => self.tile::<5>(oc0, q0, n, &mut tmp),
