@@ -225,10 +225,25 @@ unsafe fn store<T: Float>(dst: *mut T, src: &[T], b: T, clamp: Option<(T, T)>, a
 /// would: planes of at most 16 Winograd tiles (14×14 outputs), where the transforms are shared by
 /// few products. At batch 8 (`convbench`, one thread per sample) ResNet-50's 256-channel 14×14
 /// layers ran 0.78× their Winograd time, its 128-channel ones 0.63×, VGG-16's 512-channel ones
-/// 0.93×; on 28×28 planes Winograd stays ahead (ResNet-50's 128 channels: 0.84×).
+/// 0.93×. Also 28×28 planes (49 tiles) with at least 64 output channels and weights that stay in
+/// L2: a model's forward runs sample by sample (see `graph::batch`), so the Winograd kernel
+/// transforms the weights per sample and streams the transformed ones, four times the size, from
+/// memory. ResNet-50's 128-channel 28×28 layers ran 0.90× (one thread and two, `convbench` at
+/// batch 1), its forward 0.97× at batch 8 and 0.98× at batch 1; DenseNet-121's 128→32 ones ran
+/// even and its forward 1.01× (they stay with Winograd), and VGG-16's 512-channel ones, whose
+/// 9 MB of weights do not stay in cache, 1.25× at two threads.
 pub(super) fn beats_winograd<T: Float>(g: &ConvGeom) -> bool {
-    registers::<T>() && applies::<T>(g) && g.out_hw().is_some_and(|(oh, ow)| oh.div_ceil(4) * ow.div_ceil(4) <= 16)
+    registers::<T>()
+        && applies::<T>(g)
+        && g.out_hw().is_some_and(|(oh, ow)| {
+            let tiles = oh.div_ceil(4) * ow.div_ceil(4);
+            tiles <= 16 || (tiles <= 49 && g.m >= 64 && g.c * g.m * g.kh * g.kw * 4 <= L2_WEIGHTS)
+        })
 }
+
+/// Bytes of weights that stay in a core's L2 cache while the register kernel reads them once per
+/// tile of columns.
+const L2_WEIGHTS: usize = 1 << 20;
 
 /// Whether the register-blocked kernel takes an input VJP (`gv`: the VJP as a convolution of the
 /// output gradient) ahead of the Winograd kernel and of im2col: planes of at most 16 Winograd
