@@ -830,6 +830,8 @@ pub fn conv2d_onto<T: Float>(
     // Other stride-1 layers with small kernels: one product per tap over shifted views (see
     // `shifted`).
     let shift = wino.is_none() && stem.is_none() && shifted::applies::<T>(g);
+    // Stride-2 layers: the same kernel over the input's four phases (see `shifted::sample_stride2`).
+    let shift2 = wino.is_none() && stem.is_none() && !shift && shifted::applies_stride2::<T>(g);
     // Writes one sample's outputs at `ys`, [m, oh, ow].
     let sample = |xs: &[T], ys: *mut T, threads: Threads| {
         let ys = SendPtr(ys);
@@ -902,6 +904,12 @@ pub fn conv2d_onto<T: Float>(
         if shift {
             // SAFETY: ys holds this sample's outputs, initialised when accumulating.
             unsafe { shifted::sample(g, &[(xs, wt)], false, bias, clamp, ys.0, accumulate, threads) };
+            return;
+        }
+        if shift2 {
+            // SAFETY: applies_stride2 checked; ys holds this sample's outputs, initialised when
+            // accumulating.
+            unsafe { shifted::sample_stride2(g, xs, wt, bias, clamp, ys.0, accumulate, threads) };
             return;
         }
         // 1×1: one tile, the whole plane (tiles that stay in cache from bias to clamp measured no
@@ -1645,6 +1653,42 @@ mod tests {
         assert!(!crate::ops::avx512() || wide == 2, "{wide} geometries only for the register kernel");
         assert!(vjps >= 4, "the VJPs' shifted path ran on {vjps} geometries");
         assert!(!crate::ops::avx512() || wide_vjps == 1, "{wide_vjps} VJPs of more than 64 channels");
+    }
+
+    /// Stride-2 layers over the input's four phases (`shifted::sample_stride2`), against the naive
+    /// loops: odd and even sizes and uneven pads (phases of unequal extent), 3×3, 5×4, 2×3 and 3×1
+    /// kernels (phases with one to nine taps, and a kernel one column wide, which reads only two
+    /// phases), output channels that leave block remainders, batches of two, with bias, initial
+    /// output and clamp.
+    #[test]
+    fn stride2_phases_f32_match_naive() {
+        let base = ConvGeom { stride: [2, 2], ..winograd_geoms()[0] };
+        let geoms = [
+            ConvGeom { c: 16, m: 20, h: 21, w: 18, pads: [1, 0, 1, 1], ..base },
+            ConvGeom { n: 2, c: 17, m: 9, h: 24, w: 25, kh: 5, kw: 4, pads: [2, 1, 2, 2], ..base },
+            ConvGeom { c: 32, m: 33, h: 16, w: 16, kh: 2, kw: 3, pads: [0, 1, 1, 0], ..base },
+            ConvGeom { n: 2, c: 16, m: 8, h: 19, w: 20, kh: 3, kw: 1, pads: [1, 0, 0, 0], ..base },
+        ];
+        let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
+        for g in geoms {
+            assert_eq!(shifted::applies_stride2::<f32>(&g), crate::ops::avx512(), "{g:?}");
+            assert!(!shifted::applies_stride2::<f64>(&g) && !direct::pays::<f32>(&g), "{g:?}");
+            let (oh, ow) = g.out_hw().unwrap();
+            let (x, wt, bias, init, plain) = layer_data(&g, 41);
+            for clamp in [Some((-3.0, 4.0)), None] {
+                let y = conv2d_onto(&g, &f(&x), &f(&wt), Some(&f(&bias)), clamp, Some(f(&init)));
+                for (i, (a, b)) in y.iter().zip(&plain).enumerate() {
+                    let v = b + bias[(i / (oh * ow)) % g.m] + init[i];
+                    let want = clamp.map_or(v, |(lo, hi)| v.clamp(lo as f64, hi as f64));
+                    assert!((*a as f64 - want).abs() < 1e-4 * (1.0 + want.abs()), "{g:?} output {i}: {a} vs {want}");
+                }
+            }
+            // Without bias or initial output: every element written (the buffer starts poisoned).
+            let y = conv2d(&g, &f(&x), &f(&wt), None);
+            for (i, (a, b)) in y.iter().zip(&plain).enumerate() {
+                assert!((*a as f64 - b).abs() < 1e-4 * (1.0 + b.abs()), "{g:?} output {i}: {a} vs {b}");
+            }
+        }
     }
 
     /// Input, kernel, bias and initial output of `g` from `seed` on, with the naive loops' output

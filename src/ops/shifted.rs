@@ -134,9 +134,13 @@ pub(super) unsafe fn sample<T: Float>(
         // forward kernel [c, m, kh, kw] of a VJP read flipped and transposed.
         let (so, sc) = if transposed { (kk, m * kk) } else { (c * kk, kk) };
         let toff: Vec<usize> = (0..kk).map(|t| if transposed { kk - 1 - t } else { t }).collect();
-        let ts: Vec<(&[f32], &[f32])> = terms.iter().zip(&xps).map(|((_, wt), xp)| (f(xp), f(wt))).collect();
         let rows: Vec<usize> = (0..g.kh).map(|ki| ki * dh * wp).collect();
-        let k = Registers { ts: &ts, c, m, plane, np, offs: &kk_off, toff: &toff, rows: &rows, so, sc };
+        let ts: Vec<Term> = terms
+            .iter()
+            .zip(&xps)
+            .map(|((_, wt), xp)| Term { x: f(xp), w: f(wt), offs: &kk_off, toff: &toff, rows: &rows })
+            .collect();
+        let k = Registers { ts: &ts, c, m, plane, np, so, sc };
         let bias: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.f64() as f32).collect());
         let clamp = clamp.map(|(lo, hi)| (lo.f64() as f32, hi.f64() as f32));
         // SAFETY: AVX-512F present; `out` as the caller promises, T being f32.
@@ -198,6 +202,117 @@ pub(super) unsafe fn sample<T: Float>(
     } else {
         (0..blocks).for_each(block);
     }
+}
+
+/// Whether a stride-2 convolution takes the register kernel over its input's four phases (see
+/// [`sample_stride2`]): f32 with AVX-512F, one group, no dilation, at least 16 input channels,
+/// weights at most 24 times the output plane (as [`applies`] bounds them by the input plane) and
+/// within L2 (each tile of columns reads them all: ResNet-50's 256-channel 28→14 layer, 2.4 MB
+/// of weights, ran even with im2col, its 128-channel 56→28 one 0.84×; one thread, per-node
+/// profiles alternated).
+pub(super) fn applies_stride2<T: Float>(g: &ConvGeom) -> bool {
+    registers::<T>()
+        && g.group == 1
+        && g.stride == [2, 2]
+        && g.dilation == [1, 1]
+        && g.kh * g.kw > 1
+        && g.c >= 16
+        && g.out_hw().is_some_and(|(oh, ow)| g.kh * g.kw * g.m <= 24 * oh * ow)
+        && g.c * g.m * g.kh * g.kw * 4 <= L2_WEIGHTS
+        && enabled()
+}
+
+/// One sample's stride-2 convolution as stride-1 shifted products over the input's four phases:
+/// phase (p, q) holds the padded input's rows p, p + 2, … and columns q, q + 2, …, and output
+/// (i, j) sums tap (ki, kj) of phase (ki mod 2, kj mod 2) at (i + ki/2, j + kj/2). Each tap reads
+/// one phase, so the register kernel takes the phases as four terms with their own taps and
+/// wastes no multiply; im2col wrote and re-read nine patches per output (ResNet-50's stride-2
+/// 3×3 layers ran 1.3–1.5× onnxruntime's time that way, one thread, per-node profiles). Arguments
+/// as [`sample`] with one term.
+///
+/// # Safety
+/// As [`sample`]; [`applies_stride2`] holds for `g`.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn sample_stride2<T: Float>(
+    g: &ConvGeom,
+    x: &[T],
+    wt: &[T],
+    bias: Option<&[T]>,
+    clamp: Option<(T, T)>,
+    out: *mut T,
+    accumulate: bool,
+    threads: Threads,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(applies_stride2::<T>(g), "stride-2 register kernel on {g:?}");
+        let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+        let (c, m, h, w, kk) = (g.c, g.m, g.h, g.w, g.kh * g.kw);
+        assert_eq!(x.len(), c * h * w, "input size");
+        assert_eq!(wt.len(), kk * m * c, "kernel size");
+        let [pt, pl, ..] = g.pads;
+        // SAFETY: T is f32 (applies_stride2 checked it).
+        let (x, wf) = unsafe {
+            (
+                std::slice::from_raw_parts(x.as_ptr() as *const f32, x.len()),
+                std::slice::from_raw_parts(wt.as_ptr() as *const f32, wt.len()),
+            )
+        };
+        // Phase planes: the rows and columns the taps read for the outputs, the grid `wq` wide,
+        // the four phases of a channel side by side, so that the kernel reads one channel's nine
+        // taps as it reads a stride-1 layer's (four terms of one to four taps each ran 1.2× the
+        // im2col time: the per-channel overhead outweighed the multiplies).
+        let (hq, wq) = (oh + (g.kh - 1) / 2, ow + (g.kw - 1) / 2);
+        let pq = hq * wq;
+        let plane = 4 * pq;
+        // The last tap of the grid's last column reads (kw − 1)/2 past the last plane.
+        let len = c * plane + (g.kw - 1) / 2;
+        let mut xs = vec![0.0f32; len];
+        let fill = |(ci, d): (usize, &mut [f32])| {
+            let src = &x[ci * h * w..(ci + 1) * h * w];
+            for (ph, d) in d.chunks_exact_mut(pq).enumerate() {
+                let (p, q) = (ph / 2, ph % 2);
+                // Columns j whose padded column 2j + q is input column 2j + q − pl in 0..w.
+                let j0 = pl.saturating_sub(q).div_ceil(2);
+                let j1 = (w + pl).saturating_sub(q).div_ceil(2).min(wq);
+                for (i, row) in d.chunks_exact_mut(wq).enumerate() {
+                    // Padded row 2i + p is input row 2i + p − pt.
+                    let Some(r) = (2 * i + p).checked_sub(pt).filter(|&r| r < h) else { continue };
+                    if j0 < j1 {
+                        let from = 2 * j0 + q - pl;
+                        let srow = &src[r * w + from..(r + 1) * w];
+                        row[j0..j1].iter_mut().zip(srow.iter().step_by(2)).for_each(|(d, &v)| *d = v);
+                    }
+                }
+            }
+        };
+        let planes = &mut xs[..c * plane];
+        if threads == Threads::Pool && c * plane >= 1 << 15 {
+            planes.par_chunks_mut(plane).enumerate().for_each(fill);
+        } else {
+            planes.chunks_mut(plane).enumerate().for_each(fill);
+        }
+        // Tap (ki, kj) reads phase (ki mod 2, kj mod 2) at (ki/2, kj/2).
+        let (mut offs, mut toff) = (Vec::new(), Vec::new());
+        for ki in 0..g.kh {
+            for kj in 0..g.kw {
+                offs.push(((ki % 2) * 2 + kj % 2) * pq + ki / 2 * wq + kj / 2);
+                toff.push(ki * g.kw + kj);
+            }
+        }
+        let rows: Vec<usize> = (0..4).flat_map(|ph| (0..g.kh.div_ceil(2)).map(move |r| ph * pq + r * wq)).collect();
+        let ts = [Term { x: &xs, w: wf, offs: &offs, toff: &toff, rows: &rows }];
+        let k = Registers { ts: &ts, c, m, plane, np: oh * wq, so: c * kk, sc: kk };
+        let bias: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.f64() as f32).collect());
+        let clamp = clamp.map(|(lo, hi)| (lo.f64() as f32, hi.f64() as f32));
+        let workers = if threads == Threads::Pool { rayon::current_num_threads().max(1) } else { 1 };
+        // SAFETY: AVX-512F present (applies_stride2); `out` as the caller promises, T being f32.
+        unsafe { k.run(out as *mut f32, oh, ow, wq, bias.as_deref(), clamp, accumulate, workers) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!(
+        "applies_stride2 is false off x86-64: {g:?} {x:p} {wt:p} {bias:?} {clamp:?} {out:p} {accumulate} {threads:?}"
+    );
 }
 
 /// `dst = clamp(src + b [+ dst])` for `src.len()` elements.
@@ -292,22 +407,31 @@ const RP: usize = 3;
 /// of the machine's peak multiply-adds that way, onnxruntime's direct kernels at 0.95.
 #[cfg(target_arch = "x86_64")]
 struct Registers<'a> {
-    /// Per term: the padded input planes and the weights.
-    ts: &'a [(&'a [f32], &'a [f32])],
+    /// The terms summed.
+    ts: &'a [Term<'a>],
     c: usize,
     m: usize,
     plane: usize,
     /// Grid columns (`oh·wp`).
     np: usize,
+    /// The weights' strides per output and per input channel.
+    so: usize,
+    sc: usize,
+}
+
+/// One term of [`Registers`]' sums: padded input planes, weights, and the taps that read them.
+#[cfg(target_arch = "x86_64")]
+struct Term<'a> {
+    /// The padded input planes.
+    x: &'a [f32],
+    /// The weights.
+    w: &'a [f32],
     /// Each tap's offset in the padded plane.
     offs: &'a [usize],
     /// Each tap's offset in the weights.
     toff: &'a [usize],
     /// Each kernel row's offset in the padded plane (for prefetching).
     rows: &'a [usize],
-    /// The weights' strides per output and per input channel.
-    so: usize,
-    sc: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -420,14 +544,15 @@ impl Registers<'_> {
             let k = n.saturating_sub(16 * p).min(16);
             if k == 16 { 0xffff } else { ((1u32 << k) - 1) as u16 }
         });
-        for &(xp, wt) in self.ts {
+        for term in self.ts {
+            let (xp, wt) = (term.x, term.w);
             for ci in 0..self.c {
                 // SAFETY: plane ci's grid columns from q0, and channel ci's weights of channels
                 // oc0.. (the caller's bounds).
                 let xc = unsafe { xp.as_ptr().add(ci * self.plane + q0) };
                 let wc = unsafe { wt.as_ptr().add(oc0 * self.so + ci * self.sc) };
                 if ci + 1 < self.c {
-                    for &r in self.rows {
+                    for &r in term.rows {
                         for l in 0..=RP {
                             // The next plane's rows under this tile (a prefetch does not fault).
                             _mm_prefetch::<_MM_HINT_T0>(xc.wrapping_add(self.plane + r + 16 * l) as *const i8);
@@ -449,7 +574,7 @@ impl Registers<'_> {
                         }
                     }
                 }
-                for (&o, &tw) in self.offs.iter().zip(self.toff) {
+                for (&o, &tw) in term.offs.iter().zip(term.toff) {
                     let mut xv = [_mm512_setzero_ps(); RP];
                     for (p, v) in xv.iter_mut().enumerate() {
                         // SAFETY: masked lanes only past the tile's columns.
