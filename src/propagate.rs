@@ -211,7 +211,7 @@ pub fn explain<T: Float>(
                 .collect::<Result<_>>()?;
             return join_samples(es);
         }
-        explain_batch(plan, consts, weights, inputs, targets, seed, keep)
+        crate::ops::hot(|| explain_batch(plan, consts, weights, inputs, targets, seed, keep))
     })
 }
 

@@ -108,7 +108,7 @@ pub fn run<T: Float>(
             }
             return cols.iter().map(|c| super::batch::concat_values(c).map_err(Error::Invalid)).collect();
         }
-        run_batch(g, consts, inputs)
+        crate::ops::hot(|| run_batch(g, consts, inputs))
     })
 }
 
