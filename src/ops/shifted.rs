@@ -218,7 +218,7 @@ pub(super) fn applies_stride2<T: Float>(g: &ConvGeom) -> bool {
         && g.kh * g.kw > 1
         && g.c >= 16
         && g.out_hw().is_some_and(|(oh, ow)| g.kh * g.kw * g.m <= 24 * oh * ow)
-        && g.c * g.m * g.kh * g.kw * 4 <= L2_WEIGHTS
+        && weights_fit_l2(g)
         && enabled()
 }
 
@@ -267,31 +267,55 @@ pub(super) unsafe fn sample_stride2<T: Float>(
         let plane = 4 * pq;
         // The last tap of the grid's last column reads (kw − 1)/2 past the last plane.
         let len = c * plane + (g.kw - 1) / 2;
-        let mut xs = vec![0.0f32; len];
-        let fill = |(ci, d): (usize, &mut [f32])| {
+        // Uninitialised, every slot written once below: zeros where the phase reads padding (a zero
+        // fill first wrote the whole buffer twice). Unit tests poison it first, so that a slot the
+        // copy misses shows up as NaN in the outputs that read it.
+        let mut xs: Vec<f32> = Vec::with_capacity(len);
+        let buf = &mut xs.spare_capacity_mut()[..len];
+        #[cfg(test)]
+        buf.iter_mut().for_each(|v| {
+            v.write(f32::NAN);
+        });
+        let zero = |d: &mut [std::mem::MaybeUninit<f32>]| {
+            d.iter_mut().for_each(|v| {
+                v.write(0.0);
+            })
+        };
+        let fill = |(ci, d): (usize, &mut [std::mem::MaybeUninit<f32>])| {
             let src = &x[ci * h * w..(ci + 1) * h * w];
             for (ph, d) in d.chunks_exact_mut(pq).enumerate() {
                 let (p, q) = (ph / 2, ph % 2);
                 // Columns j whose padded column 2j + q is input column 2j + q − pl in 0..w.
-                let j0 = pl.saturating_sub(q).div_ceil(2);
-                let j1 = (w + pl).saturating_sub(q).div_ceil(2).min(wq);
+                let j0 = pl.saturating_sub(q).div_ceil(2).min(wq);
+                let j1 = (w + pl).saturating_sub(q).div_ceil(2).clamp(j0, wq);
+                let from = (2 * j0 + q).saturating_sub(pl);
+                // The copy below writes all of j0..j1 (zip stops at the shorter side).
+                assert!(j0 == j1 || from + 2 * (j1 - j0 - 1) < w, "phase columns past the input row");
                 for (i, row) in d.chunks_exact_mut(wq).enumerate() {
                     // Padded row 2i + p is input row 2i + p − pt.
-                    let Some(r) = (2 * i + p).checked_sub(pt).filter(|&r| r < h) else { continue };
-                    if j0 < j1 {
-                        let from = 2 * j0 + q - pl;
-                        let srow = &src[r * w + from..(r + 1) * w];
-                        row[j0..j1].iter_mut().zip(srow.iter().step_by(2)).for_each(|(d, &v)| *d = v);
-                    }
+                    let Some(r) = (2 * i + p).checked_sub(pt).filter(|&r| r < h) else {
+                        zero(row);
+                        continue;
+                    };
+                    let (left, rest) = row.split_at_mut(j0);
+                    let (mid, right) = rest.split_at_mut(j1 - j0);
+                    zero(left);
+                    mid.iter_mut().zip(src[r * w + from.min(w)..(r + 1) * w].iter().step_by(2)).for_each(|(d, &v)| {
+                        d.write(v);
+                    });
+                    zero(right);
                 }
             }
         };
-        let planes = &mut xs[..c * plane];
+        let (planes, tail) = buf.split_at_mut(c * plane);
+        zero(tail);
         if threads == Threads::Pool && c * plane >= 1 << 15 {
             planes.par_chunks_mut(plane).enumerate().for_each(fill);
         } else {
             planes.chunks_mut(plane).enumerate().for_each(fill);
         }
+        // SAFETY: every plane's slots (zeros or copies, row by row) and the tail were written.
+        unsafe { xs.set_len(len) };
         // Tap (ki, kj) reads phase (ki mod 2, kj mod 2) at (ki/2, kj/2).
         let (mut offs, mut toff) = (Vec::new(), Vec::new());
         for ki in 0..g.kh {
@@ -352,13 +376,15 @@ pub(super) fn beats_winograd<T: Float>(g: &ConvGeom) -> bool {
         && applies::<T>(g)
         && g.out_hw().is_some_and(|(oh, ow)| {
             let tiles = oh.div_ceil(4) * ow.div_ceil(4);
-            tiles <= 16 || (tiles <= 49 && g.m >= 64 && g.c * g.m * g.kh * g.kw * 4 <= L2_WEIGHTS)
+            tiles <= 16 || (tiles <= 49 && g.m >= 64 && weights_fit_l2(g))
         })
 }
 
-/// Bytes of weights that stay in a core's L2 cache while the register kernel reads them once per
-/// tile of columns.
-const L2_WEIGHTS: usize = 1 << 20;
+/// Whether `g`'s f32 weights stay in a core's L2 cache (1 MiB) while the register kernel reads
+/// them once per tile of columns.
+fn weights_fit_l2(g: &ConvGeom) -> bool {
+    g.c / g.group * g.m * g.kh * g.kw * 4 <= 1 << 20
+}
 
 /// Whether the register-blocked kernel takes an input VJP (`gv`: the VJP as a convolution of the
 /// output gradient) ahead of the Winograd kernel and of im2col: planes of at most 16 Winograd
