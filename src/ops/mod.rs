@@ -37,7 +37,7 @@ static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize
 /// onnxruntime's pool spins the same way. Only for passes with no parallelism around them (a
 /// spinning thread that took a job of an outer parallel loop could wait on a pass that waits on
 /// that job): the callers use it on a whole batch, never inside a per-sample loop, and a second
-/// call while one runs spins nothing more.
+/// call while one runs spins nothing more. Each spinner runs in bounded slices (see [`spin`]).
 pub fn hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,19 +57,43 @@ pub fn hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
         let flag = done.0.clone();
         let me = rayon::current_thread_index();
         rayon::spawn_broadcast(move |ctx| {
-            if Some(ctx.index()) == me {
-                return;
+            if Some(ctx.index()) != me {
+                spin(flag.clone(), me);
             }
-            SPINNING.fetch_add(1, Ordering::AcqRel);
-            while !flag.load(Ordering::Acquire) {
-                if rayon::yield_now() != Some(rayon::Yield::Executed) {
-                    std::hint::spin_loop();
-                }
-            }
-            SPINNING.fetch_sub(1, Ordering::AcqRel);
         });
         f()
     })
+}
+
+/// How long one spinner runs before it hands over to a fresh job (see [`spin`]).
+const SPIN_SLICE: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// One spinner of a [`hot`] call: takes jobs until `flag` is set, for at most [`SPIN_SLICE`], then
+/// spawns its successor and returns. A worker can start the spinner nested inside a job of the
+/// very pass it spins for (it took that job between its check of its broadcast queue and its
+/// steal, and then found the spinner while the job waited on a join); spinning there until the
+/// pass ends waited on the pass that waited on the job (`fwdloop` hung after some thousand
+/// EfficientNet-Lite0 passes, the test below within two hundred calls). A bounded spinner lets the
+/// job go on; its successor, spawned onto this worker's own queue, keeps the thread spinning.
+fn spin(flag: std::sync::Arc<std::sync::atomic::AtomicBool>, me: Option<usize>) {
+    use std::sync::atomic::Ordering;
+    if rayon::current_thread_index() == me {
+        // The caller's own thread took a successor: it has the pass to run.
+        return;
+    }
+    SPINNING.fetch_add(1, Ordering::AcqRel);
+    let t0 = std::time::Instant::now();
+    while !flag.load(Ordering::Acquire) {
+        if t0.elapsed() > SPIN_SLICE {
+            SPINNING.fetch_sub(1, Ordering::AcqRel);
+            rayon::spawn(move || spin(flag, me));
+            return;
+        }
+        if rayon::yield_now() != Some(rayon::Yield::Executed) {
+            std::hint::spin_loop();
+        }
+    }
+    SPINNING.fetch_sub(1, Ordering::AcqRel);
 }
 
 /// Runs `f` on a thread of rayon's pool, or in place when already on one. The kernels' parallel
@@ -115,5 +139,33 @@ mod tests {
             tx.send(()).unwrap();
         });
         rx.recv_timeout(std::time::Duration::from_secs(60)).expect("hot() left the pool busy or failed");
+    }
+
+    /// Back-to-back calls with nested parallel loops, on more threads than cores so that the OS
+    /// preempts workers mid-way: a worker still spinning for the last call could take a job of
+    /// the next one before that call's spinner, then run the new spinner nested inside the job,
+    /// which the call waits on (a hang in `fwdloop` after some thousand passes).
+    #[test]
+    fn hot_back_to_back_calls_never_hang() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) + 2;
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let iters: u64 = std::env::var("HOT_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
+            let mut total = 0u64;
+            for i in 0..iters {
+                total += pool.install(|| {
+                    hot(|| {
+                        (0..16u64)
+                            .into_par_iter()
+                            .map(|j| (0..(j + i % 7) * 50).into_par_iter().map(|v| v % 3).sum::<u64>())
+                            .sum::<u64>()
+                    })
+                });
+            }
+            tx.send(total).unwrap();
+        });
+        let total = rx.recv_timeout(std::time::Duration::from_secs(120)).expect("back-to-back hot() calls hung");
+        assert!(total > 0);
     }
 }
