@@ -289,6 +289,12 @@ struct DwScratch<T> {
     oh: usize,
     ow: usize,
     row_step: usize,
+    /// The next input plane the task loads (address, bytes): the AVX-512 kernel prefetches it,
+    /// and the lines of the output plane after this one, while it computes this one. Each plane's
+    /// copy-in otherwise waited on its input's misses, and its stores on their lines' reads:
+    /// EfficientNet-Lite0's forward ran 0.95× at batch 8 and 0.98× at batch 1 on one thread
+    /// (even on two; `fwdloop`, 6–8 alternations).
+    next: (usize, usize),
 }
 
 impl<T: Float> DwScratch<T> {
@@ -322,7 +328,7 @@ impl<T: Float> DwScratch<T> {
             dsts.push((0, 0));
         }
         let row_step = g.stride[0] * ph.row;
-        DwScratch { ph, buf, offs, bases, dsts, up: [1, 1], wide, oh, ow, row_step }
+        DwScratch { ph, buf, offs, bases, dsts, up: [1, 1], wide, oh, ow, row_step, next: (0, 0) }
     }
     /// Copies one plane in (its padding and, when upsampled, the slots between its values stay
     /// zero: every plane writes the same slots).
@@ -529,6 +535,7 @@ mod dw512 {
                 out: out as *mut f32,
                 clamp: clamp.map(|(lo, hi)| (f(lo), f(hi))),
                 accumulate,
+                next: sc.next,
             };
             // SAFETY: AVX-512F is present ([`tile`]); reads checked above, writes as the caller's.
             unsafe {
@@ -559,6 +566,7 @@ mod dw512 {
         out: *mut f32,
         clamp: Option<(f32, f32)>,
         accumulate: bool,
+        next: (usize, usize),
     }
 
     /// # Safety
@@ -572,8 +580,22 @@ mod dw512 {
         // NaN passes through as in the scalar clamp: max and min return their second operand
         // when either is NaN.
         let bounds = p.clamp.map(|(lo, hi)| (_mm512_set1_ps(lo), _mm512_set1_ps(hi)));
+        // Lines of the next plane to prefetch per tile, spread over the plane's tiles.
+        let tiles = oh.div_ceil(R) * ow.div_ceil(16 * U);
+        let lines = p.next.1.div_ceil(64);
+        let per = lines.div_ceil(tiles.max(1));
+        let mut line = 0;
         for oy0 in (0..oh).step_by(R) {
             for c0 in (0..ow).step_by(16 * U) {
+                for _ in 0..per {
+                    if line < lines {
+                        _mm_prefetch::<_MM_HINT_T0>((p.next.0 + 64 * line) as *const i8);
+                        if 64 * line < oh * ow * 4 {
+                            _mm_prefetch::<_MM_HINT_ET0>(p.out.wrapping_add(oh * ow + 16 * line) as *const i8);
+                        }
+                        line += 1;
+                    }
+                }
                 // SAFETY: inside the buffer (the caller's contract).
                 let rows: [*const f32; R] = std::array::from_fn(|r| unsafe { p.buf.add((oy0 + r) * p.row_step + c0) });
                 let mut acc = [[bias; U]; R];
@@ -876,6 +898,12 @@ pub fn conv2d_onto<T: Float>(
                     // Output channel oc reads input channel oc / mg (mg > 1: a channel multiplier).
                     let xp = &xs[oc / mg * g.h * g.w..(oc / mg + 1) * g.h * g.w];
                     let b = bias.map_or(T::zero(), |b| b[oc]);
+                    sc.next = if oc + 1 < ((t + 1) * per).min(g.m) {
+                        let nx = &xs[(oc + 1) / mg * g.h * g.w..];
+                        (nx.as_ptr() as usize, g.h * g.w * std::mem::size_of::<T>())
+                    } else {
+                        (0, 0)
+                    };
                     // SAFETY: plane oc of this sample, written by this task alone.
                     unsafe {
                         let plane = ys.0.add(oc * ohw);
