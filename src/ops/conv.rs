@@ -289,6 +289,11 @@ struct DwScratch<T> {
     oh: usize,
     ow: usize,
     row_step: usize,
+    /// The kernel's size when it is square (3×3 or 5×5) without dilation, else 0, and the
+    /// stride between output rows: the AVX-512 kernel then reuses each loaded input row for every
+    /// output row of its tile that reads it (see `dw512::reuse`).
+    square: usize,
+    stride: usize,
     /// The next input plane the task loads (address, bytes): the AVX-512 kernel prefetches it,
     /// and the lines of the output plane after this one, while it computes this one. Each plane's
     /// copy-in otherwise waited on its input's misses, and its stores on their lines' reads:
@@ -328,7 +333,23 @@ impl<T: Float> DwScratch<T> {
             dsts.push((0, 0));
         }
         let row_step = g.stride[0] * ph.row;
-        DwScratch { ph, buf, offs, bases, dsts, up: [1, 1], wide, oh, ow, row_step, next: (0, 0) }
+        let square =
+            if g.kh == g.kw && matches!(g.kh, 3 | 5) && g.dilation == [1, 1] && g.stride[0] <= 2 { g.kh } else { 0 };
+        DwScratch {
+            ph,
+            buf,
+            offs,
+            bases,
+            dsts,
+            up: [1, 1],
+            wide,
+            oh,
+            ow,
+            row_step,
+            square,
+            stride: g.stride[0],
+            next: (0, 0),
+        }
     }
     /// Copies one plane in (its padding and, when upsampled, the slots between its values stay
     /// zero: every plane writes the same slots).
@@ -536,14 +557,31 @@ mod dw512 {
                 clamp: clamp.map(|(lo, hi)| (f(lo), f(hi))),
                 accumulate,
                 next: sc.next,
+                row: sc.ph.row,
             };
             // SAFETY: AVX-512F is present ([`tile`]); reads checked above, writes as the caller's.
             unsafe {
-                match tile {
-                    Tile::R7U1 => run::<7, 1>(&p),
-                    Tile::R8U1 => run::<8, 1>(&p),
-                    Tile::R6U2 => run::<6, 2>(&p),
-                    Tile::R4U4 => run::<4, 4>(&p),
+                match (tile, sc.square, sc.stride) {
+                    (Tile::R7U1, 3, 1) => run::<7, 1, 3, 1>(&p),
+                    (Tile::R8U1, 3, 1) => run::<8, 1, 3, 1>(&p),
+                    (Tile::R6U2, 3, 1) => run::<6, 2, 3, 1>(&p),
+                    (Tile::R4U4, 3, 1) => run::<4, 4, 3, 1>(&p),
+                    (Tile::R7U1, 3, 2) => run::<7, 1, 3, 2>(&p),
+                    (Tile::R8U1, 3, 2) => run::<8, 1, 3, 2>(&p),
+                    (Tile::R6U2, 3, 2) => run::<6, 2, 3, 2>(&p),
+                    (Tile::R4U4, 3, 2) => run::<4, 4, 3, 2>(&p),
+                    (Tile::R7U1, 5, 1) => run::<7, 1, 5, 1>(&p),
+                    (Tile::R8U1, 5, 1) => run::<8, 1, 5, 1>(&p),
+                    (Tile::R6U2, 5, 1) => run::<6, 2, 5, 1>(&p),
+                    (Tile::R4U4, 5, 1) => run::<4, 4, 5, 1>(&p),
+                    (Tile::R7U1, 5, 2) => run::<7, 1, 5, 2>(&p),
+                    (Tile::R8U1, 5, 2) => run::<8, 1, 5, 2>(&p),
+                    (Tile::R6U2, 5, 2) => run::<6, 2, 5, 2>(&p),
+                    (Tile::R4U4, 5, 2) => run::<4, 4, 5, 2>(&p),
+                    (Tile::R7U1, ..) => run::<7, 1, 0, 0>(&p),
+                    (Tile::R8U1, ..) => run::<8, 1, 0, 0>(&p),
+                    (Tile::R6U2, ..) => run::<6, 2, 0, 0>(&p),
+                    (Tile::R4U4, ..) => run::<4, 4, 0, 0>(&p),
                 }
             }
         }
@@ -567,13 +605,15 @@ mod dw512 {
         clamp: Option<(f32, f32)>,
         accumulate: bool,
         next: (usize, usize),
+        /// Length of one buffer row.
+        row: usize,
     }
 
     /// # Safety
     /// AVX-512F present; every read of the tiles inside `buf`, every output inside `out`'s plane.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn run<const R: usize, const U: usize>(p: &Plane) {
+    unsafe fn run<const R: usize, const U: usize, const K: usize, const S: usize>(p: &Plane) {
         use std::arch::x86_64::*;
         let (oh, ow) = (p.oh, p.ow);
         let bias = _mm512_set1_ps(p.b);
@@ -585,6 +625,20 @@ mod dw512 {
         let lines = p.next.1.div_ceil(64);
         let per = lines.div_ceil(tiles.max(1));
         let mut line = 0;
+        // Square kernels: the taps' weights in registers, the columns each kernel column reads.
+        let mut wk = [_mm512_setzero_ps(); 25];
+        let mut cols = [0usize; 5];
+        if K > 0 {
+            assert!(p.offs.len() == K * K && p.k.len() >= K * K && p.row_step == S * p.row);
+            for (w, &v) in wk.iter_mut().zip(&p.k[..K * K]) {
+                *w = _mm512_set1_ps(v);
+            }
+            for (c, &o) in cols.iter_mut().zip(&p.offs[..K]) {
+                *c = o;
+            }
+            // Tap (ki, kj) reads row ki of the tile's input rows at column offset cols[kj].
+            debug_assert!((0..K * K).all(|t| p.offs[t] == t / K * p.row + cols[t % K]));
+        }
         for oy0 in (0..oh).step_by(R) {
             for c0 in (0..ow).step_by(16 * U) {
                 for _ in 0..per {
@@ -599,13 +653,29 @@ mod dw512 {
                 // SAFETY: inside the buffer (the caller's contract).
                 let rows: [*const f32; R] = std::array::from_fn(|r| unsafe { p.buf.add((oy0 + r) * p.row_step + c0) });
                 let mut acc = [[bias; U]; R];
-                for (&o, &w) in p.offs.iter().zip(p.k) {
-                    let wv = _mm512_set1_ps(w);
-                    for (row, acc) in rows.iter().zip(acc.iter_mut()) {
-                        for (u, a) in acc.iter_mut().enumerate() {
-                            // SAFETY: as above.
-                            let v = unsafe { _mm512_loadu_ps(row.add(o + 16 * u)) };
-                            *a = _mm512_fmadd_ps(wv, v, *a);
+                if K > 0 {
+                    // SAFETY: the tile's input rows, the ones the per-tap loop below reads (the
+                    // same addresses, each loaded once).
+                    let base = unsafe { p.buf.add(oy0 * p.row_step + c0) };
+                    // Each input row J as its own constant, so that the rows of `acc` it feeds
+                    // are constants and the sums stay in registers.
+                    macro_rules! rows {
+                        ($($j:literal)*) => {
+                            const { assert!(K == 0 || (R - 1) * S + K <= 20, "a tile reads at most twenty input rows") };
+                            // SAFETY: as above; rows past (R − 1)·S + K return at once.
+                            $(unsafe { reuse::<$j, R, U, K, S>(base, p.row, &cols, &wk, &mut acc) };)*
+                        };
+                    }
+                    rows!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19);
+                } else {
+                    for (&o, &w) in p.offs.iter().zip(p.k) {
+                        let wv = _mm512_set1_ps(w);
+                        for (row, acc) in rows.iter().zip(acc.iter_mut()) {
+                            for (u, a) in acc.iter_mut().enumerate() {
+                                // SAFETY: as above.
+                                let v = unsafe { _mm512_loadu_ps(row.add(o + 16 * u)) };
+                                *a = _mm512_fmadd_ps(wv, v, *a);
+                            }
                         }
                     }
                 }
@@ -629,6 +699,44 @@ mod dw512 {
                             }
                             _mm512_mask_storeu_ps(o, mask, v);
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Input row `J` of a tile of `R` output rows (`S` input rows apart) under a `K×K` kernel:
+    /// each of its `K·U` vectors is loaded once and multiplied into every output row that reads
+    /// it. The per-tap loop loaded each input vector once per output row that read it (up to
+    /// `K` times), with most loads across two cache lines.
+    ///
+    /// # Safety
+    /// AVX-512F present; the tile's input rows lie inside the buffer.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::needless_range_loop)] // `u` indexes the loads' columns as well as `acc`
+    unsafe fn reuse<const J: usize, const R: usize, const U: usize, const K: usize, const S: usize>(
+        base: *const f32,
+        row: usize,
+        cols: &[usize; 5],
+        wk: &[std::arch::x86_64::__m512; 25],
+        acc: &mut [[std::arch::x86_64::__m512; U]; R],
+    ) {
+        use std::arch::x86_64::*;
+        if K == 0 || J >= (R - 1) * S + K {
+            return;
+        }
+        // SAFETY: input row J of the tile (the caller's contract).
+        let src = unsafe { base.add(J * row) };
+        for kj in 0..K {
+            for u in 0..U {
+                // SAFETY: as above.
+                let v = unsafe { _mm512_loadu_ps(src.add(cols[kj] + 16 * u)) };
+                for ki in 0..K {
+                    if J >= ki && (J - ki).is_multiple_of(S) && (J - ki) / S < R {
+                        let r = (J - ki) / S;
+                        acc[r][u] = _mm512_fmadd_ps(wk[ki * K + kj], v, acc[r][u]);
                     }
                 }
             }
