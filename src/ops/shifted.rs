@@ -370,13 +370,16 @@ unsafe fn store<T: Float>(dst: *mut T, src: &[T], b: T, clamp: Option<(T, T)>, a
 /// memory. ResNet-50's 128-channel 28×28 layers ran 0.90× (one thread and two, `convbench` at
 /// batch 1), its forward 0.97× at batch 8 and 0.98× at batch 1; DenseNet-121's 128→32 ones ran
 /// even and its forward 1.01× (they stay with Winograd), and VGG-16's 512-channel ones, whose
-/// 9 MB of weights do not stay in cache, 1.25× at two threads.
+/// 9 MB of weights do not stay in cache, 1.25× at two threads. Likewise 56×56 planes (196 tiles):
+/// ResNet-50's 64-channel layers ran 0.92× at batch 8 in `convbench` and even at batch 1, its
+/// forward 0.97× at batch 8 and even at batch 1, gradient 0.97× and ε+♭ 0.96× at batch 8
+/// (alternated rounds).
 pub(super) fn beats_winograd<T: Float>(g: &ConvGeom) -> bool {
     registers::<T>()
         && applies::<T>(g)
         && g.out_hw().is_some_and(|(oh, ow)| {
             let tiles = oh.div_ceil(4) * ow.div_ceil(4);
-            tiles <= 16 || (tiles <= 49 && g.m >= 64 && weights_fit_l2(g))
+            tiles <= 16 || (tiles <= 196 && g.m >= 64 && weights_fit_l2(g))
         })
 }
 
