@@ -152,9 +152,8 @@ mod tests {
             let threads = std::thread::available_parallelism().map_or(2, |n| n.get()) + 2;
             let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
             let iters: u64 = std::env::var("HOT_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(400);
-            let mut total = 0u64;
             for i in 0..iters {
-                total += pool.install(|| {
+                let got = pool.install(|| {
                     hot(|| {
                         (0..16u64)
                             .into_par_iter()
@@ -162,10 +161,11 @@ mod tests {
                             .sum::<u64>()
                     })
                 });
+                let want: u64 = (0..16u64).map(|j| (0..(j + i % 7) * 50).map(|v| v % 3).sum::<u64>()).sum();
+                assert_eq!(got, want, "call {i}");
             }
-            tx.send(total).unwrap();
+            tx.send(()).unwrap();
         });
-        let total = rx.recv_timeout(std::time::Duration::from_secs(120)).expect("back-to-back hot() calls hung");
-        assert!(total > 0);
+        rx.recv_timeout(std::time::Duration::from_secs(120)).expect("back-to-back hot() calls hung or failed");
     }
 }
