@@ -226,9 +226,9 @@ pub(super) fn applies_stride2<T: Float>(g: &ConvGeom) -> bool {
 /// phase (p, q) holds the padded input's rows p, p + 2, … and columns q, q + 2, …, and output
 /// (i, j) sums tap (ki, kj) of phase (ki mod 2, kj mod 2) at (i + ki/2, j + kj/2). Each tap reads
 /// one phase, so with a channel's four phases side by side the register kernel reads them as one
-/// plane with nine taps at their own offsets and wastes no multiply; im2col wrote and re-read nine patches per output (ResNet-50's stride-2
-/// 3×3 layers ran 1.3–1.5× onnxruntime's time that way, one thread, per-node profiles). Arguments
-/// as [`sample`] with one term.
+/// plane with nine taps at their own offsets and wastes no multiply; im2col wrote and re-read nine
+/// patches per output (ResNet-50's stride-2 3×3 layers ran 1.3–1.5× onnxruntime's time that way,
+/// one thread, per-node profiles). Arguments as [`sample`] with one term.
 ///
 /// # Safety
 /// As [`sample`]; [`applies_stride2`] holds for `g`.
