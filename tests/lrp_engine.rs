@@ -170,7 +170,9 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
         // Groups with several input and output channels each.
         ConvGeom { c: 4, m: 6, group: 2, ..base },
         // An output larger than its input (an expansion): z⁺ over mixed signs runs stacked.
-        ConvGeom { m: 8, kh: 1, kw: 1, stride: [1, 1], pads: [0; 4], ..base },
+        ConvGeom { c: 3, m: 8, kh: 1, kw: 1, stride: [1, 1], pads: [0; 4], ..base },
+        // Three input channels, for inputs negative on two of them (see `xsome` below).
+        ConvGeom { c: 3, m: 4, ..base },
         // A 1×1 layer on a plane of 528 pixels: z⁺ and γ run fused over tiles of pixels.
         ConvGeom { m: 3, h: 24, w: 22, kh: 1, kw: 1, stride: [1, 1], pads: [0; 4], ..base },
         // 1 600 outputs, more than γ's first look covers (see the mixed relevance below); γ only,
@@ -265,10 +267,16 @@ fn every_rule_equals_its_float64_formula_on_random_layers() {
             let low: Vec<f64> = (0..nin).map(|j| lows[j / (geom.h * geom.w)]).collect();
             let high: Vec<f64> = (0..nin).map(|j| highs[j / (geom.h * geom.w)]).collect();
             let bounds = Bounds { low: lows[..geom.c].to_vec(), high: highs[..geom.c].to_vec() };
-            // Mixed-sign inputs and non-negative ones (as after a ReLU, where the rules skip the x⁻
-            // terms and γ regroups its forwards), with and without the per-plan weight cache.
+            // Mixed-sign inputs, non-negative ones (as after a ReLU, where the rules skip the x⁻
+            // terms and γ regroups its forwards), and negative values on the even channels only
+            // (as a canonized DenseNet's threshold ReLUs give: the x⁻ terms run on the channels
+            // with negative values alone), with and without the per-plan weight cache.
             let xabs: Vec<f64> = x.iter().map(|v| v.abs()).collect();
-            for x in [&x, &xabs] {
+            let plane = geom.h * geom.w;
+            let xsome: Vec<f64> =
+                x.iter().enumerate().map(|(j, &v)| if (j / plane).is_multiple_of(2) { v } else { v.abs() }).collect();
+            assert!(xsome[..plane].iter().any(|&v| v < 0.0));
+            for x in [&x, &xabs, &xsome] {
                 let y = layer.fwd(x, &w, Some(&b));
                 for rule in rules.iter().filter(|r| !gamma_only(geom) || matches!(r, Rule::Gamma(_))) {
                     let want = naive(rule, x, &mat, &bias_k, &r, (&low, &high));

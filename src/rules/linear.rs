@@ -95,6 +95,27 @@ pub struct WeightCache<T> {
     gamma_weights: std::sync::OnceLock<Vec<T>>,
     /// The γ of the rule the cache was made for.
     gamma: Option<f64>,
+    /// Weights on the input channels with negative values (see `negative_channels`), by what
+    /// they are and the channels: the last few made, as the channels stay the same from input to
+    /// input where a threshold ReLU decides them (the copy cost as much as the products it saved
+    /// on DenseNet-121's 7×7 layers).
+    on_channels: std::sync::Mutex<Vec<OnChannels<T>>>,
+}
+
+/// Weights on a subset of input channels: what they are, the channels, the weights.
+type OnChannels<T> = (Selected, Vec<usize>, std::sync::Arc<Vec<T>>);
+
+/// Which weights on a subset of input channels (see [`WeightCache`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Selected {
+    /// `w` on the channels.
+    Plain,
+    /// `w⁻` on the channels.
+    Neg,
+    /// `w⁺` on the channels.
+    Pos,
+    /// `[w⁺ | w⁻_s]`.
+    Stacked,
 }
 
 impl<T: Float> WeightCache<T> {
@@ -106,6 +127,7 @@ impl<T: Float> WeightCache<T> {
             abs: Default::default(),
             gamma_weights: Default::default(),
             gamma: if let Rule::Gamma(g) = rule { Some(*g) } else { None },
+            on_channels: Default::default(),
         }
     }
 }
@@ -119,6 +141,39 @@ fn stack_pos_neg<T: Float>(w: &[T], row: usize) -> Vec<T> {
         out.extend(r.iter().map(|&v| neg(v)));
     }
     out
+}
+
+/// The input channels `s` of a convolution's weights (`c` input channels of `kk` taps per output
+/// channel), each weight mapped by `f`: the weights [m, |s|, kh, kw] of the same convolution on
+/// those channels alone.
+fn select_inputs<T: Float>(w: &[T], c: usize, kk: usize, s: &[usize], f: impl Fn(T) -> T) -> Vec<T> {
+    let mut out = Vec::with_capacity(w.len() / c.max(1) * s.len());
+    for r in w.chunks((c * kk).max(1)) {
+        for &ch in s {
+            out.extend(r[ch * kk..(ch + 1) * kk].iter().map(|&v| f(v)));
+        }
+    }
+    out
+}
+
+/// `[w⁺ | w⁻_s]`: [`stack_pos_neg`] with the negative half on the input channels `s` only (the
+/// weights of a convolution reading `[x⁺; x⁻_s]`).
+fn stack_pos_neg_on<T: Float>(w: &[T], c: usize, kk: usize, s: &[usize]) -> Vec<T> {
+    let mut out = Vec::with_capacity(w.len() / c.max(1) * (c + s.len()));
+    for r in w.chunks((c * kk).max(1)) {
+        out.extend(r.iter().map(|&v| pos(v)));
+        for &ch in s {
+            out.extend(r[ch * kk..(ch + 1) * kk].iter().map(|&v| neg(v)));
+        }
+    }
+    out
+}
+
+/// For each of `c` channels, its index in the sorted subset `s`, or `usize::MAX` outside it.
+fn index_in(c: usize, s: &[usize]) -> Vec<usize> {
+    let mut at = vec![usize::MAX; c];
+    s.iter().enumerate().for_each(|(j, &ch)| at[ch] = j);
+    at
 }
 
 /// Per-channel input bounds for the z^B rule (input channel c: `low[c] ≤ x ≤ high[c]`).
@@ -460,15 +515,39 @@ impl<T: Float> GammaPlane<'_, T> {
     }
 }
 
-/// `[x⁺; x⁻]` per sample: the input of a convolution with twice the input channels that, with
-/// `[w⁺ | w⁻]`, computes `x⁺·w⁺ + x⁻·w⁻` at once.
-fn split_signs<T: Float>(g: &ConvGeom, x: &[T]) -> Vec<T> {
-    let plane = g.c * g.h * g.w;
+/// The input channels of a convolution's input `x` ([n, c, plane] per sample) where some value
+/// is below zero, in order: x⁻ is zero on every other channel, so the rules' x⁻ terms need only
+/// these (a canonized DenseNet's ThreshReLU outputs go below zero only on the channels whose
+/// threshold is negative, about half of them).
+fn negative_channels<T: Float>(x: &[T], c: usize, plane: usize) -> Vec<usize> {
+    use rayon::prelude::*;
+    let per = c * plane;
+    if per == 0 {
+        return Vec::new();
+    }
+    let n = x.len() / per;
+    let zero = T::zero();
+    // A branch-free fold per block, so that the scan vectorises and still stops at a channel's
+    // first negative block.
+    let below = |v: &[T]| v.chunks(256).any(|b| b.iter().fold(false, |a, &v| a | (v < zero)));
+    (0..c)
+        .into_par_iter()
+        .with_min_len((1 << 14) / plane.max(1) + 1)
+        .filter(|&ch| (0..n).any(|s| below(&x[s * per + ch * plane..s * per + (ch + 1) * plane])))
+        .collect()
+}
+
+/// `[x⁺; x⁻_s]` per sample, x⁻ on the channels `s`: the input of a convolution with more input
+/// channels that, with `[w⁺ | w⁻_s]`, computes `x⁺·w⁺ + x⁻·w⁻` at once.
+fn split_signs<T: Float>(g: &ConvGeom, x: &[T], s: &[usize]) -> Vec<T> {
+    let (plane, hw) = (g.c * g.h * g.w, g.h * g.w);
     // Split straight from x: separate x⁺ and x⁻ tensors were two more passes and buffers.
-    let mut x2 = Vec::with_capacity(2 * x.len());
+    let mut x2 = Vec::with_capacity(x.len() / g.c.max(1) * (g.c + s.len()));
     for xs in x.chunks(plane.max(1)) {
         x2.extend(xs.iter().map(|&v| pos(v)));
-        x2.extend(xs.iter().map(|&v| neg(v)));
+        for &ch in s {
+            x2.extend(xs[ch * hw..(ch + 1) * hw].iter().map(|&v| neg(v)));
+        }
     }
     x2
 }
@@ -484,6 +563,40 @@ fn lazily<'w, T: Float>(
         Some(c) if matches!(layer.w, Cow::Borrowed(_)) => Cow::Borrowed(&c.get_or_init(|| make(&layer.w))[..]),
         _ => Cow::Owned(make(&layer.w)),
     }
+}
+
+/// The layer's weights on the input channels `s` as `what` says (a convolution with `c` input
+/// channels of `kk` taps), from the cache where the same were made before.
+fn on_channels<T: Float>(
+    layer: &LinearLayer<'_, T>,
+    what: Selected,
+    c: usize,
+    kk: usize,
+    s: &[usize],
+) -> std::sync::Arc<Vec<T>> {
+    let make = || {
+        std::sync::Arc::new(match what {
+            Selected::Plain => select_inputs(&layer.w, c, kk, s, |v| v),
+            Selected::Neg => select_inputs(&layer.w, c, kk, s, neg),
+            Selected::Pos => select_inputs(&layer.w, c, kk, s, pos),
+            Selected::Stacked => stack_pos_neg_on(&layer.w, c, kk, s),
+        })
+    };
+    let cache = match layer.cache {
+        Some(cache) if matches!(layer.w, Cow::Borrowed(_)) => cache,
+        _ => return make(),
+    };
+    // A poisoned lock held only finished entries.
+    let mut list = cache.on_channels.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, _, w)) = list.iter().find(|(k, ch, _)| *k == what && ch == s) {
+        return w.clone();
+    }
+    let w = make();
+    if list.len() >= 4 {
+        list.remove(0);
+    }
+    list.push((what, s.to_vec(), w.clone()));
+    w
 }
 
 /// `[w⁺ | w⁻]` of a convolution.
@@ -519,9 +632,11 @@ fn stacking_pays(g: &ConvGeom) -> bool {
 
 /// The z⁺ rule's relevance at a plain convolution's input whose values have both signs:
 /// `x⁺ ⊙ Jᵀ_{w⁺} g + x⁻ ⊙ Jᵀ_{w⁻} g` with `g = r / (x⁺·w⁺ + x⁻·w⁻ + b⁺)`, computed as a
-/// convolution with twice the input channels (`[x⁺; x⁻]`, `[w⁺ | w⁻]`): one forward and one VJP.
+/// convolution with more input channels (`[x⁺; x⁻]`, `[w⁺ | w⁻]`): one forward and one VJP.
 /// `p`, when given, is `x⁺·w⁺ + x⁻·w⁻` made from the forward output (see `pos_part`), and the
-/// stacked forward is skipped.
+/// stacked forward is skipped. With `neg_on`, the input channels that have negative values where
+/// not all do, the x⁻ half holds those channels alone.
+#[allow(clippy::too_many_arguments)] // the rule's full context; a struct would only rename it
 fn stacked_zplus<T: Float>(
     layer: &LinearLayer<'_, T>,
     g: &ConvGeom,
@@ -530,11 +645,28 @@ fn stacked_zplus<T: Float>(
     bias: Option<&[T]>,
     stabilizer: f64,
     p: Option<Vec<T>>,
+    neg_on: Option<&[usize]>,
 ) -> Vec<T> {
-    let g2 = ConvGeom { c: 2 * g.c, ..*g };
-    let w2 = stacked_weights(layer, g);
+    let all: Vec<usize>;
+    let s = match neg_on {
+        Some(s) => s,
+        None => {
+            all = (0..g.c).collect();
+            &all
+        }
+    };
+    let ns = s.len();
+    let g2 = ConvGeom { c: g.c + ns, ..*g };
+    let sel;
+    let w2 = match neg_on {
+        Some(s) => {
+            sel = on_channels(layer, Selected::Stacked, g.c, g.kh * g.kw, s);
+            Cow::Borrowed(&sel[..])
+        }
+        None => stacked_weights(layer, g),
+    };
     let w2 = &w2[..];
-    let plane = g.c * g.h * g.w;
+    let plane = g.h * g.w;
     let mut z = match p {
         Some(mut p) => {
             if let Some(b) = bias {
@@ -543,18 +675,72 @@ fn stacked_zplus<T: Float>(
             p
         }
         // The stacked geometry has the same outputs, so the bias applies as to the plain one.
-        None => conv_biased(&g2, &split_signs(g, x), w2, bias),
+        None => conv_biased(&g2, &split_signs(g, x, s), w2, bias),
     };
     update1(&mut z, r, move |zv, rv| rv / stabilize(zv, stabilizer));
     let d = conv2d_vjp(&g2, &z, w2);
-    // d holds [Jᵀ_{w⁺} g; Jᵀ_{w⁻} g] per sample: x⁺ times the first half plus x⁻ times the second,
-    // in one pass.
+    // d holds [Jᵀ_{w⁺} g; Jᵀ_{w⁻} g] per sample: x⁺ times the first half plus x⁻ times the second.
     let mut out = Vec::with_capacity(x.len());
-    for (s, xs) in d.chunks(2 * plane.max(1)).zip(x.chunks(plane.max(1))) {
-        let (dp, dn) = s.split_at(plane);
-        out.extend(dp.iter().zip(dn).zip(xs).map(|((a, b), &xv)| *a * pos(xv) + *b * neg(xv)));
+    for (dsm, xs) in d.chunks(((g.c + ns) * plane).max(1)).zip(x.chunks((g.c * plane).max(1))) {
+        let (dp, dn) = dsm.split_at(g.c * plane);
+        if neg_on.is_none() {
+            out.extend(dp.iter().zip(dn).zip(xs).map(|((a, b), &xv)| *a * pos(xv) + *b * neg(xv)));
+        } else {
+            let at = out.len();
+            out.extend(dp.iter().zip(xs).map(|(a, &xv)| *a * pos(xv)));
+            for (j, &ch) in s.iter().enumerate() {
+                let o = &mut out[at + ch * plane..at + (ch + 1) * plane];
+                let (dr, xr) = (&dn[j * plane..(j + 1) * plane], &xs[ch * plane..(ch + 1) * plane]);
+                o.iter_mut().zip(dr).zip(xr).for_each(|((o, &b), &xv)| *o += b * neg(xv));
+            }
+        }
     }
     out
+}
+
+/// `out += scale · x⁻ ⊙ Jᵀ_w seed` for a plain convolution whose input `x` is below zero only on
+/// the input channels `s`: the VJP runs on those channels alone (`ws`, the weights w on them), x⁻
+/// being zero on the others.
+fn add_neg_product<T: Float>(g: &ConvGeom, out: &mut [T], x: &[T], seed: &[T], ws: &[T], s: &[usize], scale: T) {
+    use rayon::prelude::*;
+    let d = conv2d_vjp(&ConvGeom { c: s.len(), ..*g }, seed, ws);
+    let (plane, ns, at) = (g.h * g.w, s.len(), index_in(g.c, s));
+    out.par_chunks_mut(plane.max(1))
+        .zip(x.par_chunks(plane.max(1)))
+        .with_min_len((1 << 12) / plane.max(1) + 1)
+        .enumerate()
+        .for_each(|(q, (o, xs))| {
+            let (smp, j) = (q / g.c.max(1), at[q % g.c.max(1)]);
+            if j != usize::MAX {
+                let dr = &d[(smp * ns + j) * plane..(smp * ns + j + 1) * plane];
+                o.iter_mut().zip(xs).zip(dr).for_each(|((o, &xv), &dv)| *o += scale * neg(xv) * dv);
+            }
+        });
+}
+
+/// The γ rule's relevance from x⁺'s factor `f` (F⁺, in its own buffer) and the plain ratio `gc`:
+/// `|x| ⊙ F⁺ + k·x⁻ ⊙ Jᵀ_w gc` (see `relevance_bf`), the second VJP on the channels `neg_on` alone
+/// where only those have negative values.
+fn with_neg_part<T: Float>(
+    layer: &LinearLayer<'_, T>,
+    mut f: Vec<T>,
+    x: &[T],
+    gc: &[T],
+    neg_on: Option<&[usize]>,
+    k: T,
+) -> Vec<T> {
+    match (neg_on, &layer.kind) {
+        (Some(s), LinearKind::Conv(g)) => {
+            update1(&mut f, x, |fv, xv| xv.abs() * fv);
+            let ws = on_channels(layer, Selected::Plain, g.c, g.kh * g.kw, s);
+            add_neg_product(g, &mut f, x, gc, &ws, s, k);
+        }
+        _ => {
+            let plain = layer.vjp(gc, &layer.w);
+            update2(&mut f, x, &plain, move |fv, xv, pv| xv.abs() * fv + k * neg(xv) * pv);
+        }
+    }
+    f
 }
 
 /// [`relevance`] with Arras et al.'s bias factor for the ε rule on dense layers: a share
@@ -580,10 +766,19 @@ pub fn relevance_bf<T: Float>(
     let div = |z: &[T], eps: f64| -> Vec<T> { map2(z, r, move |zv, rv| rv / stabilize(zv, eps)) };
     let bm = |f: fn(T) -> T| b.map(|b| map(b, f));
     // Most layers follow a ReLU: their input has no negative part, and the rules' x⁻ terms vanish.
-    let has_neg = {
-        use rayon::prelude::*;
-        x.par_chunks(1 << 14).any(|c| c.iter().fold(false, |n, v| n | (*v < T::zero())))
+    // On a plain convolution, the channels with negative values, where not all of them (`neg_on`):
+    // the x⁻ terms' VJPs then run on those channels alone.
+    let (has_neg, neg_on) = match &layer.kind {
+        LinearKind::Conv(g) if g.group == 1 => {
+            let s = negative_channels(x, g.c, g.h * g.w);
+            (!s.is_empty(), (!s.is_empty() && s.len() < g.c).then_some(s))
+        }
+        _ => {
+            use rayon::prelude::*;
+            (x.par_chunks(1 << 14).any(|c| c.iter().fold(false, |n, v| n | (*v < T::zero()))), None)
+        }
     };
+    let neg_on = neg_on.as_deref();
     // x⁺ and x⁻ as tensors, made only by the paths that need them (the stacked forms split x as
     // they read it).
     let xp_cell = std::cell::OnceCell::new();
@@ -598,8 +793,14 @@ pub fn relevance_bf<T: Float>(
         // With inputs of both signs, the forward comes from the output where it is at hand (γ
         // always reads it) and z⁺'s VJP takes the stacked weights.
         let wp = layer.modified(WeightMod::Pos);
-        let w2 = (has_neg && !gamma).then(|| stacked_weights(layer, g));
+        let sel =
+            neg_on.map(|s| on_channels(layer, if gamma { Selected::Plain } else { Selected::Stacked }, g.c, 1, s));
+        let w2 = (has_neg && !gamma).then(|| match &sel {
+            Some(sel) => Cow::Borrowed(&sel[..]),
+            None => stacked_weights(layer, g),
+        });
         let wa = (has_neg && (gamma || y_kept.is_some())).then(|| abs_weights(layer));
+        let wneg = sel.as_deref().filter(|_| gamma);
         let pl = pointwise::Layer {
             c: g.c,
             m: g.m,
@@ -609,6 +810,8 @@ pub fn relevance_bf<T: Float>(
             wp: &wp,
             stacked: w2.as_deref(),
             abs: wa.as_deref(),
+            neg: neg_on,
+            wneg: wneg.map(|v| &v[..]),
         };
         let used = pointwise::Bias::of(b, g.m, pl.hw);
         let stored = pointwise::Bias::of(layer.bias.as_deref(), g.m, pl.hw);
@@ -688,7 +891,7 @@ pub fn relevance_bf<T: Float>(
                 if let (0, true, LinearKind::Conv(g)) = (k, has_neg, &layer.kind)
                     && stacking_pays(g)
                 {
-                    let mut r_in = stacked_zplus(layer, g, x, r, bias.as_deref(), stabilizer, from_output);
+                    let mut r_in = stacked_zplus(layer, g, x, r, bias.as_deref(), stabilizer, from_output, neg_on);
                     let sc = T::of(scale);
                     match &mut out {
                         Some(a) => update1(a, &r_in, move |a, v| a + sc * v),
@@ -718,7 +921,12 @@ pub fn relevance_bf<T: Float>(
                 let mut g = z;
                 update1(&mut g, r, move |zv, rv| rv / stabilize(zv, stabilizer));
                 add_product(&mut out, xp(), layer.vjp(&g, w_for_pos), T::of(scale));
-                if let Some(xn) = xn() {
+                if let (Some(s), LinearKind::Conv(geom), Some(o)) = (neg_on, &layer.kind, out.as_mut()) {
+                    // w⁻ for the positive part, w⁺ for the negative one.
+                    let what = if k == 0 { Selected::Neg } else { Selected::Pos };
+                    let ws = on_channels(layer, what, geom.c, geom.kh * geom.kw, s);
+                    add_neg_product(geom, o, x, &g, &ws, s, T::of(scale));
+                } else if let Some(xn) = xn() {
                     add_product(&mut out, xn, layer.vjp(&g, w_for_neg), T::of(scale));
                 }
             }
@@ -846,20 +1054,14 @@ pub fn relevance_bf<T: Float>(
                     add_product(&mut out, x, layer.vjp(&ga, &gamma_weights(layer, *gamma)), T::one());
                 }
                 (Some(ga), true) => {
-                    let mut f = layer.vjp(&ga, &gamma_weights(layer, *gamma));
-                    let plain = layer.vjp(&ga, w);
-                    update2(&mut f, x, &plain, move |fv, xv, pv| xv.abs() * fv + k * neg(xv) * pv);
-                    out = Some(f);
+                    let f = layer.vjp(&ga, &gamma_weights(layer, *gamma));
+                    out = Some(with_neg_part(layer, f, x, &ga, neg_on, k));
                 }
                 (None, true) => {
                     let (ga, gb, gc, _) = seeds(3);
-                    let mut f = layer.vjp_sum(&[(&ga, w), (&gb, &wp)]);
+                    let f = layer.vjp_sum(&[(&ga, w), (&gb, &wp)]);
                     drop((ga, gb));
-                    let plain = layer.vjp(&gc, w);
-                    drop(gc);
-                    // F⁺ becomes R in its own buffer: |x| ⊙ F⁺ + (2+γ)·x⁻ ⊙ Jᵀ_w g.
-                    update2(&mut f, x, &plain, move |fv, xv, pv| xv.abs() * fv + k * neg(xv) * pv);
-                    out = Some(f);
+                    out = Some(with_neg_part(layer, f, x, &gc, neg_on, k));
                 }
                 (None, false) => {
                     let (ga, gb, _, _) = seeds(2);
@@ -901,6 +1103,92 @@ pub fn relevance_bf<T: Float>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rules' x⁻ terms on the channels with negative values alone: a batch whose samples have
+    /// them on different channels gives each sample's relevance alone (where each sample's own
+    /// channels are used), and weights taken from the cache for one set of channels never serve
+    /// another (calls alternate between sets on one cache).
+    #[test]
+    fn negative_channel_subsets_match_per_sample_and_uncached_runs() {
+        let mut seed = 5u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        };
+        let base = ConvGeom {
+            n: 2,
+            c: 4,
+            h: 5,
+            w: 6,
+            m: 3,
+            kh: 3,
+            kw: 3,
+            stride: [1, 1],
+            dilation: [1, 1],
+            pads: [1; 4],
+            group: 1,
+        };
+        // A 3×3 layer, an expansion (z⁺ stacked) and a 1×1 layer on a plane of 576 (fused tiles).
+        let geoms = [
+            base,
+            ConvGeom { m: 40, kh: 1, kw: 1, pads: [0; 4], ..base },
+            ConvGeom { h: 24, w: 24, kh: 1, kw: 1, pads: [0; 4], ..base },
+        ];
+        let rules = [Rule::ZPlus, Rule::Gamma(0.25), Rule::AlphaBeta { alpha: 2.0, beta: 1.0 }];
+        for g in geoms {
+            let (hw, kk) = (g.h * g.w, g.kh * g.kw);
+            let (oh, ow) = g.out_hw().unwrap();
+            let w: Vec<f64> = (0..g.m * g.c * kk).map(|_| next()).collect();
+            let b: Vec<f64> = (0..g.m).map(|_| next()).collect();
+            // Sample 0 negative on channels 0 and 2, sample 1 on channel 1; then both on 3.
+            let input = |neg: [&[usize]; 2], next: &mut dyn FnMut() -> f64| -> Vec<f64> {
+                (0..2 * g.c * hw)
+                    .map(|i| {
+                        let v = next();
+                        if neg[i / (g.c * hw)].contains(&(i / hw % g.c)) { v } else { v.abs() }
+                    })
+                    .collect()
+            };
+            let xs = [input([&[0, 2], &[1]], &mut next), input([&[3], &[3]], &mut next)];
+            let r: Vec<f64> = (0..2 * g.m * oh * ow).map(|_| next()).collect();
+            for rule in &rules {
+                let cache = WeightCache::build(rule, &w);
+                let layer = |n: usize| LinearLayer {
+                    kind: LinearKind::Conv(ConvGeom { n, ..g }),
+                    w: Cow::Owned(w.clone()),
+                    bias: Some(Cow::Owned(b.clone())),
+                    cache: None,
+                };
+                // Borrowed weights, as the plan's constants, so that the cache is used.
+                let cached = LinearLayer { w: Cow::Borrowed(&w[..]), cache: Some(&cache), ..layer(2) };
+                for x in [&xs[0], &xs[1], &xs[0]] {
+                    let y = cached.fwd(x, &w, Some(&b));
+                    let got = relevance(&cached, rule, x, &y, &r, false, 1e-6, None).unwrap();
+                    let fresh = relevance(&layer(2), rule, x, &y, &r, false, 1e-6, None).unwrap();
+                    assert_eq!(got, fresh, "{rule} {g:?}: cached against fresh");
+                    let (xh, yh, rh) = (x.len() / 2, y.len() / 2, r.len() / 2);
+                    for smp in 0..2 {
+                        let one = layer(1);
+                        let xs1 = &x[smp * xh..(smp + 1) * xh];
+                        let want = relevance(
+                            &one,
+                            rule,
+                            xs1,
+                            &y[smp * yh..(smp + 1) * yh],
+                            &r[smp * rh..(smp + 1) * rh],
+                            false,
+                            1e-6,
+                            None,
+                        )
+                        .unwrap();
+                        for (a, w) in got[smp * xh..(smp + 1) * xh].iter().zip(&want) {
+                            assert!((a - w).abs() <= 1e-10 * (1.0 + w.abs()), "{rule} {g:?} sample {smp}: {a} vs {w}");
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn flat_without_the_ones_layer_equals_running_it() {

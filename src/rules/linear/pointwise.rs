@@ -78,6 +78,11 @@ pub(super) struct Layer<'a, T> {
     /// `|w|` [m, c], for the forward `x⁺·w⁺ + x⁻·w⁻` of inputs with negative values from the
     /// layer's output (see `LinearLayer::pos_part`).
     pub abs: Option<&'a [T]>,
+    /// The input channels with negative values, where not all have them (x⁻ is zero on the
+    /// others): `stacked` is then `[w⁺ | w⁻_neg]` [m, c + |neg|], and γ's x⁻ term reads `wneg`.
+    pub neg: Option<&'a [usize]>,
+    /// `w` on the channels `neg` [m, |neg|], for γ's x⁻ term.
+    pub wneg: Option<&'a [T]>,
 }
 
 /// Buffers one thread reuses across its tiles.
@@ -144,6 +149,21 @@ impl<T: Float> Layer<'_, T> {
     /// Whether the input has negative values.
     fn signed(&self) -> bool {
         self.stacked.is_some() || self.abs.is_some()
+    }
+
+    /// Input channels with negative values (all of them unless `neg` says otherwise).
+    fn ns(&self) -> usize {
+        self.neg.map_or(self.c, |s| s.len())
+    }
+
+    /// The channel of x⁻'s row `j` (of `ns`).
+    fn neg_channel(&self, j: usize) -> usize {
+        self.neg.map_or(j, |s| s[j])
+    }
+
+    /// Each channel's row in x⁻'s rows, or `usize::MAX` (none), when `neg` picks channels.
+    fn neg_rows(&self) -> Option<Vec<usize>> {
+        self.neg.map(|s| super::index_in(self.c, s))
     }
 
     /// Pixels per tile: the tile's buffers (about 3c + 4m values per pixel) near 512 kB, in
@@ -221,26 +241,30 @@ impl<T: Float> Layer<'_, T> {
         }
         match self.stacked {
             Some(w2) => {
-                let x2 = room(&mut sc.xs, 2 * c * tl);
+                let k2 = c + self.ns();
+                let x2 = room(&mut sc.xs, k2 * tl);
                 for i in 0..c {
                     let src = &xs[i * hw + cols.start..i * hw + cols.end];
-                    let (a, b) = (&mut x2[i * tl..(i + 1) * tl], (c + i) * tl);
-                    a.iter_mut().zip(src).for_each(|(d, &v)| {
+                    x2[i * tl..(i + 1) * tl].iter_mut().zip(src).for_each(|(d, &v)| {
                         d.write(pos(v));
                     });
-                    x2[b..b + tl].iter_mut().zip(src).for_each(|(d, &v)| {
+                }
+                for j in 0..self.ns() {
+                    let i = self.neg_channel(j);
+                    let src = &xs[i * hw + cols.start..i * hw + cols.end];
+                    x2[(c + j) * tl..(c + j + 1) * tl].iter_mut().zip(src).for_each(|(d, &v)| {
                         d.write(neg(v));
                     });
                 }
-                // SAFETY: all 2c rows written above.
+                // SAFETY: all c + ns rows written above.
                 let x2 = unsafe { init(x2) };
                 // SAFETY: p holds m·tl elements, written by the product.
                 unsafe {
                     matmul_raw(
                         m,
                         tl,
-                        2 * c,
-                        Mat::rows(w2, 2 * c),
+                        k2,
+                        Mat::rows(w2, k2),
                         Mat::rows(x2, tl),
                         p,
                         m * tl,
@@ -275,6 +299,7 @@ pub(super) fn zplus<T: Float>(
     eps: f64,
 ) -> Vec<T> {
     let (c, m, hw) = (l.c, l.m, l.hw);
+    let rows = l.neg_rows();
     l.each_tile(t, |s, cols, sc, out| {
         let tl = cols.len();
         let xs = &x[s * c * hw..(s + 1) * c * hw];
@@ -302,18 +327,28 @@ pub(super) fn zplus<T: Float>(
         let rest = (l.n - s) * c * hw - cols.start;
         match l.stacked {
             Some(w2) => {
-                // [Jᵀ_{w⁺} g; Jᵀ_{w⁻} g], then x⁺ times the first half plus x⁻ times the second.
-                let d = room(&mut sc.d, 2 * c * tl).as_mut_ptr() as *mut T;
-                unsafe { vjp_tile(2 * c, m, w2, g, tl, d, 2 * c * tl, tl, false) };
-                let d = unsafe { std::slice::from_raw_parts(d as *const T, 2 * c * tl) };
+                // [Jᵀ_{w⁺} g; Jᵀ_{w⁻} g], then x⁺ times the first half plus x⁻ times the second
+                // (whose rows are the channels with negative values).
+                let k2 = c + l.ns();
+                let d = room(&mut sc.d, k2 * tl).as_mut_ptr() as *mut T;
+                unsafe { vjp_tile(k2, m, w2, g, tl, d, k2 * tl, tl, false) };
+                let d = unsafe { std::slice::from_raw_parts(d as *const T, k2 * tl) };
                 for i in 0..c {
                     let xr = &xs[i * hw + cols.start..i * hw + cols.end];
-                    let (dp, dn) = (&d[i * tl..(i + 1) * tl], &d[(c + i) * tl..(c + i + 1) * tl]);
+                    let dp = &d[i * tl..(i + 1) * tl];
                     // Uninitialised until here: written, not assigned through a reference.
                     let o = unsafe { std::slice::from_raw_parts_mut(base.add(i * hw) as *mut MaybeUninit<T>, tl) };
-                    o.iter_mut().zip(xr).zip(dp.iter().zip(dn)).for_each(|((o, &xv), (&a, &b))| {
-                        o.write(a * pos(xv) + b * neg(xv));
-                    });
+                    let j = rows.as_ref().map_or(i, |at| at[i]);
+                    if j == usize::MAX {
+                        o.iter_mut().zip(xr).zip(dp).for_each(|((o, &xv), &a)| {
+                            o.write(a * pos(xv));
+                        });
+                    } else {
+                        let dn = &d[(c + j) * tl..(c + j + 1) * tl];
+                        o.iter_mut().zip(xr).zip(dp.iter().zip(dn)).for_each(|((o, &xv), (&a, &b))| {
+                            o.write(a * pos(xv) + b * neg(xv));
+                        });
+                    }
                 }
             }
             None => {
@@ -349,6 +384,7 @@ pub(super) fn gamma<T: Float>(
     let (c, m, hw) = (l.c, l.m, l.hw);
     let plain = l.signed();
     let k = T::of(2.0) + gamma;
+    let rows = l.neg_rows();
     l.each_tile(t, |s, cols, sc, out| {
         let tl = cols.len();
         let xs = &x[s * c * hw..(s + 1) * c * hw];
@@ -411,14 +447,21 @@ pub(super) fn gamma<T: Float>(
         if plain {
             // R = |x| ⊙ F⁺ + (2+γ)·x⁻ ⊙ Jᵀ_w g.
             let gc = if collapsed.is_some() { ga } else { unsafe { init(gc) } };
-            let d = room(&mut sc.d, c * tl).as_mut_ptr() as *mut T;
-            unsafe { vjp_tile(c, m, l.w, gc, tl, d, c * tl, tl, false) };
-            let d = unsafe { std::slice::from_raw_parts(d as *const T, c * tl) };
+            // Jᵀ_w g on the channels with negative values (all, or those `neg` names).
+            let (ns, wn) = (l.ns(), l.wneg.unwrap_or(l.w));
+            let d = room(&mut sc.d, ns * tl).as_mut_ptr() as *mut T;
+            unsafe { vjp_tile(ns, m, wn, gc, tl, d, ns * tl, tl, false) };
+            let d = unsafe { std::slice::from_raw_parts(d as *const T, ns * tl) };
             for i in 0..c {
                 let xr = &xs[i * hw + cols.start..i * hw + cols.end];
                 let o = unsafe { std::slice::from_raw_parts_mut(base.add(i * hw), tl) };
-                let dr = &d[i * tl..(i + 1) * tl];
-                o.iter_mut().zip(xr).zip(dr).for_each(|((o, &xv), &pv)| *o = xv.abs() * *o + k * neg(xv) * pv);
+                match rows.as_ref().map_or(i, |at| at[i]) {
+                    usize::MAX => o.iter_mut().zip(xr).for_each(|(o, &xv)| *o *= xv),
+                    j => {
+                        let dr = &d[j * tl..(j + 1) * tl];
+                        o.iter_mut().zip(xr).zip(dr).for_each(|((o, &xv), &pv)| *o = xv.abs() * *o + k * neg(xv) * pv)
+                    }
+                }
             }
         } else {
             for i in 0..c {
@@ -530,8 +573,20 @@ mod tests {
             // Mixed signs (the forward stacked, or from the output with |w|; the plain ratio) and
             // non-negative inputs; a bias per channel, spatially varying, and none; tiles of one,
             // several (with a short last one) and all pixels.
-            let forms = [(&x, true, false), (&x, true, true), (&xabs, false, false)];
-            for (xv, signs, from_output) in forms {
+            // Negative values on channels 1 and 4 only, with the x⁻ terms on those.
+            let some = [1, 4];
+            let xsome: Vec<f64> =
+                x.iter().enumerate().map(|(i, &v)| if some.contains(&(i / hw % c)) { v } else { v.abs() }).collect();
+            let w2some = super::super::stack_pos_neg_on(&w, c, 1, &some);
+            let wnsome = super::super::select_inputs(&w, c, 1, &some, |v| v);
+            let forms = [
+                (&x, true, false, false),
+                (&x, true, true, false),
+                (&xabs, false, false, false),
+                (&xsome, true, false, true),
+                (&xsome, true, true, true),
+            ];
+            for (xv, signs, from_output, on_some) in forms {
                 let l = Layer {
                     c,
                     m,
@@ -539,8 +594,10 @@ mod tests {
                     n,
                     w: &w,
                     wp: &wp,
-                    stacked: signs.then_some(&w2[..]),
+                    stacked: signs.then_some(if on_some { &w2some[..] } else { &w2[..] }),
                     abs: from_output.then_some(&wabs[..]),
+                    neg: on_some.then_some(&some[..]),
+                    wneg: on_some.then_some(&wnsome[..]),
                 };
                 for (bias, full) in [(Bias::Channel(&bc[..]), &per_channel), (Bias::Varying(&bv[..]), &bv)] {
                     let y = y_of(xv, full);
@@ -606,7 +663,7 @@ mod tests {
     fn tiles_cover_the_plane_in_vector_multiples() {
         let w = [0.0f32; 4];
         for (n, hw, c, m) in [(1, 12544, 16, 96), (1, 784, 40, 240), (8, 3136, 24, 144), (1, 600, 2000, 2000)] {
-            let l = Layer { c, m, hw, n, w: &w, wp: &w, stacked: None, abs: None };
+            let l = Layer { c, m, hw, n, w: &w, wp: &w, stacked: None, abs: None, neg: None, wneg: None };
             let t = l.tile();
             assert!(t >= 1 && t <= hw, "tile {t} of {hw}");
             assert!(t == hw || t.is_multiple_of(16), "tile {t} of {hw} not a multiple of 16");
