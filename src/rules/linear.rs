@@ -100,7 +100,13 @@ pub struct WeightCache<T> {
     /// input where a threshold ReLU decides them (the copy cost as much as the products it saved
     /// on DenseNet-121's 7×7 layers).
     on_channels: std::sync::Mutex<Vec<OnChannels<T>>>,
+    /// z^B's shift per sample (see `box_shift`), for the input size and bounds it was made for.
+    box_shift: std::sync::Mutex<Option<BoxShift<T>>>,
 }
+
+/// z^B's shift per sample with what it was made for: the input's spatial size (a dense layer's
+/// features), the bounds.
+type BoxShift<T> = ([usize; 2], Vec<f64>, Vec<f64>, std::sync::Arc<Vec<T>>);
 
 /// Weights on a subset of input channels: what they are, the channels, the weights.
 type OnChannels<T> = (Selected, Vec<usize>, std::sync::Arc<Vec<T>>);
@@ -128,6 +134,7 @@ impl<T: Float> WeightCache<T> {
             gamma_weights: Default::default(),
             gamma: if let Rule::Gamma(g) = rule { Some(*g) } else { None },
             on_channels: Default::default(),
+            box_shift: Default::default(),
         }
     }
 }
@@ -348,16 +355,6 @@ impl<T: Float> LinearLayer<'_, T> {
         }
         p
     }
-
-    /// The forward output `y` less the layer's stored bias (per channel, spatially varying, or per
-    /// feature), as [`LinearLayer::fwd`] adds it.
-    fn without_bias(&self, y: &[T]) -> Vec<T> {
-        let mut z = y.to_vec();
-        if let Some(b) = &self.bias {
-            add_bias(&self.kind, &mut z, b, -T::one());
-        }
-        z
-    }
 }
 
 /// `y += sign · b` with the bias laid out as [`LinearLayer::fwd`] applies it: a convolution's per
@@ -419,11 +416,17 @@ fn sum2<T: Float>(a: &[T], b: &[T]) -> Vec<T> {
 }
 
 /// `acc += scale · x ⊙ v`; the first term is written into `v`'s buffer (no zeroed accumulator).
-fn add_product<T: Float>(acc: &mut Option<Vec<T>>, x: &[T], mut v: Vec<T>, scale: T) {
+fn add_product<T: Float>(acc: &mut Option<Vec<T>>, x: &[T], v: Vec<T>, scale: T) {
+    add_product_of(acc, x, |xv| xv, v, scale)
+}
+
+/// `acc += scale · f(x) ⊙ v` (or `acc = …` when empty), `f` applied as x is read (x⁺ as a
+/// tensor of its own was a pass more over layer-sized buffers).
+fn add_product_of<T: Float>(acc: &mut Option<Vec<T>>, x: &[T], f: impl Fn(T) -> T + Sync, mut v: Vec<T>, scale: T) {
     match acc {
-        Some(a) => update2(a, x, &v, move |a, xv, vv| a + scale * xv * vv),
+        Some(a) => update2(a, x, &v, move |a, xv, vv| a + scale * f(xv) * vv),
         None => {
-            update1(&mut v, x, move |vv, xv| scale * xv * vv);
+            update1(&mut v, x, move |vv, xv| scale * f(xv) * vv);
             *acc = Some(v);
         }
     }
@@ -743,6 +746,62 @@ fn with_neg_part<T: Float>(
     f
 }
 
+/// The z^B rule's shift per sample, `b + 1·w_lh` (the stored bias and the bounds' forward of
+/// ones, see `relevance_bf`): the same for every sample, and for every input of one size, so made
+/// once per plan where the layer has a cache (it was a forward of the first layer per call, and
+/// per sample: ResNet-50's 7×7 stem).
+fn box_shift<T: Float>(layer: &LinearLayer<'_, T>, wlh: &[T], bd: &Bounds) -> std::sync::Arc<Vec<T>> {
+    // The layer on one sample (row), with its input's size as the key.
+    let (kind, dims) = match &layer.kind {
+        LinearKind::Conv(g) => (LinearKind::Conv(ConvGeom { n: 1, ..*g }), [g.h, g.w]),
+        &LinearKind::Dense { k, n, transposed, .. } => (LinearKind::Dense { m: 1, k, n, transposed }, [k, 0]),
+    };
+    let make = || {
+        let one = LinearLayer { kind: kind.clone(), w: Cow::Borrowed(&layer.w[..]), bias: None, cache: None };
+        let ins = match &kind {
+            LinearKind::Conv(g) => g.c * g.h * g.w,
+            LinearKind::Dense { k, .. } => *k,
+        };
+        std::sync::Arc::new(one.fwd(&vec![T::one(); ins], wlh, layer.bias.as_deref()))
+    };
+    let cache = match layer.cache {
+        Some(cache)
+            if matches!(layer.w, Cow::Borrowed(_))
+                && layer.bias.as_ref().is_none_or(|b| matches!(b, Cow::Borrowed(_))) =>
+        {
+            cache
+        }
+        _ => return make(),
+    };
+    let mut slot = cache.box_shift.lock().unwrap_or_else(|e| e.into_inner());
+    match &*slot {
+        Some((d, lo, hi, v)) if *d == dims && *lo == bd.low && *hi == bd.high => v.clone(),
+        _ => {
+            let v = make();
+            *slot = Some((dims, bd.low.clone(), bd.high.clone(), v.clone()));
+            v
+        }
+    }
+}
+
+/// z^B's ratio `r / (y − shift)`, stabilised, with the per-sample `shift` repeated over the samples.
+fn box_ratio<T: Float>(y: &[T], r: &[T], shift: &[T], eps: f64) -> Vec<T> {
+    use rayon::prelude::*;
+    const PART: usize = 1 << 14;
+    let per = shift.len().max(1);
+    let mut z: Vec<T> = Vec::with_capacity(y.len());
+    z.spare_capacity_mut()[..y.len()].par_chunks_mut(PART).enumerate().for_each(|(k, part)| {
+        let mut j = k * PART % per;
+        for (i, o) in (k * PART..).zip(part) {
+            o.write(r[i] / stabilize(y[i] - shift[j], eps));
+            j = if j + 1 == per { 0 } else { j + 1 };
+        }
+    });
+    // SAFETY: the parts cover all y.len() elements, each written above.
+    unsafe { z.set_len(y.len()) };
+    z
+}
+
 /// [`relevance`] with Arras et al.'s bias factor for the ε rule on dense layers: a share
 /// `bias_factor · (b_k + ε·sign z_k) / K` of each output's relevance goes to each of its K inputs.
 #[allow(clippy::too_many_arguments)]
@@ -920,7 +979,7 @@ pub fn relevance_bf<T: Float>(
                 // The stabilised ratio in z's own buffer (a new one cost a pass over fresh memory).
                 let mut g = z;
                 update1(&mut g, r, move |zv, rv| rv / stabilize(zv, stabilizer));
-                add_product(&mut out, xp(), layer.vjp(&g, w_for_pos), T::of(scale));
+                add_product_of(&mut out, x, pos, layer.vjp(&g, w_for_pos), T::of(scale));
                 if let (Some(s), LinearKind::Conv(geom), Some(o)) = (neg_on, &layer.kind, out.as_mut()) {
                     // w⁻ for the positive part, w⁺ for the negative one.
                     let what = if k == 0 { Selected::Neg } else { Selected::Pos };
@@ -1077,9 +1136,7 @@ pub fn relevance_bf<T: Float>(
             // (input channel c of a VJP reads only the weights of input channel c). The bias
             // cancels, with or without `ignore_bias`.
             let wlh = layer.box_weights(&bd.low, &bd.high);
-            let ones = vec![T::one(); x.len()];
-            let mut z = layer.without_bias(y()?);
-            update2(&mut z, &layer.fwd(&ones, &wlh, None), r, move |zv, bv, rv| rv / stabilize(zv - bv, stabilizer));
+            let z = box_ratio(y()?, r, &box_shift(layer, &wlh, bd), stabilizer);
             add_product(&mut out, x, layer.vjp(&z, w), T::one());
             let bound_part = layer.vjp(&z, &wlh);
             if let Some(o) = out.as_mut() {
@@ -1185,6 +1242,70 @@ mod tests {
                             assert!((a - w).abs() <= 1e-10 * (1.0 + w.abs()), "{rule} {g:?} sample {smp}: {a} vs {w}");
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// z^B with its shift per sample from the plan's cache: a batch equals its samples one by
+    /// one, and calls that alternate bounds and input sizes on one cache equal uncached ones.
+    #[test]
+    fn box_shift_from_the_cache_follows_bounds_and_sizes() {
+        let mut seed = 9u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        };
+        let g = ConvGeom {
+            n: 2,
+            c: 3,
+            h: 6,
+            w: 5,
+            m: 4,
+            kh: 3,
+            kw: 3,
+            stride: [2, 1],
+            dilation: [1, 1],
+            pads: [1, 0, 1, 1],
+            group: 1,
+        };
+        let w: Vec<f64> = (0..g.m * g.c * 9).map(|_| next()).collect();
+        let b: Vec<f64> = (0..g.m).map(|_| next()).collect();
+        let cache = WeightCache::build(&Rule::ZBox, &w);
+        let narrow = Bounds { low: vec![-1.0, -2.0, -0.5], high: vec![1.5, 2.0, 0.5] };
+        let wide = Bounds { low: vec![-3.0], high: vec![3.0] };
+        // The last size has more outputs than a part of the ratio's parallel loop (16 384), not
+        // a multiple of a sample's.
+        for (h, wd, bd) in [(6, 5, &narrow), (6, 5, &wide), (8, 5, &narrow), (6, 5, &narrow), (96, 48, &wide)] {
+            let geom = ConvGeom { h, w: wd, ..g };
+            let (oh, ow) = geom.out_hw().unwrap();
+            let x: Vec<f64> = (0..2 * g.c * h * wd).map(|_| next()).collect();
+            let r: Vec<f64> = (0..2 * g.m * oh * ow).map(|_| next()).collect();
+            fn layer<'a>(
+                n: usize,
+                geom: ConvGeom,
+                w: &'a [f64],
+                b: &'a [f64],
+                cache: Option<&'a WeightCache<f64>>,
+            ) -> LinearLayer<'a, f64> {
+                LinearLayer {
+                    kind: LinearKind::Conv(ConvGeom { n, ..geom }),
+                    w: Cow::Borrowed(w),
+                    bias: Some(Cow::Borrowed(b)),
+                    cache,
+                }
+            }
+            let layer = |n, cache| layer(n, geom, &w, &b, cache);
+            let y = layer(2, None).fwd(&x, &w, Some(&b));
+            let got = relevance(&layer(2, Some(&cache)), &Rule::ZBox, &x, &y, &r, false, 1e-6, Some(bd)).unwrap();
+            let fresh = relevance(&layer(2, None), &Rule::ZBox, &x, &y, &r, false, 1e-6, Some(bd)).unwrap();
+            assert_eq!(got, fresh, "h {h} bounds {bd:?}");
+            let (xh, yh) = (x.len() / 2, y.len() / 2);
+            for smp in 0..2 {
+                let (xs, ys, rs) = (&x[smp * xh..][..xh], &y[smp * yh..][..yh], &r[smp * yh..][..yh]);
+                let want = relevance(&layer(1, None), &Rule::ZBox, xs, ys, rs, false, 1e-6, Some(bd)).unwrap();
+                for (a, e) in got[smp * xh..][..xh].iter().zip(&want) {
+                    assert!((a - e).abs() <= 1e-12 * (1.0 + e.abs()), "h {h} sample {smp}: {a} vs {e}");
                 }
             }
         }
