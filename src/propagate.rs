@@ -529,8 +529,10 @@ pub fn weight_caches<T: Float>(plan: &Plan, consts: &HashMap<ValueId, Value<T>>)
         .collect();
     use rayon::prelude::*;
     work.into_par_iter()
-        .map(|(k, rule, ws)| (k, WeightCache::build(rule, ws)))
-        .filter(|(_, c)| !c.map.is_empty())
+        .map(|(k, rule, ws)| (k, rule, WeightCache::build(rule, ws)))
+        // z^B keeps its shift per sample there (made on first use), the others what they map.
+        .filter(|(_, rule, c)| !c.map.is_empty() || matches!(rule, Rule::ZBox))
+        .map(|(k, _, c)| (k, c))
         .collect()
 }
 
@@ -566,6 +568,22 @@ mod tests {
         let opts = RuleOpts { bounds: Some(Bounds { low: vec![-3.0], high: vec![3.0] }), ..RuleOpts::default() };
         let s = Settings { method, canonize: Mode::Full, opts, tolerance: 1e-4 };
         prepare(&g, &[x], &s).unwrap().plan
+    }
+
+    #[test]
+    fn every_zbox_and_sign_split_layer_has_a_weight_cache() {
+        // z^B keeps its shift per sample in the cache, z⁺ and γ their modified weights: a layer
+        // left without one recomputes them on every call.
+        let p = plan_of("vgg", "epsilon_gamma_box");
+        let caches = weight_caches::<f32>(&p, &consts::<f32>(&p));
+        let mut seen = 0;
+        for (k, (n, r)) in p.graph.nodes.iter().zip(&p.rules).enumerate() {
+            if matches!(n.op, Op::Conv { .. }) && matches!(r, Some(Rule::ZBox | Rule::Gamma(_) | Rule::ZPlus)) {
+                assert!(caches.contains_key(&k), "{} ({:?}) has no weight cache", n.name, r);
+                seen += 1;
+            }
+        }
+        assert!(p.rules.iter().any(|r| matches!(r, Some(Rule::ZBox))) && seen >= 3, "{seen} layers");
     }
 
     /// The convolutions' outputs that feed a ReLU, and whether the forward pass keeps each.

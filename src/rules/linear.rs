@@ -790,14 +790,18 @@ fn box_ratio<T: Float>(y: &[T], r: &[T], shift: &[T], eps: f64) -> Vec<T> {
     const PART: usize = 1 << 14;
     let per = shift.len().max(1);
     let mut z: Vec<T> = Vec::with_capacity(y.len());
-    z.spare_capacity_mut()[..y.len()].par_chunks_mut(PART).enumerate().for_each(|(k, part)| {
-        let mut j = k * PART % per;
-        for (i, o) in (k * PART..).zip(part) {
-            o.write(r[i] / stabilize(y[i] - shift[j], eps));
-            j = if j + 1 == per { 0 } else { j + 1 };
-        }
-    });
-    // SAFETY: the parts cover all y.len() elements, each written above.
+    // Sample by sample, so that the loop zips straight slices and vectorises (an index into the
+    // shift that wraps at the sample's end kept it scalar: a division per element).
+    for ((zs, ys), rs) in z.spare_capacity_mut()[..y.len()].chunks_mut(per).zip(y.chunks(per)).zip(r.chunks(per)) {
+        zs.par_chunks_mut(PART).zip(ys.par_chunks(PART)).zip(rs.par_chunks(PART)).zip(shift.par_chunks(PART)).for_each(
+            |(((zp, yp), rp), sp)| {
+                for (((o, &yv), &rv), &sv) in zp.iter_mut().zip(yp).zip(rp).zip(sp) {
+                    o.write(rv / stabilize(yv - sv, eps));
+                }
+            },
+        );
+    }
+    // SAFETY: the samples' parts cover all y.len() elements, each written above.
     unsafe { z.set_len(y.len()) };
     z
 }
