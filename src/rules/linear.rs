@@ -1165,17 +1165,21 @@ pub fn relevance_bf<T: Float>(
 mod tests {
     use super::*;
 
+    /// A deterministic generator of values in [-1, 1).
+    fn uniform(mut seed: u64) -> impl FnMut() -> f64 {
+        move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        }
+    }
+
     /// The rules' x⁻ terms on the channels with negative values alone: a batch whose samples have
     /// them on different channels gives each sample's relevance alone (where each sample's own
     /// channels are used), and weights taken from the cache for one set of channels never serve
     /// another (calls alternate between sets on one cache).
     #[test]
     fn negative_channel_subsets_match_per_sample_and_uncached_runs() {
-        let mut seed = 5u64;
-        let mut next = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        };
+        let mut next = uniform(5);
         let base = ConvGeom {
             n: 2,
             c: 4,
@@ -1255,11 +1259,7 @@ mod tests {
     /// one, and calls that alternate bounds and input sizes on one cache equal uncached ones.
     #[test]
     fn box_shift_from_the_cache_follows_bounds_and_sizes() {
-        let mut seed = 9u64;
-        let mut next = move || {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            ((seed >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
-        };
+        let mut next = uniform(9);
         let g = ConvGeom {
             n: 2,
             c: 3,
