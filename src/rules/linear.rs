@@ -521,7 +521,7 @@ impl<T: Float> GammaPlane<'_, T> {
 /// The input channels of a convolution's input `x` ([n, c, plane] per sample) where some value
 /// is below zero, in order: x⁻ is zero on every other channel, so the rules' x⁻ terms need only
 /// these (a canonized DenseNet's ThreshReLU outputs go below zero only on the channels whose
-/// threshold is negative, about half of them).
+/// threshold is negative: 39 % of DenseNet-121's with the benchmark's BatchNorm statistics).
 fn negative_channels<T: Float>(x: &[T], c: usize, plane: usize) -> Vec<usize> {
     use rayon::prelude::*;
     let per = c * plane;
