@@ -830,8 +830,11 @@ pub fn relevance_bf<T: Float>(
     let bm = |f: fn(T) -> T| b.map(|b| map(b, f));
     // Most layers follow a ReLU: their input has no negative part, and the rules' x⁻ terms vanish.
     // On a plain convolution, the channels with negative values, where not all of them (`neg_on`):
-    // the x⁻ terms' VJPs then run on those channels alone.
+    // the x⁻ terms' VJPs then run on those channels alone. Only the sign-split rules read either
+    // (the scan is a pass over the input, which ε, z^B, flat and w² never needed).
+    let signs_matter = matches!(rule, Rule::ZPlus | Rule::AlphaBeta { .. } | Rule::Gamma(_));
     let (has_neg, neg_on) = match &layer.kind {
+        _ if !signs_matter => (false, None),
         LinearKind::Conv(g) if g.group == 1 => {
             let s = negative_channels(x, g.c, g.h * g.w);
             (!s.is_empty(), (!s.is_empty() && s.len() < g.c).then_some(s))
