@@ -527,9 +527,29 @@ pub fn weight_caches<T: Float>(plan: &Plan, consts: &HashMap<ValueId, Value<T>>)
             as_stored.then_some((k, rule, ws))
         })
         .collect();
+    // A convolution reading a threshold ReLU (a canonized DenseNet) knows which input channels
+    // may be negative; per-channel thresholds only, one group.
+    let signed = g.signed_channels();
+    let signed_of = |k: usize| -> Option<Vec<usize>> {
+        let n = &g.nodes[k];
+        let Op::Conv { group: 1, .. } = n.op else { return None };
+        let s = signed.get(&n.input(0)?)?;
+        let c = g.consts.get(&n.input(1)?)?.shape().get(1).copied()?;
+        s.iter().all(|&ch| ch < c).then(|| s.clone())
+    };
     use rayon::prelude::*;
     work.into_par_iter()
-        .map(|(k, rule, ws)| (k, rule, WeightCache::build(rule, ws)))
+        .map(|(k, rule, ws)| {
+            let cache = WeightCache::build(rule, ws);
+            (
+                k,
+                rule,
+                match signed_of(k) {
+                    Some(s) => cache.with_signed_channels(s),
+                    None => cache,
+                },
+            )
+        })
         // z^B keeps its shift per sample there (made on first use), the others what they map.
         .filter(|(_, rule, c)| !c.map.is_empty() || matches!(rule, Rule::ZBox))
         .map(|(k, _, c)| (k, c))
@@ -584,6 +604,35 @@ mod tests {
             }
         }
         assert!(p.rules.iter().any(|r| matches!(r, Some(Rule::ZBox))) && seen >= 3, "{seen} layers");
+    }
+
+    #[test]
+    fn convolutions_after_threshold_relus_know_their_signed_channels() {
+        // A canonized DenseNet: each BN → ReLU → Conv is a threshold ReLU and a convolution, whose
+        // input is below zero only on the channels with a negative threshold (or kept below one).
+        let p = plan_of("densenet", "epsilon_plus_flat");
+        let caches = weight_caches::<f32>(&p, &consts::<f32>(&p));
+        let g = &p.graph;
+        let (mut seen, mut signed) = (0, 0);
+        for (k, n) in g.nodes.iter().enumerate() {
+            let (Op::Conv { .. }, Some(c)) = (&n.op, caches.get(&k)) else { continue };
+            let producer = g.nodes.iter().find(|m| m.outputs.first() == Some(&n.input(0)));
+            match producer.map(|m| &m.op) {
+                Some(Op::ThreshRelu { thresholds, dirs }) => {
+                    let want: Vec<usize> = (0..thresholds.len())
+                        .filter(|&ch| dirs[ch] != 0 && (thresholds[ch] < 0.0 || dirs[ch] < 0))
+                        .collect();
+                    assert_eq!(c.signed_channels(), Some(&want[..]), "{}", n.name);
+                    seen += 1;
+                    signed += usize::from(!want.is_empty() && want.len() < thresholds.len());
+                }
+                _ => assert_eq!(c.signed_channels(), None, "{} reads no threshold ReLU", n.name),
+            }
+        }
+        assert!(
+            seen >= 2 && signed >= 1,
+            "{seen} convolutions after threshold ReLUs, {signed} signed on some channels"
+        );
     }
 
     /// The convolutions' outputs that feed a ReLU, and whether the forward pass keeps each.

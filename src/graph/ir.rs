@@ -467,6 +467,30 @@ impl Graph {
         p
     }
 
+    /// For each value a threshold ReLU writes, the channels that may hold values below zero: those
+    /// that keep values under a negative threshold or fill with one, or keep values below their
+    /// threshold from an input that may be negative. The others never go below zero, so the rules'
+    /// x⁻ terms on a layer reading the value need only these, the same ones for every input (a
+    /// scan per input finds sets that vary from image to image where a channel happens to stay
+    /// at or above zero, and the weights on each set are a copy).
+    pub fn signed_channels(&self) -> HashMap<ValueId, Vec<usize>> {
+        let nn = self.nonnegative();
+        let mut out = HashMap::new();
+        for n in &self.nodes {
+            let (Op::ThreshRelu { thresholds, dirs }, Some(&Some(o))) = (&n.op, n.outputs.first()) else { continue };
+            let input_nonneg = n.input(0).is_some_and(|v| nn[v]);
+            let signed = thresholds
+                .iter()
+                .zip(dirs)
+                .enumerate()
+                .filter(|&(_, (&t, &d))| d != 0 && (t < 0.0 || (d < 0 && !input_nonneg)))
+                .map(|(c, _)| c)
+                .collect();
+            out.insert(o, signed);
+        }
+        out
+    }
+
     /// For each value, whether it is non-negative by construction: the output of a ReLU, of a
     /// clamp at or above zero, a sigmoid or softmax, a threshold ReLU whose kept and filled values
     /// cannot be negative, and the pooling, reshaping, joins, sums and products of such values;
@@ -554,6 +578,25 @@ mod tests {
             g.nodes.push(Node { name: format!("n{k}"), op, op_type: "T".into(), inputs, outputs: vec![Some(y)] });
         }
         g
+    }
+
+    #[test]
+    fn threshold_relus_name_the_channels_that_may_be_negative() {
+        let thresh = |t: Vec<f64>, d: Vec<i8>| Op::ThreshRelu { thresholds: t, dirs: d };
+        // Channels: kept above 0.5; filled with −0.1; constant; kept below 0.5 of a signed input;
+        // kept above −2; kept below −0.3.
+        let (t, d) = (vec![0.5, -0.1, -1.0, 0.5, -2.0, -0.3], vec![1, 1, 0, -1, 1, -1]);
+        let g = chain(vec![
+            (thresh(t.clone(), d.clone()), vec![0], vec![]), // v0, of the signed input
+            (Op::Relu, vec![0], vec![]),                     // v1
+            (thresh(t, d), vec![2], vec![]),                 // v2, of ReLU(x)
+        ]);
+        let s = g.signed_channels();
+        let of = |k: usize| s.get(&g.value_id(&format!("v{k}")).unwrap_or_default()).cloned();
+        assert_eq!(of(0), Some(vec![1, 3, 4, 5]));
+        // Below 0.5 of a non-negative input stays at or above zero.
+        assert_eq!(of(2), Some(vec![1, 4, 5]));
+        assert_eq!(of(1), None, "not a threshold ReLU");
     }
 
     #[test]

@@ -102,6 +102,10 @@ pub struct WeightCache<T> {
     on_channels: std::sync::Mutex<Vec<OnChannels<T>>>,
     /// z^B's shift per sample (see `box_shift`), for the input size and bounds it was made for.
     box_shift: std::sync::Mutex<Option<BoxShift<T>>>,
+    /// The input channels that may hold values below zero, where the graph says so (a threshold
+    /// ReLU writes the input: `Graph::signed_channels`): the x⁻ terms run on these whenever the
+    /// input has negative values, so that their weights are made once.
+    signed: Option<Vec<usize>>,
 }
 
 /// z^B's shift per sample with what it was made for: the input's spatial size (a dense layer's
@@ -135,7 +139,18 @@ impl<T: Float> WeightCache<T> {
             gamma: if let Rule::Gamma(g) = rule { Some(*g) } else { None },
             on_channels: Default::default(),
             box_shift: Default::default(),
+            signed: None,
         }
+    }
+
+    /// The cache of a layer whose input may be below zero on the channels `signed` alone.
+    pub fn with_signed_channels(self, signed: Vec<usize>) -> Self {
+        WeightCache { signed: Some(signed), ..self }
+    }
+
+    /// The input channels that may be below zero, where the graph named them.
+    pub fn signed_channels(&self) -> Option<&[usize]> {
+        self.signed.as_deref()
     }
 }
 
@@ -848,6 +863,12 @@ pub fn relevance_bf<T: Float>(
         _ if !signs_matter => (false, None),
         LinearKind::Conv(g) if g.group == 1 => {
             let s = negative_channels(x, g.c, g.h * g.w);
+            // The graph's set of channels that may be negative where it has one (x⁻ is zero on
+            // its channels without negative values here, so the terms are the same).
+            let s = match layer.cache.and_then(|c| c.signed.as_ref()) {
+                Some(sup) if !s.is_empty() && s.iter().all(|c| sup.binary_search(c).is_ok()) => sup.clone(),
+                _ => s,
+            };
             (!s.is_empty(), subset_pays(s.len(), g.c).then_some(s))
         }
         _ => {
@@ -1263,6 +1284,19 @@ mod tests {
                         .unwrap();
                         for (a, w) in got[smp * xh..(smp + 1) * xh].iter().zip(&want) {
                             assert!((a - w).abs() <= 1e-10 * (1.0 + w.abs()), "{rule} {g:?} sample {smp}: {a} vs {w}");
+                        }
+                        // With the graph's superset of channels that may be negative: {0, 2}
+                        // holds each sample's set of the first input (the x⁻ terms then run on
+                        // both channels), not the second's (the scan's set is used).
+                        let signed = WeightCache::build(rule, &w).with_signed_channels(vec![0, 2]);
+                        let wide = LinearLayer { w: Cow::Borrowed(&w[..]), cache: Some(&signed), ..layer(1) };
+                        let (ys, rs) = (&y[smp * yh..(smp + 1) * yh], &r[smp * rh..(smp + 1) * rh]);
+                        let got = relevance(&wide, rule, xs1, ys, rs, false, 1e-6, None).unwrap();
+                        for (a, w) in got.iter().zip(&want) {
+                            assert!(
+                                (a - w).abs() <= 1e-10 * (1.0 + w.abs()),
+                                "{rule} {g:?} superset {smp}: {a} vs {w}"
+                            );
                         }
                     }
                 }
