@@ -138,9 +138,10 @@ impl Weights {
         let up = SendPtr(u.as_mut_ptr());
         const L: usize = 8;
         // Output channels split over the threads: 256 × 256 kernels took 2 ms on one.
-        (0..k).into_par_iter().with_min_len(k.div_ceil(8 * rayon::current_num_threads())).for_each(|r| {
+        let rows = k.div_ceil(8 * rayon::current_num_threads()).max(1);
+        (0..k.div_ceil(rows)).into_par_iter().for_each(|b| {
             let up = &up;
-            for s0 in (0..c).step_by(L) {
+            for (r, s0) in (b * rows..((b + 1) * rows).min(k)).flat_map(|r| (0..c).step_by(L).map(move |s0| (r, s0))) {
                 let lanes = L.min(c - s0);
                 // The 3×3 taps of `lanes` kernels, one lane each (nine contiguous taps per kernel).
                 let mut g = [[0f32; L]; 9];
@@ -174,12 +175,14 @@ impl Weights {
                     }
                 }
             }
+            // Streaming stores are weakly ordered: each block of rows fences its own before the
+            // pool's join hands the buffer to the products, on whichever thread ran it.
+            #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
+            // SAFETY: SSE is part of x86_64.
+            unsafe {
+                std::arch::x86_64::_mm_sfence()
+            };
         });
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx"))]
-        // SAFETY: SSE is part of x86_64; the fence orders the streaming stores before the reads.
-        unsafe {
-            std::arch::x86_64::_mm_sfence()
-        };
         // SAFETY: the loops above wrote every (ξ, r, s).
         unsafe { u.set_len(XI * k * c) };
         Weights(u)
