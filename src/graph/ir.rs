@@ -282,6 +282,13 @@ pub enum Op {
     },
 }
 
+/// Whether a threshold ReLU's channel with threshold `t` and direction `d` may output values below
+/// zero: it keeps values above a negative threshold (or fills with it), or keeps values below its
+/// threshold from an input that may be negative; a constant channel (`d` = 0) outputs 0.
+fn thresh_channel_signed(t: f64, d: i8, input_nonneg: bool) -> bool {
+    d != 0 && (t < 0.0 || (d < 0 && !input_nonneg))
+}
+
 impl Op {
     /// An element-wise function of its first input (further inputs, as Clip's bounds, are
     /// constants): the output has the input's shape.
@@ -483,7 +490,7 @@ impl Graph {
                 .iter()
                 .zip(dirs)
                 .enumerate()
-                .filter(|&(_, (&t, &d))| d != 0 && (t < 0.0 || (d < 0 && !input_nonneg)))
+                .filter(|&(_, (&t, &d))| thresh_channel_signed(t, d, input_nonneg))
                 .map(|(c, _)| c)
                 .collect();
             out.insert(o, signed);
@@ -514,7 +521,7 @@ impl Graph {
                 Op::Relu | Op::Sigmoid | Op::Softmax { .. } | Op::HardSigmoid { .. } | Op::Sqrt => true,
                 Op::Clip { min, .. } => min.is_some_and(|m| m >= 0.0) || input(1),
                 Op::ThreshRelu { thresholds, dirs } => {
-                    thresholds.iter().zip(dirs).all(|(&t, &d)| d == 0 || (t >= 0.0 && (d > 0 || input(0))))
+                    thresholds.iter().zip(dirs).all(|(&t, &d)| !thresh_channel_signed(t, d, input(0)))
                 }
                 Op::MaxPool { .. }
                 | Op::AveragePool { .. }

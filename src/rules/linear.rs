@@ -1214,6 +1214,12 @@ mod tests {
     /// another (calls alternate between sets on one cache).
     #[test]
     fn negative_channel_subsets_match_per_sample_and_uncached_runs() {
+        let close = |got: &[f64], want: &[f64], what: &str| {
+            assert_eq!(got.len(), want.len(), "{what}");
+            for (a, w) in got.iter().zip(want) {
+                assert!((a - w).abs() <= 1e-10 * (1.0 + w.abs()), "{what}: {a} vs {w}");
+            }
+        };
         let mut next = uniform(5);
         let base = ConvGeom {
             n: 2,
@@ -1282,9 +1288,7 @@ mod tests {
                             None,
                         )
                         .unwrap();
-                        for (a, w) in got[smp * xh..(smp + 1) * xh].iter().zip(&want) {
-                            assert!((a - w).abs() <= 1e-10 * (1.0 + w.abs()), "{rule} {g:?} sample {smp}: {a} vs {w}");
-                        }
+                        close(&got[smp * xh..(smp + 1) * xh], &want, &format!("{rule} {g:?} sample {smp}"));
                         // With the graph's superset of channels that may be negative: {0, 2}
                         // holds each sample's set of the first input (the x⁻ terms then run on
                         // both channels), not the second's (the scan's set is used).
@@ -1292,12 +1296,7 @@ mod tests {
                         let wide = LinearLayer { w: Cow::Borrowed(&w[..]), cache: Some(&signed), ..layer(1) };
                         let (ys, rs) = (&y[smp * yh..(smp + 1) * yh], &r[smp * rh..(smp + 1) * rh]);
                         let got = relevance(&wide, rule, xs1, ys, rs, false, 1e-6, None).unwrap();
-                        for (a, w) in got.iter().zip(&want) {
-                            assert!(
-                                (a - w).abs() <= 1e-10 * (1.0 + w.abs()),
-                                "{rule} {g:?} superset {smp}: {a} vs {w}"
-                            );
-                        }
+                        close(&got, &want, &format!("{rule} {g:?} superset {smp}"));
                     }
                 }
             }
