@@ -1746,6 +1746,10 @@ mod tests {
             ConvGeom { n: 3, c: 32, m: 32, h: 14, w: 14, ..base },
             // A VJP that reads 72 gradient channels: the register kernel, not im2col.
             ConvGeom { c: 16, m: 72, h: 10, w: 10, ..base },
+            // Grids without padding columns (as wide out as in): dilated columns, and all the
+            // padding on one side.
+            ConvGeom { c: 16, m: 9, h: 9, w: 11, dilation: [1, 2], pads: [2, 2, 2, 2], ..base },
+            ConvGeom { c: 20, m: 6, h: 8, w: 9, pads: [0, 2, 2, 0], ..base },
         ];
         let f = |v: &[f64]| v.iter().map(|&a| a as f32).collect::<Vec<f32>>();
         let (mut wide, mut vjps, mut wide_vjps) = (0, 0, 0);

@@ -10,6 +10,10 @@
 //! activations (see [`applies`]): DenseNet-121's 3×3 128→32 layers, ResNet-50's 128-channel
 //! 14×14 ones; where the Winograd kernel applies it is faster still.
 //!
+//! The register kernel drops the padding columns where the output is at most as wide as the
+//! input: planes padded above and below only, a grid `w` wide, and the lanes whose tap would read
+//! past their row's ends (the padding) masked off.
+//!
 //! The output is computed in blocks of columns, all taps of a block before the next, so that the
 //! block's sums stay in cache between products; a block's finished rows are then written to the
 //! output with bias, initial output and clamp. In f32 with AVX-512F the products are instead one
@@ -79,6 +83,76 @@ pub(super) unsafe fn sample<T: Float>(
     let [dh, dw] = g.dilation;
     let kk = g.kh * g.kw;
     assert!(!terms.is_empty(), "at least one term");
+    // Layers at most as wide out as in ("same" ones) in the register kernel: planes without
+    // padding columns, the grid `w` wide (its last `w − ow` columns discarded), the taps' reads
+    // past a row's ends masked off (see `Registers::wrap`). With padding columns the grid
+    // computed `wp / ow` times the outputs: 16/14 on 14×14 planes, 9/7 on 7×7 ones.
+    let compact = registers::<T>() && pl + pr <= (g.kw - 1) * dw && g.kw <= KW_MAX;
+    if compact {
+        let plane = hp * w;
+        let xps: Vec<Vec<T>> = terms
+            .iter()
+            .map(|(x, wt)| {
+                assert_eq!(x.len(), c * h * w, "input size");
+                assert_eq!(wt.len(), kk * m * c, "kernel size");
+                // [pl zeros][c planes of pt zero rows, the input's h rows, pb zero rows][pr zeros]:
+                // tap (ki, kj) of grid column q reads plane slot q + ki·d·w + kj·d − pl, at
+                // buffer offset q + ki·d·w + kj·d from the plane's start less pl.
+                let len = pl + c * plane + pr;
+                let mut xp: Vec<T> = Vec::with_capacity(len);
+                let buf = &mut xp.spare_capacity_mut()[..len];
+                let zero = |d: &mut [std::mem::MaybeUninit<T>]| {
+                    d.iter_mut().for_each(|v| {
+                        v.write(T::zero());
+                    })
+                };
+                let (head, rest) = buf.split_at_mut(pl);
+                let (planes, tail) = rest.split_at_mut(c * plane);
+                zero(head);
+                zero(tail);
+                let fill = |(d, src): (&mut [std::mem::MaybeUninit<T>], &[T])| {
+                    let (top, rest) = d.split_at_mut(pt * w);
+                    let (mid, bottom) = rest.split_at_mut(h * w);
+                    zero(top);
+                    mid.write_copy_of_slice(src);
+                    zero(bottom);
+                };
+                if threads == Threads::Pool && c * plane >= 1 << 15 {
+                    planes.par_chunks_mut(plane).zip(x.par_chunks_exact(h * w)).for_each(fill);
+                } else {
+                    planes.chunks_mut(plane).zip(x.chunks_exact(h * w)).for_each(fill);
+                }
+                // SAFETY: the head, every plane's slots and the tail were written above.
+                unsafe { xp.set_len(len) };
+                xp
+            })
+            .collect();
+        #[cfg(target_arch = "x86_64")]
+        {
+            let f = |v: &[T]| {
+                // SAFETY: T is f32 (registers() checked it).
+                unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) }
+            };
+            let kk_off: Vec<usize> = (0..g.kh).flat_map(|ki| (0..g.kw).map(move |kj| ki * dh * w + kj * dw)).collect();
+            let (so, sc) = if transposed { (kk, m * kk) } else { (c * kk, kk) };
+            let toff: Vec<usize> = (0..kk).map(|t| if transposed { kk - 1 - t } else { t }).collect();
+            let rows: Vec<usize> = (0..g.kh).map(|ki| ki * dh * w).collect();
+            let ts: Vec<Term> = terms
+                .iter()
+                .zip(&xps)
+                .map(|((_, wt), xp)| Term { x: f(xp), w: f(wt), offs: &kk_off, toff: &toff, rows: &rows })
+                .collect();
+            let shifts = std::array::from_fn(|kj| (kj * dw) as isize - pl as isize);
+            let k = Registers { ts: &ts, c, m, plane, np: oh * w, so, sc, kh: g.kh, kw: g.kw, wrap: Some((w, shifts)) };
+            let bias: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.f64() as f32).collect());
+            let clamp = clamp.map(|(lo, hi)| (lo.f64() as f32, hi.f64() as f32));
+            let workers = if threads == Threads::Pool { rayon::current_num_threads().max(1) } else { 1 };
+            // SAFETY: AVX-512F present; `out` as the caller promises, T being f32; the grid's
+            // rows are w ≥ ow wide.
+            unsafe { k.run(out as *mut f32, oh, ow, w, bias.as_deref(), clamp, accumulate, workers) };
+            return;
+        }
+    }
     // The last tap's view of the last plane runs (kw − 1)·d past it; those values reach only the
     // discarded columns, but must exist.
     let xps: Vec<Vec<T>> = terms
@@ -124,7 +198,7 @@ pub(super) unsafe fn sample<T: Float>(
     let np = oh * wp;
     let workers = if threads == Threads::Pool { rayon::current_num_threads().max(1) } else { 1 };
     #[cfg(target_arch = "x86_64")]
-    if registers::<T>() {
+    if registers::<T>() && g.kw <= KW_MAX {
         let f = |v: &[T]| {
             // SAFETY: T is f32 (checked above).
             unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) }
@@ -140,7 +214,7 @@ pub(super) unsafe fn sample<T: Float>(
             .zip(&xps)
             .map(|((_, wt), xp)| Term { x: f(xp), w: f(wt), offs: &kk_off, toff: &toff, rows: &rows })
             .collect();
-        let k = Registers { ts: &ts, c, m, plane, np, so, sc };
+        let k = Registers { ts: &ts, c, m, plane, np, so, sc, kh: g.kh, kw: g.kw, wrap: None };
         let bias: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.f64() as f32).collect());
         let clamp = clamp.map(|(lo, hi)| (lo.f64() as f32, hi.f64() as f32));
         // SAFETY: AVX-512F present; `out` as the caller promises, T being f32.
@@ -216,6 +290,7 @@ pub(super) fn applies_stride2<T: Float>(g: &ConvGeom) -> bool {
         && g.stride == [2, 2]
         && g.dilation == [1, 1]
         && g.kh * g.kw > 1
+        && g.kw <= KW_MAX
         && g.c >= 16
         && g.out_hw().is_some_and(|(oh, ow)| g.kh * g.kw * g.m <= 24 * oh * ow)
         && weights_fit_l2(g)
@@ -326,7 +401,7 @@ pub(super) unsafe fn sample_stride2<T: Float>(
         }
         let rows: Vec<usize> = (0..4).flat_map(|ph| (0..g.kh.div_ceil(2)).map(move |r| ph * pq + r * wq)).collect();
         let ts = [Term { x: &xs, w: wf, offs: &offs, toff: &toff, rows: &rows }];
-        let k = Registers { ts: &ts, c, m, plane, np: oh * wq, so: c * kk, sc: kk };
+        let k = Registers { ts: &ts, c, m, plane, np: oh * wq, so: c * kk, sc: kk, kh: g.kh, kw: g.kw, wrap: None };
         let bias: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.f64() as f32).collect());
         let clamp = clamp.map(|(lo, hi)| (lo.f64() as f32, hi.f64() as f32));
         let workers = if threads == Threads::Pool { rayon::current_num_threads().max(1) } else { 1 };
@@ -446,7 +521,17 @@ struct Registers<'a> {
     /// The weights' strides per output and per input channel.
     so: usize,
     sc: usize,
+    /// The kernel's size: the terms' taps are its rows and columns in order.
+    kh: usize,
+    kw: usize,
+    /// For a grid without padding columns, its width and each kernel column's shift from the
+    /// output column: a lane whose column plus the shift leaves `0..width` reads the next or the
+    /// last row, and is masked off (the padding it stands for is zero).
+    wrap: Option<(usize, [isize; KW_MAX])>,
 }
+
+/// The widest kernel whose layers the register kernel computes on a grid without padding columns.
+const KW_MAX: usize = 8;
 
 /// One term of [`Registers`]' sums: padded input planes, weights, and the taps that read them.
 #[cfg(target_arch = "x86_64")]
@@ -501,6 +586,29 @@ impl Registers<'_> {
         let oc_per = ocb.div_ceil(oc_parts);
         let col_parts = tiles.div_ceil(col_per);
         let oc_parts = ocb.div_ceil(oc_per);
+        // Per column tile, the load masks of each kernel column's vectors: the tile's columns
+        // that exist, less (on a grid without padding columns) the lanes whose tap falls outside
+        // their row.
+        let masks: Vec<[[u16; RP]; KW_MAX]> = (0..tiles)
+            .map(|t| {
+                let q0 = t * COLS;
+                let mut mk = [[0u16; RP]; KW_MAX];
+                for (kj, mk) in mk.iter_mut().enumerate().take(self.kw.min(KW_MAX)) {
+                    for (p, m) in mk.iter_mut().enumerate() {
+                        for j in 0..16 {
+                            let q = q0 + 16 * p + j;
+                            let inside = q < self.np
+                                && self.wrap.is_none_or(|(width, shift)| {
+                                    let col = (q % width) as isize + shift[kj];
+                                    col >= 0 && col < width as isize
+                                });
+                            *m |= u16::from(inside) << j;
+                        }
+                    }
+                }
+                mk
+            })
+            .collect();
         let op = SendPtr(out);
         let item = |i: usize| {
             let (cp, opart) = (i % col_parts, i / col_parts);
@@ -509,23 +617,25 @@ impl Registers<'_> {
             for b in opart * oc_per..((opart + 1) * oc_per).min(ocb) {
                 let oc0 = b * RO;
                 let nr = RO.min(self.m - oc0);
-                for t in cp * col_per..((cp + 1) * col_per).min(tiles) {
+                let span = cp * col_per..((cp + 1) * col_per).min(tiles);
+                for (t, mk) in span.clone().zip(&masks[span]) {
                     let q0 = t * COLS;
                     let n = COLS.min(self.np - q0);
+                    // Only the vectors that hold columns: a plane's last tile may need one of
+                    // three (a 7×7 plane is 49 columns, tiles of 48 and 1).
+                    macro_rules! go {
+                        ($($r:literal)*) => {
+                            match (nr.min(RO), n.div_ceil(16)) {
+                                $(($r, 1) => self.tile::<$r, 1>(oc0, q0, mk, &mut tmp),
+                                  ($r, 2) => self.tile::<$r, 2>(oc0, q0, mk, &mut tmp),)*
+                                $(($r, _) => self.tile::<$r, RP>(oc0, q0, mk, &mut tmp),)*
+                                _ => unreachable!("one to eight channels"),
+                            }
+                        };
+                    }
                     // SAFETY: AVX-512F present; columns q0..q0 + n of the grid and channels
                     // oc0..oc0 + nr exist (the reads past them are masked off).
-                    unsafe {
-                        match nr {
-                            RO.. => self.tile::<RO>(oc0, q0, n, &mut tmp),
-                            7 => self.tile::<7>(oc0, q0, n, &mut tmp),
-                            6 => self.tile::<6>(oc0, q0, n, &mut tmp),
-                            5 => self.tile::<5>(oc0, q0, n, &mut tmp),
-                            4 => self.tile::<4>(oc0, q0, n, &mut tmp),
-                            3 => self.tile::<3>(oc0, q0, n, &mut tmp),
-                            2 => self.tile::<2>(oc0, q0, n, &mut tmp),
-                            _ => self.tile::<1>(oc0, q0, n, &mut tmp),
-                        }
-                    }
+                    unsafe { go!(1 2 3 4 5 6 7 8) }
                     // The tile's columns lie in output rows q0 / wp ..= (q0 + n − 1) / wp; each
                     // row's first ow columns are outputs.
                     for oy in q0 / wp..=(q0 + n - 1) / wp {
@@ -566,14 +676,18 @@ impl Registers<'_> {
     /// # Safety
     /// AVX-512F present; the channels and columns exist.
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const R: usize>(&self, oc0: usize, q0: usize, n: usize, tmp: &mut [f32; RO * RP * 16]) {
+    unsafe fn tile<const R: usize, const P: usize>(
+        &self,
+        oc0: usize,
+        q0: usize,
+        masks: &[[u16; RP]; KW_MAX],
+        tmp: &mut [f32; RO * RP * 16],
+    ) {
         use std::arch::x86_64::*;
-        let mut acc = [[_mm512_setzero_ps(); RP]; R];
-        let masks: [__mmask16; RP] = std::array::from_fn(|p| {
-            let k = n.saturating_sub(16 * p).min(16);
-            if k == 16 { 0xffff } else { ((1u32 << k) - 1) as u16 }
-        });
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        let (kh, kw) = (self.kh, self.kw);
         for term in self.ts {
+            debug_assert!(term.offs.len() == kh * kw && term.toff.len() == kh * kw);
             let (xp, wt) = (term.x, term.w);
             for ci in 0..self.c {
                 // SAFETY: plane ci's grid columns from q0, and channel ci's weights of channels
@@ -603,17 +717,21 @@ impl Registers<'_> {
                         }
                     }
                 }
-                for (&o, &tw) in term.offs.iter().zip(term.toff) {
-                    let mut xv = [_mm512_setzero_ps(); RP];
-                    for (p, v) in xv.iter_mut().enumerate() {
-                        // SAFETY: masked lanes only past the tile's columns.
-                        *v = unsafe { _mm512_maskz_loadu_ps(masks[p], xc.add(o + 16 * p)) };
-                    }
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        // SAFETY: channel oc0 + r's weight of input ci, tap tw.
-                        let w = _mm512_set1_ps(unsafe { *wc.add(r * self.so + tw) });
-                        for (a, &v) in a.iter_mut().zip(&xv) {
-                            *a = _mm512_fmadd_ps(w, v, *a);
+                for ki in 0..kh {
+                    for (kj, mk) in masks.iter().enumerate().take(kw) {
+                        let (o, tw) = (term.offs[ki * kw + kj], term.toff[ki * kw + kj]);
+                        let mut xv = [_mm512_setzero_ps(); P];
+                        for (p, v) in xv.iter_mut().enumerate() {
+                            // SAFETY: unmasked lanes read the grid's columns inside the tile and
+                            // their rows (masked lanes are not read).
+                            *v = unsafe { _mm512_maskz_loadu_ps(mk[p], xc.wrapping_add(o + 16 * p)) };
+                        }
+                        for (r, a) in acc.iter_mut().enumerate() {
+                            // SAFETY: channel oc0 + r's weight of input ci, tap tw.
+                            let w = _mm512_set1_ps(unsafe { *wc.add(r * self.so + tw) });
+                            for (a, &v) in a.iter_mut().zip(&xv) {
+                                *a = _mm512_fmadd_ps(w, v, *a);
+                            }
                         }
                     }
                 }
