@@ -6,6 +6,7 @@
 #![warn(missing_docs)]
 
 pub mod attribution;
+pub mod bench;
 pub mod canonize;
 pub mod composite;
 pub mod error;
