@@ -294,6 +294,11 @@ struct DwScratch<T> {
     /// output row of its tile that reads it (see `dw512::reuse`).
     square: usize,
     stride: usize,
+    /// Stride-2 square kernels in the AVX-512 kernel: the rows are copied as they are (padded,
+    /// not split by column phase) and the kernel splits even and odd columns in registers (see
+    /// `dw512::run_plain2`). Splitting while copying took ~30 % of these layers' time inside
+    /// EfficientNet-Lite0.
+    plain: bool,
     /// The next input plane the task loads (address, bytes): the AVX-512 kernel prefetches it,
     /// and the lines of the output plane after this one, while it computes this one. Each plane's
     /// copy-in otherwise waited on its input's misses, and its stores on their lines' reads:
@@ -308,7 +313,19 @@ impl<T: Float> DwScratch<T> {
         // Room for whole blocks: the last block may read up to a block's columns past ow, and a
         // wide tile's rows past oh.
         let (tile_rows, block) = wide.map_or((1, DW_BLOCK), |t| (t.rows(), t.cols()));
-        let ph = PhaseRows::new(g, ow.div_ceil(block) * block);
+        let plain = wide.is_some()
+            && g.kh == g.kw
+            && matches!(g.kh, 3 | 5)
+            && g.stride == [2, 2]
+            && g.dilation == [1, 1]
+            && dw512::plain_enabled();
+        // Plain rows: padded column p at slot p, as at stride 1; a tile of outputs reads twice
+        // its width of columns.
+        let ph = if plain {
+            PhaseRows::new(&ConvGeom { stride: [2, 1], ..*g }, 2 * ow.div_ceil(block) * block)
+        } else {
+            PhaseRows::new(g, ow.div_ceil(block) * block)
+        };
         let tiled = (oh.div_ceil(tile_rows) * tile_rows - 1) * g.stride[0] + (g.kh - 1) * g.dilation[0] + 1;
         let rows = (g.h + g.pads[0] + g.pads[2]).max(tiled);
         let buf = vec![T::zero(); rows * ph.row];
@@ -348,6 +365,7 @@ impl<T: Float> DwScratch<T> {
             row_step,
             square,
             stride: g.stride[0],
+            plain,
             next: (0, 0),
         }
     }
@@ -559,6 +577,31 @@ mod dw512 {
                 next: sc.next,
                 row: sc.ph.row,
             };
+            if sc.plain {
+                // The last tile's last input row, and its columns: twice the tile's width from
+                // twice its first column, plus the kernel's width less one.
+                let k = sc.square;
+                let last = (oh.div_ceil(tile.rows()) * tile.rows() - 1) * sc.row_step
+                    + (k - 1) * sc.ph.row
+                    + 2 * ow.div_ceil(tile.cols()) * tile.cols()
+                    + k
+                    - 1;
+                assert!(last <= sc.buf.len() && sc.row_step == 2 * sc.ph.row, "depthwise tile reads past its plane");
+                // SAFETY: AVX-512F is present ([`tile`]); reads checked above, writes as the caller's.
+                unsafe {
+                    match (tile, k) {
+                        (Tile::R7U1, 3) => run_plain2::<7, 1, 3>(&p),
+                        (Tile::R8U1, 3) => run_plain2::<8, 1, 3>(&p),
+                        (Tile::R6U2, 3) => run_plain2::<6, 2, 3>(&p),
+                        (Tile::R4U4, 3) => run_plain2::<4, 4, 3>(&p),
+                        (Tile::R7U1, _) => run_plain2::<7, 1, 5>(&p),
+                        (Tile::R8U1, _) => run_plain2::<8, 1, 5>(&p),
+                        (Tile::R6U2, _) => run_plain2::<6, 2, 5>(&p),
+                        (Tile::R4U4, _) => run_plain2::<4, 4, 5>(&p),
+                    }
+                }
+                return;
+            }
             // SAFETY: AVX-512F is present ([`tile`]); reads checked above, writes as the caller's.
             unsafe {
                 match (tile, sc.square, sc.stride) {
@@ -698,6 +741,132 @@ mod dw512 {
                                 v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, o));
                             }
                             _mm512_mask_storeu_ps(o, mask, v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Whether stride-2 layers take [`run_plain2`] (`RELPROP_DW_PLAIN=off` keeps them on the
+    /// column-phase rows, for A/B timing in one binary).
+    pub(super) fn plain_enabled() -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ON.get_or_init(|| std::env::var("RELPROP_DW_PLAIN").map_or(true, |v| v != "off"))
+    }
+
+    /// [`run`] for a stride-2 `K×K` kernel over plain padded rows: output column `c` reads padded
+    /// columns `2c + kj`, so a vector of sixteen outputs reads thirty-two consecutive values per
+    /// tap pair, which two loads and two permutes split into the even (`kj`) and odd (`kj + 1`)
+    /// columns. Each input row's vectors feed every output row of the tile that reads them.
+    ///
+    /// # Safety
+    /// AVX-512F present; the tile's reads inside `buf` (`plane` checks the last), every output
+    /// inside `out`'s plane; `p.row` is the buffer's row length and `p.row_step` twice it.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_plain2<const R: usize, const U: usize, const K: usize>(p: &Plane) {
+        use std::arch::x86_64::*;
+        let (oh, ow) = (p.oh, p.ow);
+        assert!(p.k.len() >= K * K && p.row_step == 2 * p.row);
+        let bias = _mm512_set1_ps(p.b);
+        let bounds = p.clamp.map(|(lo, hi)| (_mm512_set1_ps(lo), _mm512_set1_ps(hi)));
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+        let mut wk = [_mm512_setzero_ps(); 25];
+        for (w, &v) in wk.iter_mut().zip(&p.k[..K * K]) {
+            *w = _mm512_set1_ps(v);
+        }
+        let tiles = oh.div_ceil(R) * ow.div_ceil(16 * U);
+        let lines = p.next.1.div_ceil(64);
+        let per = lines.div_ceil(tiles.max(1));
+        let mut line = 0;
+        for oy0 in (0..oh).step_by(R) {
+            for c0 in (0..ow).step_by(16 * U) {
+                for _ in 0..per {
+                    if line < lines {
+                        _mm_prefetch::<_MM_HINT_T0>((p.next.0 + 64 * line) as *const i8);
+                        if 64 * line < oh * ow * 4 {
+                            _mm_prefetch::<_MM_HINT_ET0>(p.out.wrapping_add(oh * ow + 16 * line) as *const i8);
+                        }
+                        line += 1;
+                    }
+                }
+                let mut acc = [[bias; U]; R];
+                // SAFETY: the tile's first input row, inside the buffer (checked by the caller).
+                let base = unsafe { p.buf.add(oy0 * 2 * p.row + 2 * c0) };
+                // Each input row J as its own constant, so that the output rows it feeds are
+                // constants and the sums stay in registers (as in `run`).
+                macro_rules! rows {
+                    ($($j:literal)*) => {
+                        const { assert!((R - 1) * 2 + K <= 20, "a tile reads at most twenty input rows") };
+                        // SAFETY: as above; rows past (R − 1)·2 + K return at once.
+                        $(unsafe { plain2_row::<$j, R, U, K>(base, p.row, &wk, (even, odd), &mut acc) };)*
+                    };
+                }
+                rows!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19);
+                for (r, acc) in acc.iter().enumerate().take(oh - oy0) {
+                    for (u, &a) in acc.iter().enumerate() {
+                        let c = c0 + 16 * u;
+                        if c >= ow {
+                            break;
+                        }
+                        let n = (ow - c).min(16);
+                        let mask: __mmask16 = if n == 16 { 0xffff } else { (1u16 << n) - 1 };
+                        let mut v = a;
+                        if let Some((lo, hi)) = bounds {
+                            v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+                        }
+                        // SAFETY: the row's outputs c..c + n lie inside the plane.
+                        unsafe {
+                            let o = p.out.add((oy0 + r) * ow + c);
+                            if p.accumulate {
+                                v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(mask, o));
+                            }
+                            _mm512_mask_storeu_ps(o, mask, v);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Input row `J` of a [`run_plain2`] tile: its even and odd columns per tap pair, each
+    /// multiplied into the output rows `r` that read it (kernel row `J − 2r`).
+    ///
+    /// # Safety
+    /// AVX-512F present; the tile's input rows lie inside the buffer.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    #[allow(clippy::needless_range_loop)] // `u` indexes the loads' columns as well as `acc`
+    unsafe fn plain2_row<const J: usize, const R: usize, const U: usize, const K: usize>(
+        base: *const f32,
+        row: usize,
+        wk: &[std::arch::x86_64::__m512; 25],
+        (even, odd): (std::arch::x86_64::__m512i, std::arch::x86_64::__m512i),
+        acc: &mut [[std::arch::x86_64::__m512; U]; R],
+    ) {
+        use std::arch::x86_64::*;
+        if J >= (R - 1) * 2 + K {
+            return;
+        }
+        // SAFETY: input row J of the tile (the caller's contract).
+        let src = unsafe { base.add(J * row) };
+        for u in 0..U {
+            for pair in 0..K.div_ceil(2) {
+                let kj = 2 * pair;
+                // SAFETY: as above.
+                let (a, b) =
+                    unsafe { (_mm512_loadu_ps(src.add(32 * u + kj)), _mm512_loadu_ps(src.add(32 * u + kj + 16))) };
+                let ve = _mm512_permutex2var_ps(a, even, b);
+                let vo = _mm512_permutex2var_ps(a, odd, b);
+                for ki in 0..K {
+                    if J >= ki && (J - ki).is_multiple_of(2) && (J - ki) / 2 < R {
+                        let r = (J - ki) / 2;
+                        acc[r][u] = _mm512_fmadd_ps(wk[ki * K + kj], ve, acc[r][u]);
+                        if kj + 1 < K {
+                            acc[r][u] = _mm512_fmadd_ps(wk[ki * K + kj + 1], vo, acc[r][u]);
                         }
                     }
                 }
@@ -2014,6 +2183,20 @@ mod tests {
         // A plane not a multiple of seven rows high, and one of 17–32 columns.
         cases.push(ConvGeom { c: 2, m: 2, group: 2, h: 10, w: 9, ..base });
         cases.push(ConvGeom { c: 2, m: 2, group: 2, h: 9, w: 25, ..base });
+        // Stride 2 over plain rows (`dw512::run_plain2`): both kernel sizes in each tile shape
+        // (outputs 14, 15, 28 and 56 wide), TF-style and symmetric padding, odd sizes.
+        for (hw, k, pads) in [
+            (28, 3, [0, 0, 1, 1]),
+            (30, 5, [1, 1, 2, 2]),
+            (56, 5, [1, 1, 2, 2]),
+            (112, 3, [0, 0, 1, 1]),
+            (29, 3, [1; 4]),
+            (27, 5, [2; 4]),
+        ] {
+            cases.push(ConvGeom { c: 3, m: 3, group: 3, h: hw, w: hw, kh: k, kw: k, stride: [2, 2], pads, ..base });
+        }
+        cases.push(ConvGeom { c: 2, m: 2, group: 2, h: 23, w: 37, kh: 5, kw: 5, stride: [2, 2], pads: [2; 4], ..base });
+        cases.push(ConvGeom { c: 2, m: 2, group: 2, h: 41, w: 20, stride: [2, 2], pads: [0, 1, 1, 0], ..base });
         for g in cases {
             let (oh, ow) = g.out_hw().unwrap();
             let x = data(g.n * g.c * g.h * g.w, 7);
