@@ -129,27 +129,11 @@ pub(super) unsafe fn sample<T: Float>(
             .collect();
         #[cfg(target_arch = "x86_64")]
         {
-            let f = |v: &[T]| {
-                // SAFETY: T is f32 (registers() checked it).
-                unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) }
-            };
-            let kk_off: Vec<usize> = (0..g.kh).flat_map(|ki| (0..g.kw).map(move |kj| ki * dh * w + kj * dw)).collect();
-            let (so, sc) = if transposed { (kk, m * kk) } else { (c * kk, kk) };
-            let toff: Vec<usize> = (0..kk).map(|t| if transposed { kk - 1 - t } else { t }).collect();
-            let rows: Vec<usize> = (0..g.kh).map(|ki| ki * dh * w).collect();
-            let ts: Vec<Term> = terms
-                .iter()
-                .zip(&xps)
-                .map(|((_, wt), xp)| Term { x: f(xp), w: f(wt), offs: &kk_off, toff: &toff, rows: &rows })
-                .collect();
             let shifts = std::array::from_fn(|kj| (kj * dw) as isize - pl as isize);
-            let k = Registers { ts: &ts, c, m, plane, np: oh * w, so, sc, kh: g.kh, kw: g.kw, wrap: Some((w, shifts)) };
-            let bias: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.f64() as f32).collect());
-            let clamp = clamp.map(|(lo, hi)| (lo.f64() as f32, hi.f64() as f32));
-            let workers = if threads == Threads::Pool { rayon::current_num_threads().max(1) } else { 1 };
-            // SAFETY: AVX-512F present; `out` as the caller promises, T being f32; the grid's
-            // rows are w ≥ ow wide.
-            unsafe { k.run(out as *mut f32, oh, ow, w, bias.as_deref(), clamp, accumulate, workers) };
+            let grid = Grid { width: w, plane, wrap: Some((w, shifts)) };
+            // SAFETY: registers() holds (f32, AVX-512F); `out` as the caller promises; the grid's
+            // rows are w ≥ ow wide, the planes built above as `Grid` describes.
+            unsafe { registers_sample(g, terms, &xps, &grid, transposed, bias, clamp, out, accumulate, threads) };
             return;
         }
     }
@@ -199,26 +183,10 @@ pub(super) unsafe fn sample<T: Float>(
     let workers = if threads == Threads::Pool { rayon::current_num_threads().max(1) } else { 1 };
     #[cfg(target_arch = "x86_64")]
     if registers::<T>() && g.kw <= KW_MAX {
-        let f = |v: &[T]| {
-            // SAFETY: T is f32 (checked above).
-            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) }
-        };
-        let kk_off: Vec<usize> = (0..g.kh).flat_map(|ki| (0..g.kw).map(move |kj| ki * dh * wp + kj * dw)).collect();
-        // Weight (oc, ic, tap t) at oc·so + ic·sc + toff[t]: the kernel [m, c, kh, kw], or the
-        // forward kernel [c, m, kh, kw] of a VJP read flipped and transposed.
-        let (so, sc) = if transposed { (kk, m * kk) } else { (c * kk, kk) };
-        let toff: Vec<usize> = (0..kk).map(|t| if transposed { kk - 1 - t } else { t }).collect();
-        let rows: Vec<usize> = (0..g.kh).map(|ki| ki * dh * wp).collect();
-        let ts: Vec<Term> = terms
-            .iter()
-            .zip(&xps)
-            .map(|((_, wt), xp)| Term { x: f(xp), w: f(wt), offs: &kk_off, toff: &toff, rows: &rows })
-            .collect();
-        let k = Registers { ts: &ts, c, m, plane, np, so, sc, kh: g.kh, kw: g.kw, wrap: None };
-        let bias: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.f64() as f32).collect());
-        let clamp = clamp.map(|(lo, hi)| (lo.f64() as f32, hi.f64() as f32));
-        // SAFETY: AVX-512F present; `out` as the caller promises, T being f32.
-        unsafe { k.run(out as *mut f32, oh, ow, wp, bias.as_deref(), clamp, accumulate, workers) };
+        // SAFETY: registers() holds (f32, AVX-512F); `out` as the caller promises; the padded
+        // planes built above as `Grid` describes.
+        let grid = Grid { width: wp, plane, wrap: None };
+        unsafe { registers_sample(g, terms, &xps, &grid, transposed, bias, clamp, out, accumulate, threads) };
         return;
     }
     // Blocks of grid columns, at least one per thread, on 16-column boundaries that keep the
@@ -276,6 +244,62 @@ pub(super) unsafe fn sample<T: Float>(
     } else {
         (0..blocks).for_each(block);
     }
+}
+
+/// How [`registers_sample`]'s input planes are laid out: rows `width` long (the grid's width),
+/// `plane` values per channel, and, for planes without padding columns, the row length and the
+/// kernel columns' shifts (see [`Registers::wrap`]).
+#[cfg(target_arch = "x86_64")]
+struct Grid {
+    width: usize,
+    plane: usize,
+    wrap: Option<(usize, [isize; KW_MAX])>,
+}
+
+/// One sample's stride-1 convolution in the register kernel, over each term's input planes
+/// `xps` laid out as `grid` says (see [`sample`], whose arguments the others are).
+///
+/// # Safety
+/// f32 with AVX-512F ([`registers`]); `out` as [`sample`] requires; `xps` as `grid` describes.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn registers_sample<T: Float>(
+    g: &ConvGeom,
+    terms: &[(&[T], &[T])],
+    xps: &[Vec<T>],
+    grid: &Grid,
+    transposed: bool,
+    bias: Option<&[T]>,
+    clamp: Option<(T, T)>,
+    out: *mut T,
+    accumulate: bool,
+    threads: Threads,
+) {
+    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+    let (c, m, kk) = (g.c, g.m, g.kh * g.kw);
+    let [dh, dw] = g.dilation;
+    let width = grid.width;
+    let f = |v: &[T]| {
+        // SAFETY: T is f32 (the caller's contract).
+        unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) }
+    };
+    let kk_off: Vec<usize> = (0..g.kh).flat_map(|ki| (0..g.kw).map(move |kj| ki * dh * width + kj * dw)).collect();
+    // Weight (oc, ic, tap t) at oc·so + ic·sc + toff[t]: the kernel [m, c, kh, kw], or the
+    // forward kernel [c, m, kh, kw] of a VJP read flipped and transposed.
+    let (so, sc) = if transposed { (kk, m * kk) } else { (c * kk, kk) };
+    let toff: Vec<usize> = (0..kk).map(|t| if transposed { kk - 1 - t } else { t }).collect();
+    let rows: Vec<usize> = (0..g.kh).map(|ki| ki * dh * width).collect();
+    let ts: Vec<Term> = terms
+        .iter()
+        .zip(xps)
+        .map(|((_, wt), xp)| Term { x: f(xp), w: f(wt), offs: &kk_off, toff: &toff, rows: &rows })
+        .collect();
+    let k = Registers { ts: &ts, c, m, plane: grid.plane, np: oh * width, so, sc, kh: g.kh, kw: g.kw, wrap: grid.wrap };
+    let bias: Option<Vec<f32>> = bias.map(|b| b.iter().map(|v| v.f64() as f32).collect());
+    let clamp = clamp.map(|(lo, hi)| (lo.f64() as f32, hi.f64() as f32));
+    let workers = if threads == Threads::Pool { rayon::current_num_threads().max(1) } else { 1 };
+    // SAFETY: AVX-512F present; `out` as the caller promises, T being f32.
+    unsafe { k.run(out as *mut f32, oh, ow, width, bias.as_deref(), clamp, accumulate, workers) };
 }
 
 /// Whether a stride-2 convolution takes the register kernel over its input's four phases (see
