@@ -86,8 +86,10 @@ pub(super) unsafe fn sample<T: Float>(
     // Layers at most as wide out as in ("same" ones) in the register kernel: planes without
     // padding columns, the grid `w` wide (its last `w − ow` columns discarded), the taps' reads
     // past a row's ends masked off (see `Registers::wrap`). With padding columns the grid
-    // computed `wp / ow` times the outputs: 16/14 on 14×14 planes, 9/7 on 7×7 ones.
-    let compact = registers::<T>() && pl + pr <= (g.kw - 1) * dw && g.kw <= KW_MAX;
+    // computed `wp / ow` times the outputs: 16/14 on 14×14 planes, 9/7 on 7×7 ones. Where the
+    // padding is under a sixteenth of the row it does not pay: the per-column masks and the
+    // rows' alignment cost 56×56 layers 1–3 % (`convbench`, one thread), more than their 58/56.
+    let compact = registers::<T>() && pl + pr <= (g.kw - 1) * dw && 16 * (pl + pr) >= w && g.kw <= KW_MAX;
     if compact {
         let plane = hp * w;
         let xps: Vec<Vec<T>> = terms
@@ -613,21 +615,26 @@ impl Registers<'_> {
         // Per column tile, the load masks of each kernel column's vectors: the tile's columns
         // that exist, less (on a grid without padding columns) the lanes whose tap falls outside
         // their row.
+        // Serial, before the parallel items, so kept cheap: one division per tile (a division
+        // per lane and kernel column cost a 56×56 layer ~3 %).
+        let kw = self.kw.min(KW_MAX);
         let masks: Vec<[[u16; RP]; KW_MAX]> = (0..tiles)
             .map(|t| {
                 let q0 = t * COLS;
                 let mut mk = [[0u16; RP]; KW_MAX];
-                for (kj, mk) in mk.iter_mut().enumerate().take(self.kw.min(KW_MAX)) {
-                    for (p, m) in mk.iter_mut().enumerate() {
-                        for j in 0..16 {
-                            let q = q0 + 16 * p + j;
-                            let inside = q < self.np
-                                && self.wrap.is_none_or(|(width, shift)| {
-                                    let col = (q % width) as isize + shift[kj];
-                                    col >= 0 && col < width as isize
-                                });
-                            *m |= u16::from(inside) << j;
+                let (width, shift) = self.wrap.unwrap_or((usize::MAX, [0; KW_MAX]));
+                let mut col = q0 % width;
+                for (l, q) in (q0..(q0 + COLS).min(self.np)).enumerate() {
+                    for (kj, mk) in mk.iter_mut().enumerate().take(kw) {
+                        let c = col as isize + shift[kj];
+                        if c >= 0 && (c as usize) < width {
+                            mk[l / 16] |= 1 << (l % 16);
                         }
+                    }
+                    debug_assert_eq!(col, q % width);
+                    col += 1;
+                    if col == width {
+                        col = 0;
                     }
                 }
                 mk
@@ -649,10 +656,13 @@ impl Registers<'_> {
                     // three (a 7×7 plane is 49 columns, tiles of 48 and 1).
                     macro_rules! go {
                         ($($r:literal)*) => {
-                            match (nr.min(RO), n.div_ceil(16)) {
-                                $(($r, 1) => self.tile::<$r, 1>(oc0, q0, mk, &mut tmp),
-                                  ($r, 2) => self.tile::<$r, 2>(oc0, q0, mk, &mut tmp),)*
-                                $(($r, _) => self.tile::<$r, RP>(oc0, q0, mk, &mut tmp),)*
+                            match (nr.min(RO), n.div_ceil(16), self.wrap.is_some()) {
+                                $(($r, 1, false) => self.tile::<$r, 1, false>(oc0, q0, mk, &mut tmp),
+                                  ($r, 2, false) => self.tile::<$r, 2, false>(oc0, q0, mk, &mut tmp),
+                                  ($r, _, false) => self.tile::<$r, RP, false>(oc0, q0, mk, &mut tmp),
+                                  ($r, 1, true) => self.tile::<$r, 1, true>(oc0, q0, mk, &mut tmp),
+                                  ($r, 2, true) => self.tile::<$r, 2, true>(oc0, q0, mk, &mut tmp),
+                                  ($r, _, true) => self.tile::<$r, RP, true>(oc0, q0, mk, &mut tmp),)*
                                 _ => unreachable!("one to eight channels"),
                             }
                         };
@@ -699,8 +709,11 @@ impl Registers<'_> {
     ///
     /// # Safety
     /// AVX-512F present; the channels and columns exist.
+    /// With `WRAP` (a grid without padding columns) each kernel column has its own masks; without
+    /// it every tap takes the tile's (held in registers: loading a mask per tap and vector cost
+    /// the 56×56 layers 8 %).
     #[target_feature(enable = "avx512f")]
-    unsafe fn tile<const R: usize, const P: usize>(
+    unsafe fn tile<const R: usize, const P: usize, const WRAP: bool>(
         &self,
         oc0: usize,
         q0: usize,
@@ -710,6 +723,7 @@ impl Registers<'_> {
         use std::arch::x86_64::*;
         let mut acc = [[_mm512_setzero_ps(); P]; R];
         let (kh, kw) = (self.kh, self.kw);
+        debug_assert!(kw <= KW_MAX);
         for term in self.ts {
             debug_assert!(term.offs.len() == kh * kw && term.toff.len() == kh * kw);
             let (xp, wt) = (term.x, term.w);
@@ -741,9 +755,12 @@ impl Registers<'_> {
                         }
                     }
                 }
-                for ki in 0..kh {
-                    for (kj, mk) in masks.iter().enumerate().take(kw) {
-                        let (o, tw) = (term.offs[ki * kw + kj], term.toff[ki * kw + kj]);
+                // Tap (o, tw, its kernel column's masks): the multiply-adds of its P vectors into
+                // the R channels' sums (a macro: as a closure capturing the sums, they left the
+                // registers).
+                macro_rules! tap {
+                    ($o:expr, $tw:expr, $mk:expr) => {{
+                        let (o, tw, mk): (usize, usize, &[u16; RP]) = ($o, $tw, $mk);
                         let mut xv = [_mm512_setzero_ps(); P];
                         for (p, v) in xv.iter_mut().enumerate() {
                             // SAFETY: unmasked lanes read the grid's columns inside the tile and
@@ -757,6 +774,18 @@ impl Registers<'_> {
                                 *a = _mm512_fmadd_ps(w, v, *a);
                             }
                         }
+                    }};
+                }
+                if WRAP {
+                    for (offs, toff) in term.offs.chunks_exact(kw).zip(term.toff.chunks_exact(kw)) {
+                        for ((&o, &tw), mk) in offs.iter().zip(toff).zip(masks) {
+                            tap!(o, tw, mk);
+                        }
+                    }
+                } else {
+                    let mk = &masks[0];
+                    for (&o, &tw) in term.offs.iter().zip(term.toff) {
+                        tap!(o, tw, mk);
                     }
                 }
             }
