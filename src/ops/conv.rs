@@ -645,10 +645,12 @@ mod dw512 {
                         (Tile::R8U1, 3) => run_plain2::<8, 1, 3>(&p),
                         (Tile::R6U2, 3) => run_plain2::<6, 2, 3>(&p),
                         (Tile::R4U4, 3) => run_plain2::<4, 4, 3>(&p),
-                        (Tile::R7U1, _) => run_plain2::<7, 1, 5>(&p),
-                        (Tile::R8U1, _) => run_plain2::<8, 1, 5>(&p),
-                        (Tile::R6U2, _) => run_plain2::<6, 2, 5>(&p),
-                        (Tile::R4U4, _) => run_plain2::<4, 4, 5>(&p),
+                        (Tile::R7U1, 5) => run_plain2::<7, 1, 5>(&p),
+                        (Tile::R8U1, 5) => run_plain2::<8, 1, 5>(&p),
+                        (Tile::R6U2, 5) => run_plain2::<6, 2, 5>(&p),
+                        (Tile::R4U4, 5) => run_plain2::<4, 4, 5>(&p),
+                        // `DwScratch::new` takes plain rows for 3×3 and 5×5 kernels alone.
+                        _ => unreachable!("plain rows with a {k}×{k} kernel"),
                     }
                 }
                 return;
