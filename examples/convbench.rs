@@ -1,5 +1,5 @@
 //! Times the convolution kernels on EfficientNet-like layers (a profiling aid: `cargo run --release --example convbench`).
-use relprop::ops::conv::{ConvGeom, conv2d, conv2d_vjp};
+use relprop::ops::conv::{ConvGeom, conv2d_clamped, conv2d_vjp};
 use std::time::Instant;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -36,6 +36,20 @@ fn body() {
             ConvGeom { c: 3, m: 32, h: 224, w: 224, stride: [2, 2], pads: [0, 0, 1, 1], group: 1, ..base },
         ),
         ("r50 3x3 64 56", ConvGeom { c: 64, m: 64, h: 56, w: 56, group: 1, ..base }),
+        ("r50 1x1 64->64 56", ConvGeom { c: 64, m: 64, h: 56, w: 56, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
+        ("r50 1x1 64->256 56", ConvGeom { c: 64, m: 256, h: 56, w: 56, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
+        ("dn 1x1 64->128 56", ConvGeom { c: 64, m: 128, h: 56, w: 56, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
+        ("pw 40->240 28", ConvGeom { c: 40, m: 240, h: 28, w: 28, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
+        ("pw 24->144 56", ConvGeom { c: 24, m: 144, h: 56, w: 56, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
+        ("pw 80->480 14", ConvGeom { c: 80, m: 480, h: 14, w: 14, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
+        ("pw 480->80 14", ConvGeom { c: 480, m: 80, h: 14, w: 14, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
+        ("pw 1152->192 7", ConvGeom { c: 1152, m: 192, h: 7, w: 7, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
+        (
+            "r50 1x1 128->512 28",
+            ConvGeom { c: 128, m: 512, h: 28, w: 28, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base },
+        ),
+        ("pw 240->40 28", ConvGeom { c: 240, m: 40, h: 28, w: 28, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
+        ("pw 144->40 28", ConvGeom { c: 144, m: 40, h: 28, w: 28, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
         ("r50 1x1 256->64 56", ConvGeom { c: 256, m: 64, h: 56, w: 56, kh: 1, kw: 1, pads: [0; 4], group: 1, ..base }),
         ("r50 3x3 128 28", ConvGeom { c: 128, m: 128, h: 28, w: 28, group: 1, ..base }),
         ("vgg 3x3 64 224", ConvGeom { c: 64, m: 64, h: 224, w: 224, group: 1, ..base }),
@@ -105,8 +119,13 @@ fn body() {
             })
             .collect();
         let flops = 2.0 * (g.n * g.m * oh * ow * (g.c / g.group) * g.kh * g.kw) as f64;
+        // CLAMP=1 adds a bias and a ReLU6 clamp, as the layers of EfficientNet-Lite0 run them.
+        let epi = std::env::var_os("CLAMP").is_some();
+        let bias: Vec<f32> = (0..g.m).map(|i| 0.01 * i as f32).collect();
+        let bias = epi.then_some(&bias[..]);
+        let clamp = epi.then_some((0.0, 6.0));
         for _ in 0..3 {
-            conv2d(&g, &x, &w, None);
+            conv2d_clamped(&g, &x, &w, bias, clamp);
         }
         // The median of many single calls: this machine's speed drifts, and a mean hides it.
         let time = |f: &dyn Fn()| {
@@ -129,7 +148,7 @@ fn body() {
             if std::env::var_os("MIN").is_some() { t[0] } else { t[t.len() / 2] }
         };
         let dt = time(&|| {
-            std::hint::black_box(conv2d(&g, &x, &w, None));
+            std::hint::black_box(conv2d_clamped(&g, &x, &w, bias, clamp));
         });
         let dtv = if fwd_only {
             f64::NAN

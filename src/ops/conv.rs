@@ -5,6 +5,7 @@
 use super::depthwise16::{self, LANES};
 use super::direct;
 use super::gemm::{Epilogue, Mat, SendPtr, Threads, matmul_raw};
+use super::pointwise;
 use super::pool::valid_outputs;
 use super::shifted;
 use super::winograd;
@@ -1223,6 +1224,13 @@ pub fn conv2d_onto<T: Float>(
             // SAFETY: applies_stride2 checked; ys holds this sample's outputs, initialised when
             // accumulating.
             unsafe { shifted::sample_stride2(g, xs, wt, bias, clamp, ys.0, accumulate, threads) };
+            return;
+        }
+        // 1×1 with few input channels: the register kernel with its epilogue (see `pointwise`).
+        if pointwise::applies::<T>(g) {
+            // SAFETY: applies checked; ys holds this sample's outputs, initialised when
+            // accumulating.
+            unsafe { pointwise::sample(g, xs, wt, bias, clamp, ys.0, accumulate, threads) };
             return;
         }
         // 1×1: one tile, the whole plane (tiles that stay in cache from bias to clamp measured no

@@ -1,0 +1,298 @@
+//! 1×1 convolutions with few input channels, as EfficientNet-Lite0's expansions are (16 to 40
+//! channels in, six times as many out): a hand-written AVX-512 kernel that keeps a block of output
+//! channels by 32 pixels in registers over all input channels and applies the bias, the initial
+//! output and the clamp there before its one store. The library's product packed its operands per
+//! call, and the epilogue then re-read the output, six times the input's size, for the bias and
+//! the ReLU6: the 16→96 layer on 112×112 took 0.14 ms that way, 0.10 without the epilogue
+//! (`CLAMP=1 convbench "pw 16" fwd`).
+
+use super::conv::ConvGeom;
+use super::gemm::{SendPtr, Threads};
+use crate::tensor::Float;
+use rayon::prelude::*;
+
+/// Input channels up to which the kernel takes any plane: a run's inputs stay in L1 (a run of
+/// [`SPAN`] pixels by 64 channels is 32 KB).
+const C_MAX: usize = 64;
+/// Deeper layers take the kernel where their weights are at most this many times their plane:
+/// each run of [`SPAN`] pixels reads all the weights, without the packing that lets the library's
+/// product reuse them from registers. ResNet-50's 128→512 28×28 layer (84 weights a pixel) ran
+/// 0.90× the product's time and 256→64 56×56 (5) 0.91×, DenseNet-121's 512→128 28×28 (84) 0.89×;
+/// its 1024→128 14×14 (669) ran 1.7× and EfficientNet-Lite0's 1152→192 7×7 (4514) 1.8×
+/// (`MIN=1 CLAMP=1 convbench`, two threads).
+const WEIGHTS_PER_PIXEL: usize = 96;
+/// Output channels per register block.
+const RO: usize = 8;
+/// Pixels per register block: two vectors.
+const COLS: usize = 32;
+/// Pixels per run of blocks: every channel block of these pixels before the next run, so that
+/// each output row is written in runs of this many pixels (a run per block wrote 96 rows 128
+/// bytes at a time) while the run's inputs stay in L1.
+const SPAN: usize = 128;
+
+/// Whether the kernel takes `g`: f32 with AVX-512F, a plain 1×1 convolution (one group, stride 1,
+/// no padding) with at most [`C_MAX`] input channels; `RELPROP_POINTWISE=off` sends it to the
+/// library product (for A/B timing in one binary).
+pub(super) fn applies<T: Float>(g: &ConvGeom) -> bool {
+    std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
+        && super::avx512()
+        && g.group == 1
+        && g.kh == 1
+        && g.kw == 1
+        && g.stride == [1, 1]
+        && g.pads == [0; 4]
+        && (g.c <= C_MAX || g.m * g.c <= WEIGHTS_PER_PIXEL * g.h * g.w)
+        && enabled()
+}
+
+/// Whether the kernel runs at all (`RELPROP_POINTWISE=off` turns it off).
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("RELPROP_POINTWISE").map_or(true, |v| v != "off"))
+}
+
+/// One sample's convolution: `x` [c, h·w], `wt` [m, c], writes `[m, h·w]` at `out` as
+/// `clamp(conv + bias [+ out])`.
+///
+/// # Safety
+/// [`applies`] holds for `g`; `out` is valid for writes of `m·h·w` elements, not aliased during
+/// the call, and initialised when `accumulate`.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn sample<T: Float>(
+    g: &ConvGeom,
+    x: &[T],
+    wt: &[T],
+    bias: Option<&[T]>,
+    clamp: Option<(T, T)>,
+    out: *mut T,
+    accumulate: bool,
+    threads: Threads,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        assert!(applies::<T>(g), "pointwise kernel on {g:?}");
+        let (c, m, hw) = (g.c, g.m, g.h * g.w);
+        assert_eq!(x.len(), c * hw, "input size");
+        assert_eq!(wt.len(), m * c, "kernel size");
+        assert!(bias.is_none_or(|b| b.len() == m), "bias size");
+        let f = |v: &[T]| {
+            // SAFETY: T is f32 (applies checked it).
+            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) }
+        };
+        let k = Kernel {
+            x: f(x),
+            w: f(wt),
+            bias: bias.map(f),
+            clamp: clamp.map(|(lo, hi)| (lo.f64() as f32, hi.f64() as f32)),
+            c,
+            hw,
+            accumulate,
+        };
+        let spans = hw.div_ceil(SPAN);
+        let blocks = m.div_ceil(RO);
+        let workers = if threads == Threads::Pool { rayon::current_num_threads().max(1) } else { 1 };
+        // Runs of spans, a few per thread (a thread slowed by another job hands its rest over);
+        // on planes of fewer spans than that, runs of channel blocks as well.
+        let (col_parts, oc_parts) = if workers > 1 && m * hw * c >= 1 << 18 {
+            let cols = spans.min(4 * workers);
+            (cols, (4 * workers).div_ceil(cols).min(blocks))
+        } else {
+            (1, 1)
+        };
+        let (col_per, oc_per) = (spans.div_ceil(col_parts), blocks.div_ceil(oc_parts));
+        let op = SendPtr(out as *mut f32);
+        let part = |p: usize| {
+            let op = &op;
+            let (cp, opart) = (p % col_parts, p / col_parts);
+            let oc = opart * oc_per * RO..((opart + 1) * oc_per * RO).min(m);
+            for s in cp * col_per..((cp + 1) * col_per).min(spans) {
+                // SAFETY: AVX-512F present (applies); the span's pixels and channels exist, and
+                // parts write disjoint pixels or channels of `out`.
+                unsafe { k.span(s * SPAN..((s + 1) * SPAN).min(hw), oc.clone(), op.0) };
+            }
+        };
+        let parts = col_parts * oc_parts;
+        if parts > 1 {
+            (0..parts).into_par_iter().with_max_len(1).for_each(part);
+        } else {
+            part(0);
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("applies is false off x86-64: {g:?} {x:p} {wt:p} {bias:?} {clamp:?} {out:p} {accumulate} {threads:?}");
+}
+
+/// One sample's operands as f32.
+#[cfg(target_arch = "x86_64")]
+struct Kernel<'a> {
+    x: &'a [f32],
+    w: &'a [f32],
+    bias: Option<&'a [f32]>,
+    clamp: Option<(f32, f32)>,
+    c: usize,
+    hw: usize,
+    accumulate: bool,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Kernel<'_> {
+    /// Output channels `oc` (from a multiple of [`RO`]) of pixels `px` (at most [`SPAN`]).
+    ///
+    /// # Safety
+    /// AVX-512F present; `px` lies in `0..hw` and `oc` in `0..m`; `out` as [`sample`] describes it.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn span(&self, px: std::ops::Range<usize>, oc: std::ops::Range<usize>, out: *mut f32) {
+        for oc0 in oc.clone().step_by(RO) {
+            for q0 in px.clone().step_by(COLS) {
+                let n = COLS.min(px.end - q0);
+                let mk = [mask(n), mask(n.saturating_sub(16))];
+                // The first block of a run of pixels fetches the next run's inputs (see `block`).
+                let ahead = oc0 == oc.start && q0 + COLS < px.end;
+                macro_rules! go {
+                    ($($r:literal)*) => {
+                        match (RO.min(oc.end - oc0), n > 16) {
+                            $(($r, false) => self.block::<$r, 1>(oc0, q0, mk, out, ahead),
+                              ($r, true) => self.block::<$r, 2>(oc0, q0, mk, out, ahead),)*
+                            _ => unreachable!("one to eight channels"),
+                        }
+                    };
+                }
+                // SAFETY: channels oc0.. and pixels q0..q0 + n exist (the lanes past them are
+                // masked off).
+                unsafe { go!(1 2 3 4 5 6 7 8) }
+            }
+        }
+    }
+
+    /// Output channels `oc0..oc0 + R` of the `P` vectors of pixels from `q0`, their lanes `mk`.
+    ///
+    /// # Safety
+    /// AVX-512F present; the channels and the unmasked pixels exist.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn block<const R: usize, const P: usize>(
+        &self,
+        oc0: usize,
+        q0: usize,
+        mk: [u16; 2],
+        out: *mut f32,
+        ahead: bool,
+    ) {
+        use std::arch::x86_64::*;
+        let (c, hw) = (self.c, self.hw);
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        let xq = self.x[q0..].as_ptr();
+        let wr = self.w[oc0 * c..].as_ptr();
+        for ci in 0..c {
+            if ahead {
+                // The next 32 pixels of this channel: each is a row of its own, a short run
+                // the hardware prefetcher does not follow across a hundred rows (EfficientNet-
+                // Lite0's 240→40 28×28 layer ran at 0.6 of the library product's speed without).
+                for l in 0..2 {
+                    _mm_prefetch::<_MM_HINT_T0>(xq.wrapping_add(ci * hw + COLS + 16 * l) as *const i8);
+                }
+            }
+            let mut xv = [_mm512_setzero_ps(); P];
+            for (p, v) in xv.iter_mut().enumerate() {
+                // SAFETY: input channel ci's unmasked pixels from q0 (masked lanes are not read).
+                *v = unsafe { _mm512_maskz_loadu_ps(mk[p], xq.wrapping_add(ci * hw + 16 * p)) };
+            }
+            for (r, a) in acc.iter_mut().enumerate() {
+                // SAFETY: output channel oc0 + r's weight of input ci.
+                let w = _mm512_set1_ps(unsafe { *wr.add(r * c + ci) });
+                for (a, &v) in a.iter_mut().zip(&xv) {
+                    *a = _mm512_fmadd_ps(w, v, *a);
+                }
+            }
+        }
+        for (r, a) in acc.iter_mut().enumerate() {
+            let o = out.wrapping_add((oc0 + r) * hw + q0);
+            let b = _mm512_set1_ps(self.bias.map_or(0.0, |b| b[oc0 + r]));
+            for (p, a) in a.iter_mut().enumerate() {
+                // Summed as the other kernels' epilogues sum: (conv + bias) + initial output.
+                let mut v = _mm512_add_ps(*a, b);
+                if self.accumulate {
+                    // SAFETY: the initialised output's unmasked lanes.
+                    v = _mm512_add_ps(unsafe { _mm512_maskz_loadu_ps(mk[p], o.wrapping_add(16 * p)) }, v);
+                }
+                if let Some((lo, hi)) = self.clamp {
+                    v = _mm512_min_ps(_mm512_max_ps(v, _mm512_set1_ps(lo)), _mm512_set1_ps(hi));
+                }
+                // SAFETY: the output's unmasked lanes of this block.
+                unsafe { _mm512_mask_storeu_ps(o.wrapping_add(16 * p), mk[p], v) };
+            }
+        }
+    }
+}
+
+/// The lanes of a vector that hold the first `n` of its sixteen pixels.
+#[cfg(target_arch = "x86_64")]
+fn mask(n: usize) -> u16 {
+    if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel against a float64 sum, over widths with and without a partial last vector,
+    /// channel counts with partial register blocks, bias, clamp and an initial output.
+    #[test]
+    fn equals_the_direct_sum() {
+        let g0 = ConvGeom {
+            n: 1,
+            c: 3,
+            m: 3,
+            h: 1,
+            w: 1,
+            kh: 1,
+            kw: 1,
+            stride: [1, 1],
+            pads: [0; 4],
+            dilation: [1, 1],
+            group: 1,
+        };
+        if !applies::<f32>(&g0) {
+            return;
+        }
+        // The last two: channel blocks split over threads on a one-run plane; a deep layer on a
+        // plane large enough for its weights.
+        let shapes = [
+            (16, 96, 12, 12),
+            (5, 11, 7, 7),
+            (64, 9, 3, 5),
+            (1, 1, 1, 1),
+            (24, 17, 17, 16),
+            (8, 1030, 6, 6),
+            (130, 16, 8, 8),
+        ];
+        for &(c, m, h, w) in &shapes {
+            let g = ConvGeom { c, m, h, w, ..g0 };
+            assert!(applies::<f32>(&g), "{g:?}");
+            let hw = h * w;
+            let x: Vec<f32> = (0..c * hw).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.03).collect();
+            let wt: Vec<f32> = (0..m * c).map(|i| ((i * 53 % 89) as f32 - 44.0) * 0.02).collect();
+            let bias: Vec<f32> = (0..m).map(|i| i as f32 * 0.1 - 0.4).collect();
+            let init: Vec<f32> = (0..m * hw).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
+            for (use_bias, clamp, acc) in [(false, None, false), (true, Some((0.0, 0.6)), false), (true, None, true)] {
+                let mut out = if acc { init.clone() } else { vec![f32::NAN; m * hw] };
+                let b = use_bias.then_some(&bias[..]);
+                // SAFETY: applies holds; out holds m·hw initialised values.
+                unsafe { sample(&g, &x, &wt, b, clamp, out.as_mut_ptr(), acc, Threads::Pool) };
+                for o in 0..m {
+                    for p in 0..hw {
+                        let mut s: f64 = (0..c).map(|ci| wt[o * c + ci] as f64 * x[ci * hw + p] as f64).sum();
+                        s += b.map_or(0.0, |b| b[o] as f64);
+                        if acc {
+                            s += init[o * hw + p] as f64;
+                        }
+                        if let Some((lo, hi)) = clamp {
+                            s = s.clamp(lo as f64, hi as f64);
+                        }
+                        let got = out[o * hw + p] as f64;
+                        assert!((got - s).abs() <= 1e-4 * (1.0 + s.abs()), "c {c} m {m} out ({o}, {p}): {got} vs {s}");
+                    }
+                }
+            }
+        }
+    }
+}
