@@ -1230,7 +1230,7 @@ pub fn conv2d_onto<T: Float>(
         if pointwise::applies::<T>(g) {
             // SAFETY: applies checked; ys holds this sample's outputs, initialised when
             // accumulating.
-            unsafe { pointwise::sample(g, xs, wt, bias, clamp, ys.0, accumulate, threads) };
+            unsafe { pointwise::sample(g, &[(xs, wt)], false, bias, clamp, ys.0, accumulate, threads) };
             return;
         }
         // 1×1: one tile, the whole plane (tiles that stay in cache from bias to clamp measured no
@@ -1576,6 +1576,16 @@ unsafe fn transpose<T: Float>(src: &[T], rows: usize, cols: usize, dst: *mut T, 
 fn pointwise_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> {
     let (hw, cg, mg) = (g.h * g.w, g.cg(), g.mg());
     let (xsz, ysz, total) = (g.c * hw, g.m * hw, g.n * g.c * hw);
+    // The register kernel where it takes the VJP as a forward 1×1 convolution from the layer's
+    // m channels to its c (see `pointwise`), the kernel read transposed in place.
+    let gv = ConvGeom { n: 1, c: g.m, m: g.c, ..*g };
+    if g.group == 1 && pointwise::applies_vjp::<T>(&gv) {
+        return per_sample_uninit(g.n, xsz, |s, dxs, threads| {
+            let ts: Vec<(&[T], &[T])> = terms.iter().map(|(dy, wt)| (&dy[s * ysz..(s + 1) * ysz], *wt)).collect();
+            // SAFETY: applies checked; sample s's [c, h, w] input gradient, written whole.
+            unsafe { pointwise::sample(&gv, &ts, true, None, None, dxs, false, threads) };
+        });
+    }
     let mut dx: Vec<T> = Vec::with_capacity(total);
     let dp = SendPtr(dx.as_mut_ptr());
     // Unit tests poison it, so that an element the products miss shows up as NaN.

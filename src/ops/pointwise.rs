@@ -45,14 +45,25 @@ pub(super) fn applies<T: Float>(g: &ConvGeom) -> bool {
         && enabled()
 }
 
+/// Whether the kernel takes the input VJP of a 1×1 layer, `gv` being that VJP as a forward
+/// convolution (from the layer's m channels to its c): as [`applies`], less the VJPs onto few
+/// channels from many, where the library's product was faster. EfficientNet-Lite0's 16→96
+/// 112×112 and 24→144 56×56 layers' VJPs ran 1.05× and 1.07× its time in the kernel, their
+/// 96→24 one 0.7×, ResNet-50's 64→256 56×56 and 512→128 28×28 0.9× (`MIN=1 convbench`,
+/// alternated runs).
+pub(super) fn applies_vjp<T: Float>(gv: &ConvGeom) -> bool {
+    applies::<T>(gv) && (gv.c <= C_MAX || gv.m >= 64)
+}
+
 /// Whether the kernel runs at all (`RELPROP_POINTWISE=off` turns it off).
 fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("RELPROP_POINTWISE").map_or(true, |v| v != "off"))
 }
 
-/// One sample's convolution: `x` [c, h·w], `wt` [m, c], writes `[m, h·w]` at `out` as
-/// `clamp(conv + bias [+ out])`.
+/// One sample's convolution summed over `terms` of (input `[c, h·w]`, kernel): writes `[m, h·w]`
+/// at `out` as `clamp(Σ conv + bias [+ out])`. Kernels are `[m, c]`, or with `transposed` the
+/// forward kernel `[c, m]` of a layer whose input VJP this is (read transposed in place).
 ///
 /// # Safety
 /// [`applies`] holds for `g`; `out` is valid for writes of `m·h·w` elements, not aliased during
@@ -60,8 +71,8 @@ fn enabled() -> bool {
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn sample<T: Float>(
     g: &ConvGeom,
-    x: &[T],
-    wt: &[T],
+    terms: &[(&[T], &[T])],
+    transposed: bool,
     bias: Option<&[T]>,
     clamp: Option<(T, T)>,
     out: *mut T,
@@ -72,16 +83,19 @@ pub(super) unsafe fn sample<T: Float>(
     {
         assert!(applies::<T>(g), "pointwise kernel on {g:?}");
         let (c, m, hw) = (g.c, g.m, g.h * g.w);
-        assert_eq!(x.len(), c * hw, "input size");
-        assert_eq!(wt.len(), m * c, "kernel size");
+        assert!(terms.iter().all(|(x, wt)| x.len() == c * hw && wt.len() == m * c), "input or kernel size");
         assert!(bias.is_none_or(|b| b.len() == m), "bias size");
         let f = |v: &[T]| {
             // SAFETY: T is f32 (applies checked it).
             unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) }
         };
+        let ts: Vec<(&[f32], &[f32])> = terms.iter().map(|(x, wt)| (f(x), f(wt))).collect();
+        // Weight (output channel o, input channel i) at o·so + i·sc.
+        let (so, sc) = if transposed { (1, m) } else { (c, 1) };
         let k = Kernel {
-            x: f(x),
-            w: f(wt),
+            ts: &ts,
+            so,
+            sc,
             bias: bias.map(f),
             clamp: clamp.map(|(lo, hi)| (lo.f64() as f32, hi.f64() as f32)),
             c,
@@ -119,14 +133,20 @@ pub(super) unsafe fn sample<T: Float>(
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("applies is false off x86-64: {g:?} {x:p} {wt:p} {bias:?} {clamp:?} {out:p} {accumulate} {threads:?}");
+    unreachable!(
+        "applies is false off x86-64: {g:?} {} {transposed} {bias:?} {clamp:?} {out:p} {accumulate} {threads:?}",
+        terms.len()
+    );
 }
 
 /// One sample's operands as f32.
 #[cfg(target_arch = "x86_64")]
 struct Kernel<'a> {
-    x: &'a [f32],
-    w: &'a [f32],
+    /// The (input, kernel) pairs summed.
+    ts: &'a [(&'a [f32], &'a [f32])],
+    /// The kernels' strides per output and per input channel.
+    so: usize,
+    sc: usize,
     bias: Option<&'a [f32]>,
     clamp: Option<(f32, f32)>,
     c: usize,
@@ -178,30 +198,32 @@ impl Kernel<'_> {
         ahead: bool,
     ) {
         use std::arch::x86_64::*;
-        let (c, hw) = (self.c, self.hw);
+        let (c, hw, so, sc) = (self.c, self.hw, self.so, self.sc);
         let mut acc = [[_mm512_setzero_ps(); P]; R];
-        let xq = self.x[q0..].as_ptr();
-        let wr = self.w[oc0 * c..].as_ptr();
-        for ci in 0..c {
-            if ahead {
-                // The next 32 pixels of this channel: each channel is a row of its own, short
-                // runs the hardware prefetcher follows poorly across a hundred rows (in the
-                // model, EfficientNet-Lite0's 16→96 112×112 layer 0.200 → 0.188 ms, its 32→16
-                // one 0.051 → 0.045; per-node profiles alternated).
-                for l in 0..2 {
-                    _mm_prefetch::<_MM_HINT_T0>(xq.wrapping_add(ci * hw + COLS + 16 * l) as *const i8);
+        for &(x, w) in self.ts {
+            let xq = x[q0..].as_ptr();
+            let wr = w[oc0 * so..].as_ptr();
+            for ci in 0..c {
+                if ahead {
+                    // The next 32 pixels of this channel: each channel is a row of its own, short
+                    // runs the hardware prefetcher follows poorly across a hundred rows (in the
+                    // model, EfficientNet-Lite0's 16→96 112×112 layer 0.200 → 0.188 ms, its 32→16
+                    // one 0.051 → 0.045; per-node profiles alternated).
+                    for l in 0..2 {
+                        _mm_prefetch::<_MM_HINT_T0>(xq.wrapping_add(ci * hw + COLS + 16 * l) as *const i8);
+                    }
                 }
-            }
-            let mut xv = [_mm512_setzero_ps(); P];
-            for (p, v) in xv.iter_mut().enumerate() {
-                // SAFETY: input channel ci's unmasked pixels from q0 (masked lanes are not read).
-                *v = unsafe { _mm512_maskz_loadu_ps(mk[p], xq.wrapping_add(ci * hw + 16 * p)) };
-            }
-            for (r, a) in acc.iter_mut().enumerate() {
-                // SAFETY: output channel oc0 + r's weight of input ci.
-                let w = _mm512_set1_ps(unsafe { *wr.add(r * c + ci) });
-                for (a, &v) in a.iter_mut().zip(&xv) {
-                    *a = _mm512_fmadd_ps(w, v, *a);
+                let mut xv = [_mm512_setzero_ps(); P];
+                for (p, v) in xv.iter_mut().enumerate() {
+                    // SAFETY: input channel ci's unmasked pixels from q0 (masked lanes are not read).
+                    *v = unsafe { _mm512_maskz_loadu_ps(mk[p], xq.wrapping_add(ci * hw + 16 * p)) };
+                }
+                for (r, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: output channel oc0 + r's weight of input ci.
+                    let w = _mm512_set1_ps(unsafe { *wr.add(r * so + ci * sc) });
+                    for (a, &v) in a.iter_mut().zip(&xv) {
+                        *a = _mm512_fmadd_ps(w, v, *a);
+                    }
                 }
             }
         }
@@ -236,7 +258,8 @@ mod tests {
     use super::*;
 
     /// The kernel against a float64 sum, over widths with and without a partial last vector,
-    /// channel counts with partial register blocks, bias, clamp and an initial output.
+    /// channel counts with partial register blocks, bias, clamp, an initial output, two terms
+    /// and kernels read transposed.
     #[test]
     fn equals_the_direct_sum() {
         let g0 = ConvGeom {
@@ -271,17 +294,34 @@ mod tests {
             assert!(applies::<f32>(&g), "{g:?}");
             let hw = h * w;
             let x: Vec<f32> = (0..c * hw).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.03).collect();
+            let x2: Vec<f32> = (0..c * hw).map(|i| ((i * 41 % 97) as f32 - 48.0) * 0.02).collect();
             let wt: Vec<f32> = (0..m * c).map(|i| ((i * 53 % 89) as f32 - 44.0) * 0.02).collect();
+            let wt2: Vec<f32> = (0..m * c).map(|i| ((i * 29 % 83) as f32 - 41.0) * 0.03).collect();
             let bias: Vec<f32> = (0..m).map(|i| i as f32 * 0.1 - 0.4).collect();
             let init: Vec<f32> = (0..m * hw).map(|i| ((i * 7 % 13) as f32 - 6.0) * 0.1).collect();
-            for (use_bias, clamp, acc) in [(false, None, false), (true, Some((0.0, 0.6)), false), (true, None, true)] {
+            let cases = [
+                (false, None, false, 1, false),
+                (true, Some((0.0, 0.6)), false, 1, false),
+                (true, None, true, 1, false),
+                (false, None, false, 2, true),
+                (true, Some((-0.5, 0.5)), true, 2, false),
+            ];
+            for (use_bias, clamp, acc, nt, transposed) in cases {
                 let mut out = if acc { init.clone() } else { vec![f32::NAN; m * hw] };
                 let b = use_bias.then_some(&bias[..]);
+                let terms: [(&[f32], &[f32]); 2] = [(&x, &wt), (&x2, &wt2)];
                 // SAFETY: applies holds; out holds m·hw initialised values.
-                unsafe { sample(&g, &x, &wt, b, clamp, out.as_mut_ptr(), acc, Threads::Pool) };
+                unsafe { sample(&g, &terms[..nt], transposed, b, clamp, out.as_mut_ptr(), acc, Threads::Pool) };
+                // Weight (o, ci): [m, c], or transposed [c, m].
+                let at = |w: &[f32], o: usize, ci: usize| w[if transposed { ci * m + o } else { o * c + ci }] as f64;
                 for o in 0..m {
                     for p in 0..hw {
-                        let mut s: f64 = (0..c).map(|ci| wt[o * c + ci] as f64 * x[ci * hw + p] as f64).sum();
+                        let mut s: f64 = (0..nt)
+                            .map(|t| {
+                                let (x, w) = terms[t];
+                                (0..c).map(|ci| at(w, o, ci) * x[ci * hw + p] as f64).sum::<f64>()
+                            })
+                            .sum();
                         s += b.map_or(0.0, |b| b[o] as f64);
                         if acc {
                             s += init[o * hw + p] as f64;
