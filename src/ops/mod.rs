@@ -6,7 +6,7 @@ mod direct;
 pub mod elementwise;
 pub mod gemm;
 pub mod lstm;
-mod pointwise;
+pub mod pointwise;
 pub mod pool;
 mod shifted;
 mod winograd;

@@ -247,8 +247,267 @@ impl Kernel<'_> {
     }
 }
 
+/// Whether [`Split`]'s kernels run: AVX-512F present and `RELPROP_POINTWISE` not `off`.
+pub fn split_available() -> bool {
+    super::avx512() && enabled()
+}
+
+/// Products of one sample's 1×1 layer that take an input's two signs with their own weights, over
+/// tiles of pixels, with LRP's epilogues in registers: `Σᵢ w⁺ᵢ·x⁺ᵢ + Σⱼ w⁻ⱼ·x⁻ⱼ` (z⁺ over inputs
+/// of both signs) and its transposed product. The library's product needed `[x⁺; x⁻]` copied
+/// out per tile, packed both operands per tile, and a pass each for the ratio and for the
+/// multiply by the input.
+pub struct Split<'a> {
+    /// The sample's input, `[c, hw]`.
+    pub x: &'a [f32],
+    /// Pixels per channel.
+    pub hw: usize,
+    /// Input channels.
+    pub c: usize,
+    /// Output channels.
+    pub m: usize,
+    /// `[w⁺ | w⁻]` `[m, c + neg.len()]`: w⁺ on every input channel, then w⁻ on the channels `neg`.
+    pub w2: &'a [f32],
+    /// The input channels with negative values (x⁻ is zero on the others).
+    pub neg: &'a [usize],
+}
+
+impl Split<'_> {
+    /// The stabilised ratios of the tile `cols`: `out[o, p] = r[o, p] / s(z[o, p] + bias[o])`,
+    /// `z` the sign-split product, `s(v) = v ± eps` with the sign of `v` (+ at 0, zennit's);
+    /// `r` is the sample's `[m, hw]`, `out` the tile's `[m, cols.len()]`, written whole.
+    ///
+    /// # Panics
+    /// Where a size disagrees or [`split_available`] is false.
+    pub fn ratio(
+        &self,
+        cols: std::ops::Range<usize>,
+        r: &[f32],
+        bias: Option<&[f32]>,
+        eps: f32,
+        out: &mut [std::mem::MaybeUninit<f32>],
+    ) {
+        let (c, m, hw, tl) = (self.c, self.m, self.hw, cols.len());
+        let k2 = c + self.neg.len();
+        assert!(split_available(), "the sign-split kernels need AVX-512F");
+        assert!(
+            self.x.len() == c * hw && self.w2.len() == m * k2 && r.len() == m * hw && out.len() == m * tl,
+            "sign-split ratio: sizes"
+        );
+        assert!(cols.end <= hw && bias.is_none_or(|b| b.len() == m), "sign-split ratio: tile or bias");
+        assert!(self.neg.iter().all(|&i| i < c), "sign-split ratio: channels");
+        let wn = self.neg_columns();
+        #[cfg(target_arch = "x86_64")]
+        for oc0 in (0..m).step_by(RO) {
+            for q0 in cols.clone().step_by(COLS) {
+                let n = COLS.min(cols.end - q0);
+                let mk = [mask(n), mask(n.saturating_sub(16))];
+                macro_rules! go {
+                    ($($r:literal)*) => {
+                        match (RO.min(m - oc0), n > 16) {
+                            $(($r, false) => self.ratio_block::<$r, 1>(oc0, q0, cols.start, mk, &wn, r, bias, eps, out),
+                              ($r, true) => self.ratio_block::<$r, 2>(oc0, q0, cols.start, mk, &wn, r, bias, eps, out),)*
+                            _ => unreachable!("one to eight channels"),
+                        }
+                    };
+                }
+                // SAFETY: AVX-512F present (asserted); the sizes asserted above bound every
+                // unmasked lane.
+                unsafe { go!(1 2 3 4 5 6 7 8) }
+            }
+        }
+    }
+
+    /// The tile's relevance from its ratios `g` (`[m, cols.len()]`): for input channel i,
+    /// `x⁺·Σₒ w⁺[o, i]·g[o] + x⁻·Σₒ w⁻[o, j]·g[o]` (j its place in `neg`), written at `out`, the
+    /// sample's `[c, hw]` (this tile's columns only).
+    ///
+    /// # Panics
+    /// Where a size disagrees or [`split_available`] is false.
+    ///
+    /// # Safety
+    /// `out` must be valid for writes of the sample's `c·hw` elements and the tile's columns not
+    /// written by anyone else during the call.
+    pub unsafe fn vjp(&self, cols: std::ops::Range<usize>, g: &[f32], out: *mut f32) {
+        let (c, m, hw, tl) = (self.c, self.m, self.hw, cols.len());
+        let k2 = c + self.neg.len();
+        assert!(split_available(), "the sign-split kernels need AVX-512F");
+        assert!(self.x.len() == c * hw && self.w2.len() == m * k2 && g.len() == m * tl, "sign-split VJP: sizes");
+        assert!(cols.end <= hw && self.neg.iter().all(|&i| i < c), "sign-split VJP: tile or channels");
+        let wn = self.neg_columns();
+        #[cfg(target_arch = "x86_64")]
+        for ic0 in (0..c).step_by(RI) {
+            for q0 in cols.clone().step_by(COLS) {
+                let n = COLS.min(cols.end - q0);
+                let mk = [mask(n), mask(n.saturating_sub(16))];
+                macro_rules! go {
+                    ($($r:literal)*) => {
+                        match (RI.min(c - ic0), n > 16) {
+                            $(($r, false) => self.vjp_block::<$r, 1>(ic0, q0, cols.start, mk, g, &wn, out),
+                              ($r, true) => self.vjp_block::<$r, 2>(ic0, q0, cols.start, mk, g, &wn, out),)*
+                            _ => unreachable!("one to four channels"),
+                        }
+                    };
+                }
+                // SAFETY: AVX-512F present (asserted); the sizes asserted above bound every
+                // unmasked lane, and `out` as the caller promises.
+                unsafe { go!(1 2 3 4) }
+            }
+        }
+    }
+
+    /// Each input channel's column of w⁻ in `w2`; a channel without negative values takes its w⁺
+    /// column (only its lanes with x < 0 read it, and it has none).
+    fn neg_columns(&self) -> Vec<usize> {
+        let mut wn: Vec<usize> = (0..self.c).collect();
+        for (j, &i) in self.neg.iter().enumerate() {
+            wn[i] = self.c + j;
+        }
+        wn
+    }
+
+    /// Output channels `oc0..oc0 + R` of [`Split::ratio`] over the `P` vectors from pixel `q0`.
+    /// Each lane takes w⁺ or w⁻ by its input's sign, one multiply-add per weight and lane instead
+    /// of one for x⁺ and one for x⁻ (the multiply-adds bound the kernel).
+    ///
+    /// # Safety
+    /// AVX-512F present; the channels and unmasked pixels exist.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn ratio_block<const R: usize, const P: usize>(
+        &self,
+        oc0: usize,
+        q0: usize,
+        c0: usize,
+        mk: [u16; 2],
+        wn: &[usize],
+        r: &[f32],
+        bias: Option<&[f32]>,
+        eps: f32,
+        out: &mut [std::mem::MaybeUninit<f32>],
+    ) {
+        use std::arch::x86_64::*;
+        let (c, hw) = (self.c, self.hw);
+        let k2 = c + self.neg.len();
+        let mut acc = [[_mm512_setzero_ps(); P]; R];
+        let xq = self.x[q0..].as_ptr();
+        let wr = self.w2[oc0 * k2..].as_ptr();
+        let zero = _mm512_setzero_ps();
+        for ci in 0..c {
+            let (mut xp, mut xn) = ([zero; P], [zero; P]);
+            for p in 0..P {
+                // SAFETY: channel ci's unmasked pixels from q0.
+                let x = unsafe { _mm512_maskz_loadu_ps(mk[p], xq.wrapping_add(ci * hw + 16 * p)) };
+                xp[p] = _mm512_max_ps(x, zero);
+                xn[p] = _mm512_min_ps(x, zero);
+            }
+            let wcol = wn[ci];
+            if wcol == ci {
+                // No negative values: x⁺ alone.
+                for (o, a) in acc.iter_mut().enumerate() {
+                    // SAFETY: output channel oc0 + o's w⁺ of input ci.
+                    let wp = unsafe { _mm512_set1_ps(*wr.add(o * k2 + ci)) };
+                    for p in 0..P {
+                        a[p] = _mm512_fmadd_ps(wp, xp[p], a[p]);
+                    }
+                }
+                continue;
+            }
+            for (o, a) in acc.iter_mut().enumerate() {
+                // SAFETY: output channel oc0 + o's w⁺ and w⁻ of input ci.
+                let (wp, wq) =
+                    unsafe { (_mm512_set1_ps(*wr.add(o * k2 + ci)), _mm512_set1_ps(*wr.add(o * k2 + wcol))) };
+                for p in 0..P {
+                    a[p] = _mm512_fmadd_ps(wq, xn[p], _mm512_fmadd_ps(wp, xp[p], a[p]));
+                }
+            }
+        }
+        let tl = out.len() / self.m;
+        let e = _mm512_set1_ps(eps);
+        for (o, a) in acc.iter().enumerate() {
+            let b = _mm512_set1_ps(bias.map_or(0.0, |b| b[oc0 + o]));
+            for (p, &a) in a.iter().enumerate() {
+                let z = _mm512_add_ps(a, b);
+                // z + eps where z ≥ 0, z − eps elsewhere.
+                let nonneg = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(z, zero);
+                let s = _mm512_mask_add_ps(_mm512_sub_ps(z, e), nonneg, z, e);
+                // SAFETY: output channel oc0 + o's unmasked pixels of the tile.
+                unsafe {
+                    let rv = _mm512_maskz_loadu_ps(mk[p], r.as_ptr().wrapping_add((oc0 + o) * hw + q0 + 16 * p));
+                    let dst = (out.as_mut_ptr() as *mut f32).wrapping_add((oc0 + o) * tl + q0 - c0 + 16 * p);
+                    // Masked lanes divide zero by a stabilised zero: finite, and not stored.
+                    _mm512_mask_storeu_ps(dst, mk[p], _mm512_div_ps(rv, s));
+                }
+            }
+        }
+    }
+
+    /// Input channels `ic0..ic0 + R` of [`Split::vjp`] over the `P` vectors from pixel `q0`: one
+    /// sum per lane, of w⁺ or w⁻ by its input's sign (as [`Split::ratio_block`]).
+    ///
+    /// # Safety
+    /// AVX-512F present; the channels and unmasked pixels exist; `out` as [`Split::vjp`].
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn vjp_block<const R: usize, const P: usize>(
+        &self,
+        ic0: usize,
+        q0: usize,
+        c0: usize,
+        mk: [u16; 2],
+        g: &[f32],
+        wn: &[usize],
+        out: *mut f32,
+    ) {
+        use std::arch::x86_64::*;
+        let (c, hw, m) = (self.c, self.hw, self.m);
+        let k2 = c + self.neg.len();
+        let tl = g.len() / m;
+        let zero = _mm512_setzero_ps();
+        let mut accp = [[zero; P]; R];
+        let mut accn = [[zero; P]; R];
+        let wcol: [usize; R] = std::array::from_fn(|r| wn[ic0 + r]);
+        let gq = g[q0 - c0..].as_ptr();
+        for o in 0..m {
+            let mut gv = [zero; P];
+            for (p, v) in gv.iter_mut().enumerate() {
+                // SAFETY: output channel o's unmasked ratios of the tile.
+                *v = unsafe { _mm512_maskz_loadu_ps(mk[p], gq.wrapping_add(o * tl + 16 * p)) };
+            }
+            let wr = self.w2[o * k2..].as_ptr();
+            for r in 0..R {
+                // SAFETY: row o's w⁺ of channel ic0 + r and its w⁻ column.
+                let (wp, wq) = unsafe { (_mm512_set1_ps(*wr.add(ic0 + r)), _mm512_set1_ps(*wr.add(wcol[r]))) };
+                for p in 0..P {
+                    accp[r][p] = _mm512_fmadd_ps(wp, gv[p], accp[r][p]);
+                    accn[r][p] = _mm512_fmadd_ps(wq, gv[p], accn[r][p]);
+                }
+            }
+        }
+        for r in 0..R {
+            for p in 0..P {
+                // SAFETY: channel ic0 + r's unmasked pixels, as the caller promises.
+                unsafe {
+                    let at = (ic0 + r) * hw + q0 + 16 * p;
+                    let x = _mm512_maskz_loadu_ps(mk[p], self.x.as_ptr().wrapping_add(at));
+                    let v = _mm512_fmadd_ps(
+                        _mm512_max_ps(x, zero),
+                        accp[r][p],
+                        _mm512_mul_ps(_mm512_min_ps(x, zero), accn[r][p]),
+                    );
+                    _mm512_mask_storeu_ps(out.wrapping_add(at), mk[p], v);
+                }
+            }
+        }
+    }
+}
+
+/// Input channels per register block of [`Split::vjp`] (each holds its inputs and its sums).
+const RI: usize = 4;
+
 /// The lanes of a vector that hold the first `n` of its sixteen pixels.
-#[cfg(target_arch = "x86_64")]
 fn mask(n: usize) -> u16 {
     if n >= 16 { u16::MAX } else { (1u16 << n) - 1 }
 }

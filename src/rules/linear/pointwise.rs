@@ -9,6 +9,7 @@
 use super::{GammaPlane, neg, pos};
 use crate::ops::conv::ConvGeom;
 use crate::ops::gemm::{Mat, SendPtr, Threads, matmul_raw};
+use crate::ops::pointwise as ops_pointwise;
 use crate::rules::stabilize;
 use crate::tensor::Float;
 use rayon::prelude::*;
@@ -284,6 +285,38 @@ impl<T: Float> Layer<'_, T> {
     }
 }
 
+/// The ratios `g = r / (z + b⁺)` of a tile, in place of its modified forward `z` [m, cols].
+fn ratios<T: Float>(z: &mut [T], rs: &[T], cols: &Range<usize>, hw: usize, bias: Bias<'_, T>, eps: f64) {
+    let tl = cols.len();
+    for (i, row) in z.chunks_mut(tl).enumerate() {
+        let rr = &rs[i * hw + cols.start..i * hw + cols.end];
+        match bias.row(i, cols, hw) {
+            Ok(b) => {
+                let b = pos(b);
+                row.iter_mut().zip(rr).for_each(|(z, &rv)| *z = rv / stabilize(*z + b, eps));
+            }
+            Err(bs) => row.iter_mut().zip(rr).zip(bs).for_each(|((z, &rv), &b)| *z = rv / stabilize(*z + pos(b), eps)),
+        }
+    }
+}
+
+/// For the register kernels of z⁺ over inputs of both signs: the stacked weights and the
+/// channels with negative values as f32, where T is f32, the kernels are available and the
+/// input has negative values.
+fn split_kernels<'a, T: Float>(l: &Layer<'a, T>) -> Option<(&'a [f32], Vec<usize>)> {
+    let f32_ = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
+    let w2 = l.stacked.filter(|_| f32_ && ops_pointwise::split_available())?;
+    let neg: Vec<usize> = (0..l.ns()).map(|j| l.neg_channel(j)).collect();
+    Some((as_f32(w2), neg))
+}
+
+/// `v` as f32 (the caller checked that T is f32).
+fn as_f32<T: Float>(v: &[T]) -> &[f32] {
+    assert!(std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>(), "f32 only");
+    // SAFETY: T is f32 (checked above).
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
+}
+
 /// z⁺ (`x⁺·w⁺ + x⁻·w⁻ + b⁺` over its sum) on a plain 1×1 convolution, in tiles of `t` pixels (see
 /// [`Layer::tile`]): `x` [n, c, hw], `r` [n, m, hw]; `bias` is the layer's bias the rule uses (its
 /// positive part is taken here); `y` the forward output with its `stored` bias, when kept.
@@ -300,26 +333,46 @@ pub(super) fn zplus<T: Float>(
 ) -> Vec<T> {
     let (c, m, hw) = (l.c, l.m, l.hw);
     let rows = l.neg_rows();
+    // Inputs of both signs in f32 with AVX-512: the register kernels (see `ops::pointwise::Split`),
+    // the ratio's bias per channel, the forward from the stacked weights unless the kept output
+    // gives it with one product.
+    let split = split_kernels::<T>(l).map(|(w2, neg)| {
+        let ratio = (l.abs.is_none() || y.is_none()) && !matches!(bias, Bias::Varying(_));
+        let b: Vec<f32> = (0..m)
+            .map(|i| match bias {
+                Bias::Channel(b) => pos(b[i % b.len()]).f64() as f32,
+                _ => 0.0,
+            })
+            .collect();
+        (w2, neg, ratio.then_some(b))
+    });
     l.each_tile(t, |s, cols, sc, out| {
         let tl = cols.len();
         let xs = &x[s * c * hw..(s + 1) * c * hw];
         let rs = &r[s * m * hw..(s + 1) * m * hw];
+        if let Some((w2, neg, b)) = &split {
+            let k = ops_pointwise::Split { x: as_f32(xs), hw, c, m, w2, neg };
+            if let Some(b) = b {
+                let g = room(&mut sc.p, m * tl);
+                // SAFETY: T is f32 (split_kernels checked it); the same memory, uninitialised.
+                let g = unsafe { &mut *(g as *mut [MaybeUninit<T>] as *mut [MaybeUninit<f32>]) };
+                k.ratio(cols.clone(), as_f32(rs), Some(b), eps as f32, g);
+            } else {
+                l.forward(xs, &cols, sc, y.map(|y| (&y[s * m * hw..(s + 1) * m * hw], stored)));
+                // SAFETY: the forward wrote all m·tl elements (T is f32 here).
+                let z = unsafe { std::slice::from_raw_parts_mut(sc.p.as_mut_ptr() as *mut T, m * tl) };
+                ratios(z, rs, &cols, hw, bias, eps);
+            }
+            // SAFETY: sc.p's first m·tl elements were written above (T is f32).
+            let g = unsafe { std::slice::from_raw_parts(sc.p.as_ptr() as *const f32, m * tl) };
+            // SAFETY: this tile's columns of sample s, written by this task alone.
+            unsafe { k.vjp(cols, g, out.add(s * c * hw) as *mut f32) };
+            return;
+        }
         l.forward(xs, &cols, sc, y.map(|y| (&y[s * m * hw..(s + 1) * m * hw], stored)));
-        // The ratio g = r / (z + b⁺), in place of z.
         // SAFETY: the forward wrote all m·tl elements.
         let g = unsafe { std::slice::from_raw_parts_mut(sc.p.as_mut_ptr() as *mut T, m * tl) };
-        for (i, row) in g.chunks_mut(tl).enumerate() {
-            let rr = &rs[i * hw + cols.start..i * hw + cols.end];
-            match bias.row(i, &cols, hw) {
-                Ok(b) => {
-                    let b = pos(b);
-                    row.iter_mut().zip(rr).for_each(|(z, &rv)| *z = rv / stabilize(*z + b, eps));
-                }
-                Err(bs) => {
-                    row.iter_mut().zip(rr).zip(bs).for_each(|((z, &rv), &b)| *z = rv / stabilize(*z + pos(b), eps))
-                }
-            }
-        }
+        ratios(g, rs, &cols, hw, bias, eps);
         let g: &[T] = g;
         // SAFETY (both arms): this tile's columns of sample s, [c rows of hw], written by this
         // task alone; the products write every element before it is read.
@@ -651,6 +704,106 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// z⁺ in f32 over inputs of both signs, which takes the register kernels where AVX-512F is
+    /// present (`ops::pointwise::Split`), against the float64 formula: every channel signed or
+    /// some, a bias per channel or none (the ratio in the kernel), spatially varying or the
+    /// forward from the kept output (the ratio outside it); planes and tiles with partial vectors.
+    #[test]
+    fn zplus_in_f32_equals_the_formula() {
+        let (c, m) = (19, 13);
+        for (n, hw) in [(1, 37), (2, 70)] {
+            let x = data(n * c * hw, 11);
+            let w = data(m * c, 12);
+            let r = data(n * m * hw, 13);
+            let bc = data(m, 14);
+            let bv = data(m * hw, 15);
+            let some = [0, 3, 4, 18];
+            let xsome: Vec<f64> =
+                x.iter().enumerate().map(|(i, &v)| if some.contains(&(i / hw % c)) { v } else { v.abs() }).collect();
+            let f = |v: &[f64]| -> Vec<f32> { v.iter().map(|&v| v as f32).collect() };
+            // The formula on the inputs and weights as f32 has them.
+            let back = |v: &[f32]| -> Vec<f64> { v.iter().map(|&v| v as f64).collect() };
+            let (w32, bc32, bv32) = (f(&w), f(&bc), f(&bv));
+            let (wf, bcf, bvf) = (back(&w32), back(&bc32), back(&bv32));
+            let wp: Vec<f32> = w32.iter().map(|&v| pos(v)).collect();
+            let wabs: Vec<f32> = w32.iter().map(|v| v.abs()).collect();
+            let w2 = super::super::stack_pos_neg(&w32, c);
+            let w2some = super::super::stack_pos_neg_on(&w32, c, 1, &some);
+            let per_channel: Vec<f64> = (0..m * hw).map(|i| bcf[i / hw]).collect();
+            let zero = vec![0.0; m * hw];
+            for (xv, on_some) in [(&x, false), (&xsome, true)] {
+                let x32 = f(xv);
+                let xf = back(&x32);
+                for from_output in [false, true] {
+                    let l = Layer {
+                        c,
+                        m,
+                        hw,
+                        n,
+                        w: &w32,
+                        wp: &wp,
+                        stacked: Some(if on_some { &w2some[..] } else { &w2[..] }),
+                        abs: from_output.then_some(&wabs[..]),
+                        neg: on_some.then_some(&some[..]),
+                        wneg: None,
+                    };
+                    let cases = [
+                        (Bias::Channel(&bc32[..]), &per_channel),
+                        (Bias::Varying(&bv32[..]), &bvf),
+                        (Bias::None, &zero),
+                    ];
+                    for (bias, full) in cases {
+                        // The kept output with its stored bias, as the forward pass computed it.
+                        let y: Vec<f32> = (0..n * m * hw)
+                            .map(|i| {
+                                let (s, k, q) = (i / (m * hw), i / hw % m, i % hw);
+                                let z: f64 = (0..c).map(|j| xf[(s * c + j) * hw + q] * wf[k * c + j]).sum();
+                                (z + full[k * hw + q]) as f32
+                            })
+                            .collect();
+                        let yk = from_output.then_some(&y[..]);
+                        let r32 = f(&r);
+                        for t in [16, 48, hw] {
+                            let got = zplus(&l, t.min(hw), &x32, yk, &r32, bias, bias, 0.5);
+                            let want = naive_eps(c, m, hw, &xf, &wf, full, &back(&r32), 0.5);
+                            for (i, (&a, &b)) in got.iter().zip(&want).enumerate() {
+                                assert!(
+                                    (a as f64 - b).abs() <= 1e-4 * (1.0 + b.abs()),
+                                    "n {n} hw {hw} tile {t} some {on_some} kept {from_output} at {i}: {a} vs {b}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// z⁺ by its formula in float64 with the stabiliser `eps`: `x⁺·w⁺ + x⁻·w⁻ + b⁺` per output,
+    /// each input's share `x⁺·w⁺ + x⁻·w⁻` of its relevance over that sum.
+    #[allow(clippy::too_many_arguments)]
+    fn naive_eps(c: usize, m: usize, hw: usize, x: &[f64], w: &[f64], b: &[f64], r: &[f64], eps: f64) -> Vec<f64> {
+        let mut out = vec![0.0; x.len()];
+        let n = x.len() / (c * hw);
+        for s in 0..n {
+            for k in 0..m {
+                for q in 0..hw {
+                    let share = |j: usize| {
+                        let xv = x[(s * c + j) * hw + q];
+                        let wv = w[k * c + j];
+                        xv.max(0.0) * wv.max(0.0) + xv.min(0.0) * wv.min(0.0)
+                    };
+                    let z: f64 = (0..c).map(share).sum::<f64>() + b[k * hw + q].max(0.0);
+                    let g = r[(s * m + k) * hw + q] / stab(z, eps);
+                    for j in 0..c {
+                        out[(s * c + j) * hw + q] += share(j) * g;
+                    }
+                }
+            }
+        }
+        out
     }
 
     fn check_close(got: Vec<f64>, want: Vec<f64>) {
