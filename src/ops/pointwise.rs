@@ -247,9 +247,11 @@ impl Kernel<'_> {
     }
 }
 
-/// Whether [`Split`]'s kernels run: AVX-512F present and `RELPROP_POINTWISE` not `off`.
+/// Whether [`Split`]'s kernels run: AVX-512F present and neither `RELPROP_POINTWISE` nor
+/// `RELPROP_SPLIT` is `off` (for A/B timing in one binary).
 pub fn split_available() -> bool {
-    super::avx512() && enabled()
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    super::avx512() && enabled() && *ON.get_or_init(|| std::env::var("RELPROP_SPLIT").map_or(true, |v| v != "off"))
 }
 
 /// Products of one sample's 1×1 layer that take an input's two signs with their own weights, over
@@ -273,7 +275,9 @@ pub struct Split<'a> {
 }
 
 impl Split<'_> {
-    /// The stabilised ratios of the tile `cols`: `out[o, p] = r[o, p] / s(z[o, p] + bias[o])`,
+    /// The stabilised ratios of the tile `cols`: `out[o, p] = r[o, p] / s(z[o, p] + bias[o, p])`,
+    /// the bias one value per output channel (`m` of them) or per output (`m·hw`, a spatially
+    /// varying one),
     /// `z` the sign-split product, `s(v) = v ± eps` with the sign of `v` (+ at 0, zennit's);
     /// `r` is the sample's `[m, hw]`, `out` the tile's `[m, cols.len()]`, written whole.
     ///
@@ -294,7 +298,10 @@ impl Split<'_> {
             self.x.len() == c * hw && self.w2.len() == m * k2 && r.len() == m * hw && out.len() == m * tl,
             "sign-split ratio: sizes"
         );
-        assert!(cols.end <= hw && bias.is_none_or(|b| b.len() == m), "sign-split ratio: tile or bias");
+        assert!(
+            cols.end <= hw && bias.is_none_or(|b| b.len() == m || b.len() == m * hw),
+            "sign-split ratio: tile or bias"
+        );
         assert!(self.neg.iter().all(|&i| i < c), "sign-split ratio: channels");
         let wn = self.neg_columns();
         #[cfg(target_arch = "x86_64")]
@@ -426,8 +433,17 @@ impl Split<'_> {
         let tl = out.len() / self.m;
         let e = _mm512_set1_ps(eps);
         for (o, a) in acc.iter().enumerate() {
-            let b = _mm512_set1_ps(bias.map_or(0.0, |b| b[oc0 + o]));
+            let b = bias.filter(|b| b.len() == self.m).map_or(0.0, |b| b[oc0 + o]);
+            let b = _mm512_set1_ps(b);
+            let plane = bias.filter(|b| b.len() != self.m);
             for (p, &a) in a.iter().enumerate() {
+                let b = match plane {
+                    // SAFETY: output channel oc0 + o's unmasked pixels of the bias plane.
+                    Some(bp) => unsafe {
+                        _mm512_maskz_loadu_ps(mk[p], bp.as_ptr().wrapping_add((oc0 + o) * hw + q0 + 16 * p))
+                    },
+                    None => b,
+                };
                 let z = _mm512_add_ps(a, b);
                 // z + eps where z ≥ 0, z − eps elsewhere.
                 let nonneg = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(z, zero);
@@ -591,6 +607,71 @@ mod tests {
                         let got = out[o * hw + p] as f64;
                         assert!((got - s).abs() <= 1e-4 * (1.0 + s.abs()), "c {c} m {m} out ({o}, {p}): {got} vs {s}");
                     }
+                }
+            }
+        }
+    }
+
+    /// [`Split`]'s ratio and VJP against float64 sums, with every channel signed and with a
+    /// subset (x⁻ zero elsewhere), a bias per channel and per output, tiles with partial vectors.
+    #[test]
+    fn split_kernels_equal_the_sums() {
+        if !split_available() {
+            return;
+        }
+        let (c, m, hw) = (11, 10, 45);
+        let val = |i: usize, k: usize| ((i * k % 97) as f32 - 48.0) * 0.021;
+        let x_all: Vec<f32> = (0..c * hw).map(|i| val(i, 37)).collect();
+        let r: Vec<f32> = (0..m * hw).map(|i| val(i, 41)).collect();
+        let w: Vec<f32> = (0..m * c).map(|i| val(i, 53)).collect();
+        let bias_c: Vec<f32> = (0..m).map(|i| 0.05 * i as f32).collect();
+        let bias_p: Vec<f32> = (0..m * hw).map(|i| val(i, 29).abs()).collect();
+        for neg in [(0..c).collect::<Vec<usize>>(), vec![1, 4, 10]] {
+            // Channels outside `neg` are non-negative.
+            let x: Vec<f32> =
+                x_all.iter().enumerate().map(|(i, &v)| if neg.contains(&(i / hw)) { v } else { v.abs() }).collect();
+            let k2 = c + neg.len();
+            let mut w2 = vec![0.0f32; m * k2];
+            for o in 0..m {
+                for i in 0..c {
+                    w2[o * k2 + i] = w[o * c + i].max(0.0);
+                }
+                for (j, &i) in neg.iter().enumerate() {
+                    w2[o * k2 + c + j] = w[o * c + i].min(0.0);
+                }
+            }
+            let k = Split { x: &x, hw, c, m, w2: &w2, neg: &neg };
+            for bias in [&bias_c[..], &bias_p[..]] {
+                for cols in [0..hw, 3..40, 17..18] {
+                    let tl = cols.len();
+                    let mut g = vec![std::mem::MaybeUninit::new(f32::NAN); m * tl];
+                    k.ratio(cols.clone(), &r, Some(bias), 0.3, &mut g);
+                    // SAFETY: ratio wrote every element.
+                    let g: Vec<f32> = g.iter().map(|v| unsafe { v.assume_init() }).collect();
+                    let mut out = vec![f32::NAN; c * hw];
+                    // SAFETY: out holds the sample's c·hw elements.
+                    unsafe { k.vjp(cols.clone(), &g, out.as_mut_ptr()) };
+                    for (t, p) in cols.clone().enumerate() {
+                        let mut want = vec![0.0f64; c];
+                        for o in 0..m {
+                            let share = |i: usize| {
+                                let (xv, wv) = (x[i * hw + p] as f64, w[o * c + i] as f64);
+                                xv.max(0.0) * wv.max(0.0) + xv.min(0.0) * wv.min(0.0)
+                            };
+                            let b = if bias.len() == m { bias[o] } else { bias[o * hw + p] } as f64;
+                            let z = (0..c).map(share).sum::<f64>() + b;
+                            let gv = r[o * hw + p] as f64 / if z >= 0.0 { z + 0.3 } else { z - 0.3 };
+                            let got = g[o * tl + t] as f64;
+                            assert!((got - gv).abs() <= 1e-4 * (1.0 + gv.abs()), "ratio ({o}, {p}): {got} vs {gv}");
+                            (0..c).for_each(|i| want[i] += share(i) * gv);
+                        }
+                        for (i, &wv) in want.iter().enumerate() {
+                            let got = out[i * hw + p] as f64;
+                            assert!((got - wv).abs() <= 1e-4 * (1.0 + wv.abs()), "vjp ({i}, {p}): {got} vs {wv}");
+                        }
+                    }
+                    // Only the tile's columns are written.
+                    assert!(out.iter().enumerate().all(|(i, v)| cols.contains(&(i % hw)) != v.is_nan()));
                 }
             }
         }
