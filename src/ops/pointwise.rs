@@ -401,7 +401,7 @@ impl Split<'_> {
         let xq = self.x[q0..].as_ptr();
         let wr = self.w2[oc0 * k2..].as_ptr();
         let zero = _mm512_setzero_ps();
-        for ci in 0..c {
+        for (ci, &wcol) in wn.iter().enumerate().take(c) {
             let (mut xp, mut xn) = ([zero; P], [zero; P]);
             for p in 0..P {
                 // SAFETY: channel ci's unmasked pixels from q0.
@@ -409,7 +409,6 @@ impl Split<'_> {
                 xp[p] = _mm512_max_ps(x, zero);
                 xn[p] = _mm512_min_ps(x, zero);
             }
-            let wcol = wn[ci];
             if wcol == ci {
                 // No negative values: x⁺ alone.
                 for (o, a) in acc.iter_mut().enumerate() {
