@@ -229,7 +229,8 @@ mod tests {
 
     #[test]
     fn matmul_matches_naive_with_transposes() {
-        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (17, 33, 65), (64, 1, 9)] {
+        // One-row products too (a dense layer at batch 1), some large enough to split.
+        for &(m, n, k) in &[(1, 1, 1), (3, 5, 7), (17, 33, 65), (64, 1, 9), (1, 300, 257), (1, 20, 5000), (1, 37, 50)] {
             let a: Vec<f64> = (0..m * k).map(|i| ((i * 7 % 13) as f64) - 6.0).collect();
             let b: Vec<f64> = (0..k * n).map(|i| ((i * 5 % 11) as f64) * 0.5 - 2.0).collect();
             for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -238,14 +239,15 @@ mod tests {
                 let mut c = vec![1.0; m * n];
                 matmul(m, n, k, am, bm, &mut c, false, Threads::Pool);
                 assert_eq!(c, naive(m, n, k, am, bm));
-                let mut c32 = vec![0.0f32; m * n];
+                // Added onto an initial output.
+                let mut c32 = vec![0.5f32; m * n];
                 let a32: Vec<f32> = a.iter().map(|&x| x as f32).collect();
                 let b32: Vec<f32> = b.iter().map(|&x| x as f32).collect();
                 let am32 = Mat { data: &a32[..], rs: am.rs, cs: am.cs };
                 let bm32 = Mat { data: &b32[..], rs: bm.rs, cs: bm.cs };
                 matmul(m, n, k, am32, bm32, &mut c32, true, Threads::One);
                 for (x, y) in c32.iter().zip(naive(m, n, k, am, bm)) {
-                    assert!((*x as f64 - y).abs() < 1e-3);
+                    assert!((*x as f64 - (y + 0.5)).abs() < 1e-3);
                 }
             }
         }
