@@ -792,7 +792,7 @@ mod dw512 {
     /// column-phase rows, for A/B timing in one binary).
     pub(super) fn plain_enabled() -> bool {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| std::env::var("RELPROP_DW_PLAIN").map_or(true, |v| v != "off"))
+        crate::ops::switch_on(&ON, "RELPROP_DW_PLAIN")
     }
 
     /// [`run`] for a stride-2 `K×K` kernel over plain padded rows: output column `c` reads padded

@@ -25,6 +25,12 @@ fn avx512() -> bool {
     false
 }
 
+/// Whether the A/B switch `var` leaves its kernel on (anything but `off`), read once into `cell`:
+/// the kernels' `RELPROP_*=off` variables, for timing two paths in one binary.
+fn switch_on(cell: &'static std::sync::OnceLock<bool>, var: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(var).map_or(true, |v| v != "off"))
+}
+
 /// Set while a [`hot`] call keeps the pool's other threads busy: one at a time (see there).
 static HOT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 /// Threads spinning for a [`hot`] call (for its test: they must stop when it returns).

@@ -58,7 +58,7 @@ pub(super) fn applies_vjp<T: Float>(gv: &ConvGeom) -> bool {
 /// Whether the kernel runs at all (`RELPROP_POINTWISE=off` turns it off).
 fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("RELPROP_POINTWISE").map_or(true, |v| v != "off"))
+    super::switch_on(&ON, "RELPROP_POINTWISE")
 }
 
 /// One sample's convolution summed over `terms` of (input `[c, h·w]`, kernel): writes `[m, h·w]`
@@ -251,7 +251,7 @@ impl Kernel<'_> {
 /// `RELPROP_SPLIT` is `off` (for A/B timing in one binary).
 pub fn split_available() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    super::avx512() && enabled() && *ON.get_or_init(|| std::env::var("RELPROP_SPLIT").map_or(true, |v| v != "off"))
+    super::avx512() && enabled() && super::switch_on(&ON, "RELPROP_SPLIT")
 }
 
 /// Products of one sample's 1×1 layer that take an input's two signs with their own weights, over

@@ -53,7 +53,7 @@ pub(super) fn applies<T: Float>(g: &ConvGeom) -> bool {
 /// (for A/B timing in one binary).
 fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("RELPROP_SHIFTED").map_or(true, |v| v != "off"))
+    super::switch_on(&ON, "RELPROP_SHIFTED")
 }
 
 /// One sample's convolution, summed over `terms` of (input `[c, h, w]`, kernel): writes

@@ -36,7 +36,7 @@ const BLOCK_BYTES: usize = 3 << 20;
 /// binary).
 fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("RELPROP_WINOGRAD").map_or(true, |v| v != "off"))
+    super::switch_on(&ON, "RELPROP_WINOGRAD")
 }
 
 /// The geometry of one Winograd convolution of one sample: `c` input planes `h`×`w`, `k` output
