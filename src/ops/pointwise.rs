@@ -4,7 +4,11 @@
 //! output and the clamp there before its one store. The library's product packed its operands per
 //! call, and the epilogue then re-read the output, six times the input's size, for the bias and
 //! the ReLU6: the 16→96 layer on 112×112 took 0.14 ms that way, 0.10 without the epilogue
-//! (`CLAMP=1 convbench "pw 16" fwd`).
+//! (`CLAMP=1 convbench "pw 16" fwd`). The same kernel takes deeper 1×1 layers whose weights are
+//! small beside their plane, and 1×1 input VJPs (the kernel read transposed).
+//!
+//! [`Split`] holds the products that LRP's z⁺ makes over inputs of both signs, with its ratio and
+//! its multiply by the input in their epilogues (see there).
 
 use super::conv::ConvGeom;
 use super::gemm::{SendPtr, Threads};
@@ -31,8 +35,8 @@ const COLS: usize = 32;
 const SPAN: usize = 128;
 
 /// Whether the kernel takes `g`: f32 with AVX-512F, a plain 1×1 convolution (one group, stride 1,
-/// no padding) with at most [`C_MAX`] input channels; `RELPROP_POINTWISE=off` sends it to the
-/// library product (for A/B timing in one binary).
+/// no padding) with at most [`C_MAX`] input channels or at most [`WEIGHTS_PER_PIXEL`] weights per
+/// pixel; `RELPROP_POINTWISE=off` sends it to the library product (for A/B timing in one binary).
 pub(super) fn applies<T: Float>(g: &ConvGeom) -> bool {
     std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>()
         && super::avx512()
