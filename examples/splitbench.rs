@@ -18,7 +18,8 @@ fn main() {
     let r: Vec<f32> = (0..m * hw).map(|i| (i as f32 * 0.23).sin()).collect();
     let bias = vec![0.1f32; m];
     let neg: Vec<usize> = (0..c).collect();
-    let k = Split { x: &x, hw, c, m, w2: &w2, neg: &neg };
+    let wn = Split::columns(c, &neg);
+    let k = Split { x: &x, hw, c, m, w2: &w2, wn: &wn };
     let mut g = vec![std::mem::MaybeUninit::<f32>::uninit(); m * tile];
     let mut out = vec![0f32; c * hw];
     let mut times = (Vec::new(), Vec::new());

@@ -1201,7 +1201,7 @@ pub fn conv2d_onto<T: Float>(
         }
         if let Some((geom, u)) = &wino {
             let epi = winograd::Epi {
-                bias: bias.map(winograd::as_f32),
+                bias: bias.map(super::as_f32),
                 clamp: clamp.map(|(lo, hi)| (lo.f64() as f32, hi.f64() as f32)),
                 accumulate,
             };

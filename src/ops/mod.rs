@@ -25,6 +25,16 @@ fn avx512() -> bool {
     false
 }
 
+/// `s` as f32, for the kernels written for f32 alone.
+///
+/// # Panics
+/// Where T is not f32.
+pub fn as_f32<T: crate::tensor::Float>(s: &[T]) -> &[f32] {
+    assert!(std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>(), "an f32-only kernel on another type");
+    // SAFETY: T is f32 (checked above).
+    unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), s.len()) }
+}
+
 /// Whether the A/B switch `var` leaves its kernel on (anything but `off`), read once into `cell`:
 /// the kernels' `RELPROP_*=off` variables, for timing two paths in one binary.
 fn switch_on(cell: &'static std::sync::OnceLock<bool>, var: &str) -> bool {

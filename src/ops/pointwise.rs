@@ -89,10 +89,7 @@ pub(super) unsafe fn sample<T: Float>(
         let (c, m, hw) = (g.c, g.m, g.h * g.w);
         assert!(terms.iter().all(|(x, wt)| x.len() == c * hw && wt.len() == m * c), "input or kernel size");
         assert!(bias.is_none_or(|b| b.len() == m), "bias size");
-        let f = |v: &[T]| {
-            // SAFETY: T is f32 (applies checked it).
-            unsafe { std::slice::from_raw_parts(v.as_ptr() as *const f32, v.len()) }
-        };
+        let f = super::as_f32::<T>;
         let ts: Vec<(&[f32], &[f32])> = terms.iter().map(|(x, wt)| (f(x), f(wt))).collect();
         // Weight (output channel o, input channel i) at o·so + i·sc.
         let (so, sc) = if transposed { (1, m) } else { (c, 1) };
@@ -272,13 +269,42 @@ pub struct Split<'a> {
     pub c: usize,
     /// Output channels.
     pub m: usize,
-    /// `[w⁺ | w⁻]` `[m, c + neg.len()]`: w⁺ on every input channel, then w⁻ on the channels `neg`.
+    /// `[w⁺ | w⁻]` `[m, c + s]`: w⁺ on every input channel, then w⁻ on the `s` channels that
+    /// have negative values (x⁻ is zero on the others).
     pub w2: &'a [f32],
-    /// The input channels with negative values (x⁻ is zero on the others).
-    pub neg: &'a [usize],
+    /// Each input channel's column in `w2` of its w⁻, as [`Split::columns`] makes them (built once
+    /// per layer, not per tile).
+    pub wn: &'a [usize],
 }
 
 impl Split<'_> {
+    /// The w⁻ columns of `c` input channels in `[w⁺ | w⁻]` whose w⁻ half holds the channels `neg`
+    /// in order; a channel without negative values takes its w⁺ column (only its lanes with
+    /// x < 0 read it, and it has none).
+    pub fn columns(c: usize, neg: &[usize]) -> Vec<usize> {
+        let mut wn: Vec<usize> = (0..c).collect();
+        for (j, &i) in neg.iter().enumerate() {
+            wn[i] = c + j;
+        }
+        wn
+    }
+
+    /// The stacked weights' row length, `c` plus the channels with negative values.
+    fn k2(&self) -> usize {
+        self.w2.len() / self.m.max(1)
+    }
+
+    /// Panics unless the kernels may run on these operands: `x` `[c, hw]`, `w2` `[m, k2]` with
+    /// `k2` in `c..=2c`, every w⁻ column inside it, `cols` inside the plane.
+    fn check(&self, cols: &std::ops::Range<usize>, what: &str) {
+        let (c, m, hw, k2) = (self.c, self.m, self.hw, self.k2());
+        assert!(split_available(), "the sign-split kernels need AVX-512F");
+        assert!(
+            self.x.len() == c * hw && self.w2.len() == m * k2 && (c..=2 * c).contains(&k2) && cols.end <= hw,
+            "sign-split {what}: sizes"
+        );
+        assert!(self.wn.len() == c && self.wn.iter().all(|&j| j < k2), "sign-split {what}: w⁻ columns");
+    }
     /// The stabilised ratios of the tile `cols`: `out[o, p] = r[o, p] / s(z[o, p] + bias[o, p])`,
     /// the bias one value per output channel (`m` of them) or per output (`m·hw`, a spatially
     /// varying one),
@@ -295,19 +321,10 @@ impl Split<'_> {
         eps: f32,
         out: &mut [std::mem::MaybeUninit<f32>],
     ) {
-        let (c, m, hw, tl) = (self.c, self.m, self.hw, cols.len());
-        let k2 = c + self.neg.len();
-        assert!(split_available(), "the sign-split kernels need AVX-512F");
-        assert!(
-            self.x.len() == c * hw && self.w2.len() == m * k2 && r.len() == m * hw && out.len() == m * tl,
-            "sign-split ratio: sizes"
-        );
-        assert!(
-            cols.end <= hw && bias.is_none_or(|b| b.len() == m || b.len() == m * hw),
-            "sign-split ratio: tile or bias"
-        );
-        assert!(self.neg.iter().all(|&i| i < c), "sign-split ratio: channels");
-        let wn = self.neg_columns();
+        let (m, hw, tl) = (self.m, self.hw, cols.len());
+        self.check(&cols, "ratio");
+        assert!(r.len() == m * hw && out.len() == m * tl, "sign-split ratio: sizes");
+        assert!(bias.is_none_or(|b| b.len() == m || b.len() == m * hw), "sign-split ratio: bias");
         #[cfg(target_arch = "x86_64")]
         for oc0 in (0..m).step_by(RO) {
             for q0 in cols.clone().step_by(COLS) {
@@ -316,8 +333,8 @@ impl Split<'_> {
                 macro_rules! go {
                     ($($r:literal)*) => {
                         match (RO.min(m - oc0), n > 16) {
-                            $(($r, false) => self.ratio_block::<$r, 1>(oc0, q0, cols.start, mk, &wn, r, bias, eps, out),
-                              ($r, true) => self.ratio_block::<$r, 2>(oc0, q0, cols.start, mk, &wn, r, bias, eps, out),)*
+                            $(($r, false) => self.ratio_block::<$r, 1>(oc0, q0, cols.start, mk, r, bias, eps, out),
+                              ($r, true) => self.ratio_block::<$r, 2>(oc0, q0, cols.start, mk, r, bias, eps, out),)*
                             _ => unreachable!("one to eight channels"),
                         }
                     };
@@ -340,12 +357,9 @@ impl Split<'_> {
     /// `out` must be valid for writes of the sample's `c·hw` elements and the tile's columns not
     /// written by anyone else during the call.
     pub unsafe fn vjp(&self, cols: std::ops::Range<usize>, g: &[f32], out: *mut f32) {
-        let (c, m, hw, tl) = (self.c, self.m, self.hw, cols.len());
-        let k2 = c + self.neg.len();
-        assert!(split_available(), "the sign-split kernels need AVX-512F");
-        assert!(self.x.len() == c * hw && self.w2.len() == m * k2 && g.len() == m * tl, "sign-split VJP: sizes");
-        assert!(cols.end <= hw && self.neg.iter().all(|&i| i < c), "sign-split VJP: tile or channels");
-        let wn = self.neg_columns();
+        let (c, m, tl) = (self.c, self.m, cols.len());
+        self.check(&cols, "VJP");
+        assert!(g.len() == m * tl, "sign-split VJP: ratios");
         #[cfg(target_arch = "x86_64")]
         for ic0 in (0..c).step_by(RI) {
             for q0 in cols.clone().step_by(COLS) {
@@ -354,8 +368,8 @@ impl Split<'_> {
                 macro_rules! go {
                     ($($r:literal)*) => {
                         match (RI.min(c - ic0), n > 16) {
-                            $(($r, false) => self.vjp_block::<$r, 1>(ic0, q0, cols.start, mk, g, &wn, out),
-                              ($r, true) => self.vjp_block::<$r, 2>(ic0, q0, cols.start, mk, g, &wn, out),)*
+                            $(($r, false) => self.vjp_block::<$r, 1>(ic0, q0, cols.start, mk, g, out),
+                              ($r, true) => self.vjp_block::<$r, 2>(ic0, q0, cols.start, mk, g, out),)*
                             _ => unreachable!("one to four channels"),
                         }
                     };
@@ -365,16 +379,6 @@ impl Split<'_> {
                 unsafe { go!(1 2 3 4) }
             }
         }
-    }
-
-    /// Each input channel's column of w⁻ in `w2`; a channel without negative values takes its w⁺
-    /// column (only its lanes with x < 0 read it, and it has none).
-    fn neg_columns(&self) -> Vec<usize> {
-        let mut wn: Vec<usize> = (0..self.c).collect();
-        for (j, &i) in self.neg.iter().enumerate() {
-            wn[i] = self.c + j;
-        }
-        wn
     }
 
     /// Output channels `oc0..oc0 + R` of [`Split::ratio`] over the `P` vectors from pixel `q0`.
@@ -392,7 +396,6 @@ impl Split<'_> {
         q0: usize,
         c0: usize,
         mk: [u16; 2],
-        wn: &[usize],
         r: &[f32],
         bias: Option<&[f32]>,
         eps: f32,
@@ -400,12 +403,12 @@ impl Split<'_> {
     ) {
         use std::arch::x86_64::*;
         let (c, hw) = (self.c, self.hw);
-        let k2 = c + self.neg.len();
+        let k2 = self.k2();
         let mut acc = [[_mm512_setzero_ps(); P]; R];
         let xq = self.x[q0..].as_ptr();
         let wr = self.w2[oc0 * k2..].as_ptr();
         let zero = _mm512_setzero_ps();
-        for (ci, &wcol) in wn.iter().enumerate().take(c) {
+        for (ci, &wcol) in self.wn.iter().enumerate().take(c) {
             let (mut xp, mut xn) = ([zero; P], [zero; P]);
             for p in 0..P {
                 // SAFETY: channel ci's unmasked pixels from q0.
@@ -477,17 +480,16 @@ impl Split<'_> {
         c0: usize,
         mk: [u16; 2],
         g: &[f32],
-        wn: &[usize],
         out: *mut f32,
     ) {
         use std::arch::x86_64::*;
-        let (c, hw, m) = (self.c, self.hw, self.m);
-        let k2 = c + self.neg.len();
+        let (hw, m) = (self.hw, self.m);
+        let k2 = self.k2();
         let tl = g.len() / m;
         let zero = _mm512_setzero_ps();
         let mut accp = [[zero; P]; R];
         let mut accn = [[zero; P]; R];
-        let wcol: [usize; R] = std::array::from_fn(|r| wn[ic0 + r]);
+        let wcol: [usize; R] = std::array::from_fn(|r| self.wn[ic0 + r]);
         let gq = g[q0 - c0..].as_ptr();
         for o in 0..m {
             let mut gv = [zero; P];
@@ -643,7 +645,8 @@ mod tests {
                     w2[o * k2 + c + j] = w[o * c + i].min(0.0);
                 }
             }
-            let k = Split { x: &x, hw, c, m, w2: &w2, neg: &neg };
+            let wn = Split::columns(c, &neg);
+            let k = Split { x: &x, hw, c, m, w2: &w2, wn: &wn };
             for bias in [&bias_c[..], &bias_p[..]] {
                 for cols in [0..hw, 3..40, 17..18] {
                     let tl = cols.len();

@@ -129,7 +129,7 @@ impl Weights {
     /// From a [k][c][3][3] kernel (`vjp` false), or from the forward kernel [c][k][3][3] of the
     /// geometry's VJP, flipped and transposed (`vjp` true).
     pub(super) fn new<T: Float>(geom: &Geom, wt: &[T], vjp: bool) -> Weights {
-        let wt = as_f32(wt);
+        let wt = super::as_f32(wt);
         let (k, c) = (geom.k, geom.c);
         assert_eq!(wt.len(), k * c * 9, "kernel size");
         // Uninitialised: every element is written below (zeroing it was a tenth of a small
@@ -252,12 +252,6 @@ fn a_rows(m: [&[f32]; ALPHA], mut o: [&mut [f32]; M], n: usize) {
             o[c..c + 8].copy_from_slice(r);
         }
     }
-}
-
-pub(super) fn as_f32<T: Float>(s: &[T]) -> &[f32] {
-    assert!(std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>(), "the Winograd kernel is f32 only");
-    // SAFETY: T is f32 (checked above).
-    unsafe { std::slice::from_raw_parts(s.as_ptr().cast(), s.len()) }
 }
 
 /// Tiles per chunk of a tile row in the output transform (its row buffers' length).
@@ -474,7 +468,7 @@ pub(super) unsafe fn sample<T: Float>(
         let mp = SendPtr(grown(&mut mbuf, XI * geom.k * ld).as_mut_ptr());
         let split = |n: usize| n.div_ceil(4 * nthreads).max(1);
         for (ti, (x, u)) in terms.iter().enumerate() {
-            let x = as_f32(x);
+            let x = super::as_f32(x);
             let per = split(geom.c);
             (0..geom.c.div_ceil(per)).into_par_iter().for_each(|i| {
                 let vp = &vp;
@@ -517,7 +511,7 @@ pub(super) unsafe fn sample<T: Float>(
         let mm = grown(&mut mbuf, XI * geom.k * ld);
         for (ti, (x, u)) in terms.iter().enumerate() {
             // SAFETY: v holds 36·c·ld elements, this task's own.
-            unsafe { transform_input(geom, as_f32(x), tiles.clone(), 0..geom.c, v.as_mut_ptr(), ld) };
+            unsafe { transform_input(geom, super::as_f32(x), tiles.clone(), 0..geom.c, v.as_mut_ptr(), ld) };
             for (xi, m) in mm.chunks_exact_mut(geom.k * ld).enumerate() {
                 let a = Mat::rows(&u.0[xi * geom.k * geom.c..(xi + 1) * geom.k * geom.c], geom.c);
                 let b = Mat { data: &v[xi * geom.c * ld..(xi + 1) * geom.c * ld], rs: ld, cs: 1 };

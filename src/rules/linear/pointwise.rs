@@ -7,6 +7,7 @@
 //! (input [c, hw], output [m, hw]), so a tile of pixels is a block of columns and needs no halo.
 
 use super::{GammaPlane, neg, pos};
+use crate::ops::as_f32;
 use crate::ops::conv::ConvGeom;
 use crate::ops::gemm::{Mat, SendPtr, Threads, matmul_raw};
 use crate::ops::pointwise as ops_pointwise;
@@ -300,8 +301,8 @@ fn ratios<T: Float>(z: &mut [T], rs: &[T], cols: &Range<usize>, hw: usize, bias:
     }
 }
 
-/// For the register kernels of z⁺ over inputs of both signs: the stacked weights and the
-/// channels with negative values as f32, where T is f32, the kernels are available and every
+/// For the register kernels of z⁺ over inputs of both signs: the stacked weights as f32 and each
+/// channel's w⁻ column in them, where T is f32, the kernels are available and every
 /// input channel has negative values. The kernels' VJP makes both sums on every channel; where
 /// only some are signed the library's product over `[w⁺ | w⁻]` on those alone did less work
 /// (DenseNet-121's 1×1 layers ran 1.05–1.15× slower in the kernels; per-node profiles
@@ -310,14 +311,7 @@ fn split_kernels<'a, T: Float>(l: &Layer<'a, T>) -> Option<(&'a [f32], Vec<usize
     let f32_ = std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>();
     let w2 = l.stacked.filter(|_| f32_ && l.neg.is_none() && ops_pointwise::split_available())?;
     let neg: Vec<usize> = (0..l.ns()).map(|j| l.neg_channel(j)).collect();
-    Some((as_f32(w2), neg))
-}
-
-/// `v` as f32 (the caller checked that T is f32).
-fn as_f32<T: Float>(v: &[T]) -> &[f32] {
-    assert!(std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>(), "f32 only");
-    // SAFETY: T is f32 (checked above).
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len()) }
+    Some((as_f32(w2), ops_pointwise::Split::columns(l.c, &neg)))
 }
 
 /// z⁺ (`x⁺·w⁺ + x⁻·w⁻ + b⁺` over its sum) on a plain 1×1 convolution, in tiles of `t` pixels (see
@@ -339,21 +333,21 @@ pub(super) fn zplus<T: Float>(
     // Inputs of both signs in f32 with AVX-512: the register kernels (see `ops::pointwise::Split`)
     // for the VJP, and for the forward with its ratio unless the kept output gives the forward
     // with one product of |x| and |w|.
-    let split = split_kernels::<T>(l).map(|(w2, neg)| {
+    let split = split_kernels::<T>(l).map(|(w2, wn)| {
         let ratio = l.abs.is_none() || y.is_none();
         let b: Vec<f32> = match bias {
             Bias::Channel(b) => (0..m).map(|i| pos(b[i % b.len()]).f64() as f32).collect(),
             Bias::Varying(b) => b.iter().map(|&v| pos(v).f64() as f32).collect(),
             Bias::None => vec![0.0; m],
         };
-        (w2, neg, ratio.then_some(b))
+        (w2, wn, ratio.then_some(b))
     });
     l.each_tile(t, |s, cols, sc, out| {
         let tl = cols.len();
         let xs = &x[s * c * hw..(s + 1) * c * hw];
         let rs = &r[s * m * hw..(s + 1) * m * hw];
-        if let Some((w2, neg, b)) = &split {
-            let k = ops_pointwise::Split { x: as_f32(xs), hw, c, m, w2, neg };
+        if let Some((w2, wn, b)) = &split {
+            let k = ops_pointwise::Split { x: as_f32(xs), hw, c, m, w2, wn };
             if let Some(b) = b {
                 let g = room(&mut sc.p, m * tl);
                 // SAFETY: T is f32 (split_kernels checked it); the same memory, uninitialised.
@@ -708,10 +702,11 @@ mod tests {
         }
     }
 
-    /// z⁺ in f32 over inputs of both signs, which takes the register kernels where AVX-512F is
-    /// present (`ops::pointwise::Split`), against the float64 formula: every channel signed or
-    /// some, a bias per channel or none (the ratio in the kernel), spatially varying or the
-    /// forward from the kept output (the ratio outside it); planes and tiles with partial vectors.
+    /// z⁺ in f32 over inputs of both signs against the float64 formula. With every channel
+    /// signed it takes the register kernels where AVX-512F is present (`ops::pointwise::Split`):
+    /// the bias per channel, per output or none in the kernel's ratio, or the forward from the
+    /// kept output with the ratio outside it; with some channels signed, the library's product.
+    /// Planes and tiles with partial vectors.
     #[test]
     fn zplus_in_f32_equals_the_formula() {
         let (c, m) = (19, 13);
