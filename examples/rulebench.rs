@@ -1,0 +1,73 @@
+//! Times z⁺ on one 1×1 convolution as a canonized DenseNet's layers see it (input of both signs on
+//! a subset of channels, spatially varying bias, output kept) against the gradient's VJP of the
+//! same layer: `target/release/examples/rulebench [C M H SIGNED%]` (DenseNet-121's 736→128 14×14
+//! layer with 39 % signed channels by default). A profiling aid for `rules::linear`.
+use relprop::ops::conv::{ConvGeom, conv2d, conv2d_vjp};
+use relprop::rules::Rule;
+use relprop::rules::linear::{LinearKind, LinearLayer, WeightCache, relevance_bf};
+use std::borrow::Cow;
+use std::time::Instant;
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn time(n: usize, f: &mut dyn FnMut()) -> f64 {
+    let mut t = Vec::new();
+    for _ in 0..n {
+        let t0 = Instant::now();
+        f();
+        t.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+fn main() {
+    let a: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
+    let (c, m, h, pct) = match a[..] {
+        [c, m, h, p] => (c, m, h, p),
+        _ => (736, 128, 14, 39),
+    };
+    let hw = h * h;
+    let g = ConvGeom { n: 1, c, h, w: h, m, kh: 1, kw: 1, stride: [1, 1], dilation: [1, 1], pads: [0; 4], group: 1 };
+    let signed: Vec<usize> = (0..c).filter(|i| (i * 37) % 100 < pct).collect();
+    let sset: std::collections::HashSet<usize> = signed.iter().copied().collect();
+    // ThreshReLU-like values: zero below a threshold, negative only on the signed channels.
+    let x: Vec<f32> = (0..c * hw)
+        .map(|i| {
+            let v = ((i as f32) * 0.37).sin() + 0.2;
+            let ch = i / hw;
+            if sset.contains(&ch) { if v < -0.5 { 0.0 } else { v } } else { v.max(0.0) }
+        })
+        .collect();
+    let w: Vec<f32> = (0..m * c).map(|i| 0.05 * ((i as f32) * 0.11).cos()).collect();
+    let bias: Vec<f32> = (0..m * hw).map(|i| 0.1 * ((i as f32) * 0.013).sin()).collect();
+    let mut y = conv2d(&g, &x, &w, None);
+    y.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
+    let r: Vec<f32> = (0..m * hw).map(|i| ((i as f32) * 0.23).sin().abs()).collect();
+    let cache = WeightCache::build(&Rule::ZPlus, &w).with_signed_channels(signed.clone());
+    let layer = LinearLayer {
+        kind: LinearKind::Conv(g),
+        w: Cow::Borrowed(&w),
+        bias: Some(Cow::Borrowed(&bias)),
+        cache: Some(&cache),
+    };
+    let n = 200;
+    relprop::ops::hot(|| {
+        let tz = time(n, &mut || {
+            std::hint::black_box(
+                relevance_bf(&layer, &Rule::ZPlus, &x, Some(&y), &r, false, 1e-6, None, 0.0).expect("z⁺"),
+            );
+        });
+        let tg = time(n, &mut || {
+            std::hint::black_box(conv2d_vjp(&g, &r, &w));
+        });
+        let tf = time(n, &mut || {
+            std::hint::black_box(conv2d(&g, &x, &w, None));
+        });
+        println!(
+            "c {c} m {m} {h}x{h} signed {}: z+ {tz:.3} ms  vjp {tg:.3} ms  fwd {tf:.3} ms  z+/vjp {:.2}",
+            signed.len(),
+            tz / tg
+        );
+    });
+}
