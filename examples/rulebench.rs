@@ -1,4 +1,4 @@
-//! Times z⁺ on one 1×1 convolution as a canonized DenseNet's layers see it (input of both signs on
+//! Times z⁺ on one convolution (1×1 unless K says otherwise) as a canonized DenseNet's layers see it (input of both signs on
 //! a subset of channels, spatially varying bias, output kept) against the gradient's VJP of the
 //! same layer: `target/release/examples/rulebench [C M H SIGNED%]` (DenseNet-121's 736→128 14×14
 //! layer with 39 % signed channels by default). A profiling aid for `rules::linear`.
@@ -23,12 +23,14 @@ fn time(n: usize, f: &mut dyn FnMut()) -> f64 {
 
 fn main() {
     let a: Vec<usize> = std::env::args().skip(1).filter_map(|s| s.parse().ok()).collect();
-    let (c, m, h, pct) = match a[..] {
-        [c, m, h, p] => (c, m, h, p),
-        _ => (736, 128, 14, 39),
+    let (c, m, h, pct, k) = match a[..] {
+        [c, m, h, p] => (c, m, h, p, 1),
+        [c, m, h, p, k] => (c, m, h, p, k),
+        _ => (736, 128, 14, 39, 1),
     };
     let hw = h * h;
-    let g = ConvGeom { n: 1, c, h, w: h, m, kh: 1, kw: 1, stride: [1, 1], dilation: [1, 1], pads: [0; 4], group: 1 };
+    let g =
+        ConvGeom { n: 1, c, h, w: h, m, kh: k, kw: k, stride: [1, 1], dilation: [1, 1], pads: [k / 2; 4], group: 1 };
     let signed: Vec<usize> = (0..c).filter(|i| (i * 37) % 100 < pct).collect();
     let sset: std::collections::HashSet<usize> = signed.iter().copied().collect();
     // ThreshReLU-like values: zero below a threshold, negative only on the signed channels.
@@ -39,7 +41,7 @@ fn main() {
             if sset.contains(&ch) { if v < -0.5 { 0.0 } else { v } } else { v.max(0.0) }
         })
         .collect();
-    let w: Vec<f32> = (0..m * c).map(|i| 0.05 * ((i as f32) * 0.11).cos()).collect();
+    let w: Vec<f32> = (0..m * c * k * k).map(|i| 0.05 * ((i as f32) * 0.11).cos()).collect();
     let bias: Vec<f32> = (0..m * hw).map(|i| 0.1 * ((i as f32) * 0.013).sin()).collect();
     let mut y = conv2d(&g, &x, &w, None);
     y.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
@@ -65,7 +67,7 @@ fn main() {
             std::hint::black_box(conv2d(&g, &x, &w, None));
         });
         println!(
-            "c {c} m {m} {h}x{h} signed {}: z+ {tz:.3} ms  vjp {tg:.3} ms  fwd {tf:.3} ms  z+/vjp {:.2}",
+            "c {c} m {m} {h}x{h} k {k} signed {}: z+ {tz:.3} ms  vjp {tg:.3} ms  fwd {tf:.3} ms  z+/vjp {:.2}",
             signed.len(),
             tz / tg
         );
