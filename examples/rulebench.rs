@@ -1,7 +1,8 @@
 //! Times z⁺ on one convolution (1×1 unless K says otherwise) as a canonized DenseNet's layers see it (input of both signs on
 //! a subset of channels, spatially varying bias, output kept) against the gradient's VJP of the
 //! same layer: `target/release/examples/rulebench [C M H SIGNED%]` (DenseNet-121's 736→128 14×14
-//! layer with 39 % signed channels by default). A profiling aid for `rules::linear`.
+//! layer with 39 % signed channels by default; CHANNEL_BIAS=1 and NO_OUTPUT=1 with 100 % for
+//! EfficientNet-Lite0's expansions). A profiling aid for `rules::linear`.
 use relprop::ops::conv::{ConvGeom, conv2d, conv2d_vjp};
 use relprop::rules::Rule;
 use relprop::rules::linear::{LinearKind, LinearLayer, WeightCache, relevance_bf};
@@ -42,11 +43,18 @@ fn main() {
         })
         .collect();
     let w: Vec<f32> = (0..m * c * k * k).map(|i| 0.05 * ((i as f32) * 0.11).cos()).collect();
-    let bias: Vec<f32> = (0..m * hw).map(|i| 0.1 * ((i as f32) * 0.013).sin()).collect();
+    // CHANNEL_BIAS=1: a bias per output channel (EfficientNet-Lite0's layers), else per element.
+    let per_channel = std::env::var_os("CHANNEL_BIAS").is_some();
+    let bias: Vec<f32> = (0..if per_channel { m } else { m * hw }).map(|i| 0.1 * ((i as f32) * 0.013).sin()).collect();
     let mut y = conv2d(&g, &x, &w, None);
-    y.iter_mut().zip(&bias).for_each(|(v, b)| *v += b);
+    y.iter_mut().enumerate().for_each(|(i, v)| *v += bias[if per_channel { i / hw } else { i }]);
+    // NO_OUTPUT=1: the forward output not kept (z⁺ on layers wider than their input).
+    let kept = std::env::var_os("NO_OUTPUT").is_none().then_some(&y[..]);
     let r: Vec<f32> = (0..m * hw).map(|i| ((i as f32) * 0.23).sin().abs()).collect();
-    let cache = WeightCache::build(&Rule::ZPlus, &w).with_signed_channels(signed.clone());
+    // The graph names the signed channels where a threshold ReLU writes the input (DenseNet);
+    // at 100 % (EfficientNet-Lite0's expansions read unactivated projections) it names none.
+    let cache = WeightCache::build(&Rule::ZPlus, &w);
+    let cache = if pct < 100 { cache.with_signed_channels(signed.clone()) } else { cache };
     let layer = LinearLayer {
         kind: LinearKind::Conv(g),
         w: Cow::Borrowed(&w),
@@ -56,9 +64,7 @@ fn main() {
     let n = 200;
     relprop::ops::hot(|| {
         let tz = time(n, &mut || {
-            std::hint::black_box(
-                relevance_bf(&layer, &Rule::ZPlus, &x, Some(&y), &r, false, 1e-6, None, 0.0).expect("z⁺"),
-            );
+            std::hint::black_box(relevance_bf(&layer, &Rule::ZPlus, &x, kept, &r, false, 1e-6, None, 0.0).expect("z⁺"));
         });
         let tg = time(n, &mut || {
             std::hint::black_box(conv2d_vjp(&g, &r, &w));

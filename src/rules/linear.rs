@@ -983,9 +983,12 @@ pub fn relevance_bf<T: Float>(
                 _ => (1.0, 0.0),
             };
             let wp = layer.modified(WeightMod::Pos);
-            // w⁻ serves the negative part, and the positive part's x⁻ terms unless they run on a
-            // subset of channels (their own weights) after a forward made from the output.
-            let wn = if beta != 0.0 || (has_neg && (neg_on.is_none() || y_kept.is_none())) {
+            // w⁻ serves the negative part, and the positive part's x⁻ terms unless they run in
+            // the stacked form below or on a subset of channels (their own weights) after a
+            // forward made from the output (made per call, it was EfficientNet-Lite0's head's
+            // largest cost after its products).
+            let stacked = has_neg && matches!(&layer.kind, LinearKind::Conv(g) if stacking_pays(g));
+            let wn = if beta != 0.0 || (has_neg && !stacked && (neg_on.is_none() || y_kept.is_none())) {
                 layer.modified(WeightMod::Neg)
             } else {
                 Vec::new().into()
