@@ -1,8 +1,8 @@
 //! Times z⁺ on one convolution (1×1 unless K says otherwise) as a canonized DenseNet's layers see it (input of both signs on
 //! a subset of channels, spatially varying bias, output kept) against the gradient's VJP of the
 //! same layer: `target/release/examples/rulebench [C M H SIGNED%]` (DenseNet-121's 736→128 14×14
-//! layer with 39 % signed channels by default; CHANNEL_BIAS=1 and NO_OUTPUT=1 with 100 % for
-//! EfficientNet-Lite0's expansions). A profiling aid for `rules::linear`.
+//! layer with 39 % signed channels by default; CHANNEL_BIAS=1, NO_OUTPUT=1 and AFTER_RELU=1 with
+//! 100 % for EfficientNet-Lite0's expansions; RULE=gamma(0.25) for another rule). A profiling aid for `rules::linear`.
 use relprop::ops::conv::{ConvGeom, conv2d, conv2d_vjp};
 use relprop::rules::Rule;
 use relprop::rules::linear::{LinearKind, LinearLayer, WeightCache, relevance_bf};
@@ -50,10 +50,15 @@ fn main() {
     y.iter_mut().enumerate().for_each(|(i, v)| *v += bias[if per_channel { i / hw } else { i }]);
     // NO_OUTPUT=1: the forward output not kept (z⁺ on layers wider than their input).
     let kept = std::env::var_os("NO_OUTPUT").is_none().then_some(&y[..]);
-    let r: Vec<f32> = (0..m * hw).map(|i| ((i as f32) * 0.23).sin().abs()).collect();
+    // AFTER_RELU=1: no relevance where the output is below zero (a ReLU follows the layer).
+    let after_relu = std::env::var_os("AFTER_RELU").is_some();
+    let r: Vec<f32> =
+        (0..m * hw).map(|i| if after_relu && y[i] <= 0.0 { 0.0 } else { ((i as f32) * 0.23).sin().abs() }).collect();
     // The graph names the signed channels where a threshold ReLU writes the input (DenseNet);
     // at 100 % (EfficientNet-Lite0's expansions read unactivated projections) it names none.
-    let cache = WeightCache::build(&Rule::ZPlus, &w);
+    // RULE=gamma(0.25) (any rule of a linear layer) instead of z⁺.
+    let rule: Rule = std::env::var("RULE").unwrap_or_else(|_| "zplus".into()).parse().expect("a rule");
+    let cache = WeightCache::build(&rule, &w);
     let cache = if pct < 100 { cache.with_signed_channels(signed.clone()) } else { cache };
     let layer = LinearLayer {
         kind: LinearKind::Conv(g),
@@ -64,7 +69,7 @@ fn main() {
     let n = 200;
     relprop::ops::hot(|| {
         let tz = time(n, &mut || {
-            std::hint::black_box(relevance_bf(&layer, &Rule::ZPlus, &x, kept, &r, false, 1e-6, None, 0.0).expect("z⁺"));
+            std::hint::black_box(relevance_bf(&layer, &rule, &x, kept, &r, false, 1e-6, None, 0.0).expect("the rule"));
         });
         let tg = time(n, &mut || {
             std::hint::black_box(conv2d_vjp(&g, &r, &w));
@@ -73,7 +78,7 @@ fn main() {
             std::hint::black_box(conv2d(&g, &x, &w, None));
         });
         println!(
-            "c {c} m {m} {h}x{h} k {k} signed {}: z+ {tz:.3} ms  vjp {tg:.3} ms  fwd {tf:.3} ms  z+/vjp {:.2}",
+            "c {c} m {m} {h}x{h} k {k} signed {}: {rule} {tz:.3} ms  vjp {tg:.3} ms  fwd {tf:.3} ms  rule/vjp {:.2}",
             signed.len(),
             tz / tg
         );
