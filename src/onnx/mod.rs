@@ -1,4 +1,4 @@
-//! Reading ONNX files into the [`Graph`](crate::graph::Graph) IR.
+//! Reading ONNX files into the [`Graph`] IR.
 //!
 //! The protobuf structs in `proto.rs` were generated once from `onnx.proto` by `tools/protogen`
 //! (`cargo run --manifest-path tools/protogen/Cargo.toml`, needs `protoc`); at run time only

@@ -1082,7 +1082,7 @@ pub fn takes_winograd<T: Float>(g: &ConvGeom) -> bool {
     winograd::Geom::forward::<T>(g).is_some() && winograd::Geom::vjp::<T>(g).is_some()
 }
 
-/// Forward convolution. `x` is [n, c, h, w], `wt` is [m, c/group, kh, kw], `bias` is [m];
+/// Forward convolution. `x` is [n, c, h, w], `wt` is [m, c/group, kh, kw], `bias` is `[m]`;
 /// returns [n, m, oh, ow]. The caller checks the geometry (see [`ConvGeom::out_hw`]).
 pub fn conv2d<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>) -> Vec<T> {
     conv2d_clamped(g, x, wt, bias, None)

@@ -4,7 +4,7 @@
 use super::gemm::{Mat, Threads, matmul};
 use crate::tensor::Float;
 
-/// Weights of one LSTM direction, row-major: `w` [4H, I], `r` [4H, H], `b` [4H] (Wb + Rb).
+/// Weights of one LSTM direction, row-major: `w` [4H, I], `r` [4H, H], `b` `[4H]` (Wb + Rb).
 pub struct LstmWeights<'a, T> {
     /// Input weights.
     pub w: &'a [T],

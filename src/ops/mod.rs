@@ -54,7 +54,7 @@ static SPINNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize
 /// onnxruntime's pool spins the same way. Only for passes with no parallelism around them (a
 /// spinning thread that took a job of an outer parallel loop could wait on a pass that waits on
 /// that job): the callers use it on a whole batch, never inside a per-sample loop, and a second
-/// call while one runs spins nothing more. Each spinner runs in bounded slices (see [`spin`]).
+/// call while one runs spins nothing more. Each spinner runs in bounded slices (see `spin`).
 pub fn hot<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
