@@ -1105,6 +1105,31 @@ pub fn conv2d_onto<T: Float>(
     clamp: Option<(T, T)>,
     init: Option<Vec<T>>,
 ) -> Vec<T> {
+    conv2d_post(g, x, wt, bias, clamp, init, None)
+}
+
+/// What runs on a convolution's output planes as soon as they are written: `post(sample,
+/// channels, planes)` gets the planes of those output channels of that sample (contiguous, `oh·ow`
+/// each), and may rewrite them. Depthwise kernels call it per channel or group of channels, while
+/// the planes are in cache (LRP's ratio after its modified forward, its multiply by the input
+/// after its VJP: each was a pass over memory); the other kernels per sample.
+pub type Post<'a, T> = &'a (dyn Fn(usize, Range<usize>, &mut [T]) + Sync);
+
+/// [`conv2d_clamped`] with `post` on its output planes (see [`Post`]).
+pub fn conv2d_then<T: Float>(g: &ConvGeom, x: &[T], wt: &[T], bias: Option<&[T]>, post: Post<'_, T>) -> Vec<T> {
+    conv2d_post(g, x, wt, bias, None, None, Some(post))
+}
+
+/// [`conv2d_onto`] with an optional `post` (see [`Post`]).
+fn conv2d_post<T: Float>(
+    g: &ConvGeom,
+    x: &[T],
+    wt: &[T],
+    bias: Option<&[T]>,
+    clamp: Option<(T, T)>,
+    init: Option<Vec<T>>,
+    post: Option<Post<'_, T>>,
+) -> Vec<T> {
     let (oh, ow) = g.out_hw().expect("geometry checked by caller");
     let ohw = oh * ow;
     let (cg, mg, kdim) = (g.cg(), g.mg(), g.kdim());
@@ -1141,62 +1166,10 @@ pub fn conv2d_onto<T: Float>(
     // Stride-2 layers: the same kernel over the input's four phases (see `shifted::sample_stride2`).
     let shift2 = wino.is_none() && stem.is_none() && !shift && shifted::applies_stride2::<T>(g);
     // Writes one sample's outputs at `ys`, [m, oh, ow].
-    let sample = |xs: &[T], ys: *mut T, threads: Threads| {
-        let ys = SendPtr(ys);
-        // Small planes: sixteen channels per vector instead of sixteen columns of one channel
-        // (see `depthwise16`).
-        if depthwise && mg == 1 && depthwise16::available::<T>() && depthwise16::pays(ow) {
-            let kk = g.kh * g.kw;
-            let groups = g.m.div_ceil(LANES);
-            let per = channels_per_task(groups, ohw * kk * LANES, threads);
-            (0..groups.div_ceil(per)).into_par_iter().for_each(|t| {
-                let mut sc = depthwise16::Scratch::new(g, [1, 1]);
-                let ys = &ys;
-                for gi in t * per..((t + 1) * per).min(groups) {
-                    let c0 = gi * LANES;
-                    let n = LANES.min(g.m - c0);
-                    let hw = g.h * g.w;
-                    // SAFETY: T is f32 with AVX-512F (checked above); planes c0..c0 + n of this
-                    // sample, written by this task alone.
-                    unsafe {
-                        sc.run(
-                            n,
-                            &xs[c0 * hw..],
-                            hw,
-                            &wt[c0 * kk..],
-                            bias.map(|b| &b[c0..]),
-                            ys.0.add(c0 * ohw),
-                            clamp,
-                            accumulate,
-                        )
-                    };
-                }
-            });
-            return;
-        }
+    let sample = |s: usize, xs: &[T], ys: *mut T, threads: Threads| {
         if depthwise {
-            let kk = g.kh * g.kw;
-            let per = channels_per_task(g.m, ohw * kk, threads);
-            (0..g.m.div_ceil(per)).into_par_iter().for_each(|t| {
-                let mut sc = DwScratch::new(g, oh, ow);
-                let ys = &ys;
-                for oc in t * per..((t + 1) * per).min(g.m) {
-                    // Output channel oc reads input channel oc / mg (mg > 1: a channel multiplier).
-                    let xp = &xs[oc / mg * g.h * g.w..(oc / mg + 1) * g.h * g.w];
-                    let b = bias.map_or(T::zero(), |b| b[oc]);
-                    sc.next = if oc + 1 < ((t + 1) * per).min(g.m) {
-                        let nx = &xs[(oc + 1) / mg * g.h * g.w..];
-                        (nx.as_ptr() as usize, g.h * g.w * std::mem::size_of::<T>())
-                    } else {
-                        (0, 0)
-                    };
-                    // SAFETY: plane oc of this sample, written by this task alone.
-                    unsafe {
-                        let plane = ys.0.add(oc * ohw);
-                        depthwise_blocked(g, &mut sc, xp, &wt[oc * kk..(oc + 1) * kk], b, plane, clamp, accumulate)
-                    };
-                }
-            });
+            // SAFETY: ys holds this sample's outputs, initialised when accumulating.
+            unsafe { depthwise_sample(g, s, xs, wt, bias, clamp, ys, accumulate, threads, post) };
             return;
         }
         if let Some((geom, u)) = &wino {
@@ -1206,31 +1179,31 @@ pub fn conv2d_onto<T: Float>(
                 accumulate,
             };
             // SAFETY: ys holds this sample's outputs, initialised when accumulating.
-            unsafe { winograd::sample(geom, &[(xs, u)], ys.0, epi, threads) };
+            unsafe { winograd::sample(geom, &[(xs, u)], ys, epi, threads) };
             return;
         }
         // Few input channels (a stem): the direct kernel, no im2col (see `direct`).
         if let Some(d) = &stem {
             // SAFETY: pays() checked; ys holds this sample's outputs, initialised when accumulating.
-            unsafe { d.sample(xs, ys.0, accumulate, threads) };
+            unsafe { d.sample(xs, ys, accumulate, threads) };
             return;
         }
         if shift {
             // SAFETY: ys holds this sample's outputs, initialised when accumulating.
-            unsafe { shifted::sample(g, &[(xs, wt)], false, bias, clamp, ys.0, accumulate, threads) };
+            unsafe { shifted::sample(g, &[(xs, wt)], false, bias, clamp, ys, accumulate, threads) };
             return;
         }
         if shift2 {
             // SAFETY: applies_stride2 checked; ys holds this sample's outputs, initialised when
             // accumulating.
-            unsafe { shifted::sample_stride2(g, xs, wt, bias, clamp, ys.0, accumulate, threads) };
+            unsafe { shifted::sample_stride2(g, xs, wt, bias, clamp, ys, accumulate, threads) };
             return;
         }
         // 1×1 with few input channels: the register kernel with its epilogue (see `pointwise`).
         if pointwise::applies::<T>(g) {
             // SAFETY: applies checked; ys holds this sample's outputs, initialised when
             // accumulating.
-            unsafe { pointwise::sample(g, &[(xs, wt)], false, bias, clamp, ys.0, accumulate, threads) };
+            unsafe { pointwise::sample(g, &[(xs, wt)], false, bias, clamp, ys, accumulate, threads) };
             return;
         }
         // 1×1: one tile, the whole plane (tiles that stay in cache from bias to clamp measured no
@@ -1273,26 +1246,119 @@ pub fn conv2d_onto<T: Float>(
                 // writes it before the epilogue reads it, and reads it only when accumulating
                 // onto an initial output.
                 unsafe {
-                    matmul_raw(mg, span, kdim, a, b, ys.0.add(start), g.m * ohw - start, ohw, accumulate, threads, epi)
+                    matmul_raw(mg, span, kdim, a, b, ys.add(start), g.m * ohw - start, ohw, accumulate, threads, epi)
                 };
             }
         }
     };
     let xsz = g.c * g.h * g.w;
     let ysz = g.m * ohw;
+    // The other kernels' outputs meet `post` per sample, after the whole sample is written.
+    let sample = |s: usize, xs: &[T], ys: *mut T, threads: Threads| {
+        sample(s, xs, ys, threads);
+        if let (Some(post), false) = (post, depthwise) {
+            // SAFETY: sample s's outputs, all written above, by this call alone.
+            post(s, 0..g.m, unsafe { std::slice::from_raw_parts_mut(ys, ysz) });
+        }
+    };
     if g.n > 1 {
         (0..g.n).into_par_iter().for_each(|s| {
             let op = &op;
             // SAFETY: sample s's own outputs.
-            sample(&x[s * xsz..(s + 1) * xsz], unsafe { op.0.add(s * ysz) }, Threads::One)
+            sample(s, &x[s * xsz..(s + 1) * xsz], unsafe { op.0.add(s * ysz) }, Threads::One)
         });
     } else if g.n == 1 {
-        sample(&x[..xsz], op.0, Threads::Pool);
+        sample(0, &x[..xsz], op.0, Threads::Pool);
     }
     // SAFETY: every element was written above (the kernels cover each output once per sample), or
     // came initialised in `init`.
     unsafe { out.set_len(total) };
     out
+}
+
+/// One sample of a depthwise convolution (see [`conv2d_onto`]) into `ys`, its `[m, oh, ow]`
+/// outputs, with `post` on each channel's plane (or group of planes) as it is written.
+///
+/// # Safety
+/// `ys` valid for writes of the sample's outputs, not aliased during the call, and initialised
+/// when `accumulate`.
+#[allow(clippy::too_many_arguments)] // the convolution's full context; a struct would only rename it
+unsafe fn depthwise_sample<T: Float>(
+    g: &ConvGeom,
+    s: usize,
+    xs: &[T],
+    wt: &[T],
+    bias: Option<&[T]>,
+    clamp: Option<(T, T)>,
+    ys: *mut T,
+    accumulate: bool,
+    threads: Threads,
+    post: Option<Post<'_, T>>,
+) {
+    let (oh, ow) = g.out_hw().expect("geometry checked by caller");
+    let (ohw, mg, kk) = (oh * ow, g.mg(), g.kh * g.kw);
+    let ys = SendPtr(ys);
+    // Channels c0..c0 + n of the sample. A function of the whole `SendPtr` (a closure would
+    // capture its raw pointer field, which is not Sync).
+    let planes = |ys: &SendPtr<T>, c0: usize, n: usize| {
+        // SAFETY: the caller's buffer; each task owns the planes it writes.
+        unsafe { std::slice::from_raw_parts_mut(ys.0.add(c0 * ohw), n * ohw) }
+    };
+    // Small planes: sixteen channels per vector instead of sixteen columns of one channel
+    // (see `depthwise16`).
+    if mg == 1 && depthwise16::available::<T>() && depthwise16::pays(ow) {
+        let groups = g.m.div_ceil(LANES);
+        let per = channels_per_task(groups, ohw * kk * LANES, threads);
+        (0..groups.div_ceil(per)).into_par_iter().for_each(|t| {
+            let mut sc = depthwise16::Scratch::new(g, [1, 1]);
+            for gi in t * per..((t + 1) * per).min(groups) {
+                let c0 = gi * LANES;
+                let n = LANES.min(g.m - c0);
+                let hw = g.h * g.w;
+                // SAFETY: T is f32 with AVX-512F (checked above); planes c0..c0 + n of this
+                // sample, written by this task alone.
+                unsafe {
+                    sc.run(
+                        n,
+                        &xs[c0 * hw..],
+                        hw,
+                        &wt[c0 * kk..],
+                        bias.map(|b| &b[c0..]),
+                        ys.0.add(c0 * ohw),
+                        clamp,
+                        accumulate,
+                    )
+                };
+                if let Some(post) = post {
+                    post(s, c0..c0 + n, planes(&ys, c0, n));
+                }
+            }
+        });
+        return;
+    }
+    let per = channels_per_task(g.m, ohw * kk, threads);
+    (0..g.m.div_ceil(per)).into_par_iter().for_each(|t| {
+        let mut sc = DwScratch::new(g, oh, ow);
+        for oc in t * per..((t + 1) * per).min(g.m) {
+            // Output channel oc reads input channel oc / mg (mg > 1: a channel multiplier).
+            let xp = &xs[oc / mg * g.h * g.w..(oc / mg + 1) * g.h * g.w];
+            let b = bias.map_or(T::zero(), |b| b[oc]);
+            sc.next = if oc + 1 < ((t + 1) * per).min(g.m) {
+                let nx = &xs[(oc + 1) / mg * g.h * g.w..];
+                (nx.as_ptr() as usize, g.h * g.w * std::mem::size_of::<T>())
+            } else {
+                (0, 0)
+            };
+            // SAFETY: plane oc of this sample, written by this task alone.
+            unsafe {
+                let plane = ys.0.add(oc * ohw);
+                depthwise_blocked(g, &mut sc, xp, &wt[oc * kk..(oc + 1) * kk], b, plane, clamp, accumulate)
+            };
+            if let Some(post) = post {
+                post(s, oc..oc + 1, planes(&ys, oc, 1));
+            }
+        }
+    });
 }
 
 /// Input VJP of [`conv2d`] (a transposed convolution): given `dy` [n, m, oh, ow], returns
@@ -1304,6 +1370,23 @@ pub fn conv2d_vjp<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T]) -> Vec<T> {
 /// `Σ_k Jᵀ_{w_k} dy_k` for several (output gradient, weights) pairs of one geometry, with one
 /// col2im (the matrix products accumulate into one column buffer). LRP's γ and αβ rules need two.
 pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> {
+    vjp_post(g, terms, None)
+}
+
+/// [`conv2d_vjp`] with `post` on its output planes, the input's channels (see [`Post`]).
+pub fn conv2d_vjp_then<T: Float>(g: &ConvGeom, dy: &[T], wt: &[T], post: Post<'_, T>) -> Vec<T> {
+    let mut dx = vjp_post(g, &[(dy, wt)], Some(post));
+    // Depthwise layers ran it per plane; the other kernels' outputs meet it per sample here.
+    if !g.is_depthwise() {
+        let xsz = g.c * g.h * g.w;
+        dx.par_chunks_mut(xsz.max(1)).enumerate().for_each(|(s, dxs)| post(s, 0..g.c, dxs));
+    }
+    dx
+}
+
+/// [`conv2d_vjp_sum`], with `post` on each plane as the depthwise kernels write it (the other
+/// kernels leave it to the caller).
+fn vjp_post<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])], post: Option<Post<'_, T>>) -> Vec<T> {
     let (oh, ow) = g.out_hw().expect("geometry checked by caller");
     let ohw = oh * ow;
     let (cg, mg, kdim) = (g.cg(), g.mg(), g.kdim());
@@ -1374,6 +1457,9 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
                         // initialised planes c0..c0 + n, the VJP geometry's outputs.
                         unsafe { sc.run(n, dyg, ohw, &flipped, None, dxg.as_mut_ptr(), None, k > 0) };
                     }
+                    if let Some(post) = post {
+                        post(s, c0..c0 + n, dxg);
+                    }
                 }
             });
             return;
@@ -1410,6 +1496,9 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
                             first = false;
                         }
                     }
+                    if let Some(post) = post {
+                        post(s, ci..ci + 1, dxp);
+                    }
                 }
             });
             return;
@@ -1423,6 +1512,9 @@ pub fn conv2d_vjp_sum<T: Float>(g: &ConvGeom, terms: &[(&[T], &[T])]) -> Vec<T> 
                         let k = &wt[oc * g.kh * g.kw..(oc + 1) * g.kh * g.kw];
                         depthwise_plane_t(g, &dys[oc * ohw..(oc + 1) * ohw], k, xplane, oh, ow);
                     }
+                }
+                if let Some(post) = post {
+                    post(s, ci..ci + 1, xplane);
                 }
             };
             let per = channels_per_task(g.c, ohw * mg * g.kh * g.kw * terms.len(), threads);
@@ -1723,6 +1815,71 @@ mod tests {
             ConvGeom { c: 96, m: 8, h: 7, w: 7, ..base },
             ConvGeom { c: 700, m: 4, h: 7, w: 7, kh: 1, kw: 1, pads: [0; 4], ..base },
         ]
+    }
+
+    /// `conv2d_then` and `conv2d_vjp_then` equal the plain convolution and VJP with `post` applied
+    /// afterwards, once on every plane of every sample (depthwise kernels call it per plane or
+    /// group of planes as they write them, the others per sample): in f64 on every geometry, and
+    /// in f32 on depthwise layers that the sixteen-channel and the wide-plane kernels take.
+    #[test]
+    fn post_runs_once_on_every_plane() {
+        fn check<T: Float>(g: &ConvGeom, f: impl Fn(&[f64]) -> Vec<T>, tol: f64) {
+            let (oh, ow) = g.out_hw().unwrap();
+            let (ohw, hw) = (oh * ow, g.h * g.w);
+            let x = f(&data(g.n * g.c * hw, 1));
+            let wt = f(&data(g.m * (g.c / g.group) * g.kh * g.kw, 2));
+            let bias = f(&data(g.m, 3));
+            let dy = f(&data(g.n * g.m * ohw, 4));
+            // v ↦ 2v + s + c/8 on channel c of sample s; counts the calls per plane.
+            let mark = |s: usize, c: usize, v: T| T::of(2.0) * v + T::of(s as f64 + c as f64 / 8.0);
+            for forward in [true, false] {
+                let (planes_of, len) = if forward { (g.m, ohw) } else { (g.c, hw) };
+                let seen = std::sync::Mutex::new(vec![0usize; g.n * planes_of]);
+                let post = |s: usize, ch: Range<usize>, planes: &mut [T]| {
+                    assert_eq!(planes.len(), ch.len() * len, "{g:?}: planes of {ch:?}");
+                    for (k, c) in ch.enumerate() {
+                        seen.lock().unwrap()[s * planes_of + c] += 1;
+                        planes[k * len..(k + 1) * len].iter_mut().for_each(|v| *v = mark(s, c, *v));
+                    }
+                };
+                let (got, mut want) = if forward {
+                    (conv2d_then(g, &x, &wt, Some(&bias), &post), conv2d(g, &x, &wt, Some(&bias)))
+                } else {
+                    (conv2d_vjp_then(g, &dy, &wt, &post), conv2d_vjp(g, &dy, &wt))
+                };
+                for (i, v) in want.iter_mut().enumerate() {
+                    *v = mark(i / (planes_of * len), i / len % planes_of, *v);
+                }
+                for (a, b) in got.iter().zip(&want) {
+                    assert!(
+                        (a.f64() - b.f64()).abs() <= tol * (1.0 + b.f64().abs()),
+                        "{g:?}: {} vs {}",
+                        a.f64(),
+                        b.f64()
+                    );
+                }
+                assert!(seen.into_inner().unwrap().iter().all(|&k| k == 1), "{g:?}: a plane met post other than once");
+            }
+        }
+        for g in geoms() {
+            check::<f64>(&g, |v| v.to_vec(), 1e-12);
+        }
+        let dw = |c: usize, h: usize, k: usize, s: usize, n: usize| ConvGeom {
+            n,
+            c,
+            h,
+            w: h,
+            m: c,
+            kh: k,
+            kw: k,
+            stride: [s, s],
+            dilation: [1, 1],
+            pads: if s == 1 { [k / 2; 4] } else { [k / 2 - 1, k / 2 - 1, k / 2, k / 2] },
+            group: c,
+        };
+        for g in [dw(40, 7, 5, 1, 2), dw(20, 14, 3, 2, 1), dw(24, 56, 3, 1, 1), dw(18, 28, 5, 2, 2)] {
+            check::<f32>(&g, |v| v.iter().map(|&a| a as f32).collect(), 1e-5);
+        }
     }
 
     #[test]

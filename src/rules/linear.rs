@@ -3,7 +3,7 @@
 //! `R_in = Σ_k x_k ⊙ Jᵀ_{w_k}(R / z)`, with zennit's modifiers and stabilisers.
 
 use super::{Rule, stabilize};
-use crate::ops::conv::{ConvGeom, conv2d, conv2d_vjp, conv2d_vjp_sum};
+use crate::ops::conv::{ConvGeom, conv2d, conv2d_then, conv2d_vjp, conv2d_vjp_sum, conv2d_vjp_then};
 use crate::ops::elementwise::{map1, map2, update1, update2};
 use crate::ops::gemm::{Mat, Threads, matmul};
 use crate::ops::pool::valid_outputs;
@@ -1032,6 +1032,34 @@ pub fn relevance_bf<T: Float>(
                             r_in.iter_mut().for_each(|v| *v = sc * *v);
                             out = Some(r_in);
                         }
+                    }
+                    continue;
+                }
+                // A depthwise convolution over a non-negative input: the ratio runs on each output
+                // plane as the forward writes it, and the multiply by x⁺ on each input plane as
+                // the VJP writes it, while they are in cache (two passes over memory before).
+                if let (false, None, LinearKind::Conv(geom)) = (has_neg, &from_output, &layer.kind)
+                    && geom.group > 1
+                    && geom.cg() == 1
+                    && bias.as_ref().is_none_or(|b| b.len() == geom.m)
+                {
+                    let (oh, ow) = geom.out_hw().ok_or("a convolution whose kernel does not fit its input")?;
+                    let (ohw, hw) = (oh * ow, geom.h * geom.w);
+                    let (osz, isz) = (geom.m * ohw, geom.c * hw);
+                    let ratio = |s: usize, ch: std::ops::Range<usize>, planes: &mut [T]| {
+                        let rr = &r[s * osz + ch.start * ohw..s * osz + ch.end * ohw];
+                        planes.iter_mut().zip(rr).for_each(|(z, &rv)| *z = rv / stabilize(*z, stabilizer));
+                    };
+                    let g = conv2d_then(geom, x, w_for_pos, bias.as_deref(), &ratio);
+                    let sc = T::of(scale);
+                    let times_x = |s: usize, ch: std::ops::Range<usize>, planes: &mut [T]| {
+                        let xs = &x[s * isz + ch.start * hw..s * isz + ch.end * hw];
+                        planes.iter_mut().zip(xs).for_each(|(v, &xv)| *v = sc * pos(xv) * *v);
+                    };
+                    let v = conv2d_vjp_then(geom, &g, w_for_pos, &times_x);
+                    match &mut out {
+                        Some(a) => update1(a, &v, |a, v| a + v),
+                        None => out = Some(v),
                     }
                     continue;
                 }
