@@ -2,7 +2,7 @@
 //! a subset of channels, spatially varying bias, output kept) against the gradient's VJP of the
 //! same layer: `target/release/examples/rulebench [C M H SIGNED%]` (DenseNet-121's 736→128 14×14
 //! layer with 39 % signed channels by default; CHANNEL_BIAS=1, NO_OUTPUT=1 and AFTER_RELU=1 with
-//! 100 % for EfficientNet-Lite0's expansions; RULE=gamma(0.25) for another rule). A profiling aid for `rules::linear`.
+//! 100 % for EfficientNet-Lite0's expansions; RULE=gamma(0.25) for another rule; DEPTHWISE=1). A profiling aid for `rules::linear`.
 use relprop::ops::conv::{ConvGeom, conv2d, conv2d_vjp};
 use relprop::rules::Rule;
 use relprop::rules::linear::{LinearKind, LinearLayer, WeightCache, relevance_bf};
@@ -30,8 +30,9 @@ fn main() {
         _ => (736, 128, 14, 39, 1),
     };
     let hw = h * h;
-    let g =
-        ConvGeom { n: 1, c, h, w: h, m, kh: k, kw: k, stride: [1, 1], dilation: [1, 1], pads: [k / 2; 4], group: 1 };
+    // DEPTHWISE=1: one group per channel (M = C).
+    let group = if std::env::var_os("DEPTHWISE").is_some() { c } else { 1 };
+    let g = ConvGeom { n: 1, c, h, w: h, m, kh: k, kw: k, stride: [1, 1], dilation: [1, 1], pads: [k / 2; 4], group };
     let signed: Vec<usize> = (0..c).filter(|i| (i * 37) % 100 < pct).collect();
     let sset: std::collections::HashSet<usize> = signed.iter().copied().collect();
     // ThreshReLU-like values: zero below a threshold, negative only on the signed channels.
@@ -42,7 +43,7 @@ fn main() {
             if sset.contains(&ch) { if v < -0.5 { 0.0 } else { v } } else { v.max(0.0) }
         })
         .collect();
-    let w: Vec<f32> = (0..m * c * k * k).map(|i| 0.05 * ((i as f32) * 0.11).cos()).collect();
+    let w: Vec<f32> = (0..m * c / group * k * k).map(|i| 0.05 * ((i as f32) * 0.11).cos()).collect();
     // CHANNEL_BIAS=1: a bias per output channel (EfficientNet-Lite0's layers), else per element.
     let per_channel = std::env::var_os("CHANNEL_BIAS").is_some();
     let bias: Vec<f32> = (0..if per_channel { m } else { m * hw }).map(|i| 0.1 * ((i as f32) * 0.013).sin()).collect();
