@@ -544,15 +544,18 @@ fn negative_channels<T: Float>(x: &[T], c: usize, plane: usize) -> Vec<usize> {
         return Vec::new();
     }
     let n = x.len() / per;
-    let zero = T::zero();
-    // A branch-free fold per block, so that the scan vectorises and still stops at a channel's
-    // first negative block.
-    let below = |v: &[T]| v.chunks(256).any(|b| b.iter().fold(false, |a, &v| a | (v < zero)));
     (0..c)
         .into_par_iter()
         .with_min_len((1 << 14) / plane.max(1) + 1)
-        .filter(|&ch| (0..n).any(|s| below(&x[s * per + ch * plane..s * per + (ch + 1) * plane])))
+        .filter(|&ch| (0..n).any(|s| has_negative(&x[s * per + ch * plane..s * per + (ch + 1) * plane])))
         .collect()
+}
+
+/// Whether `v` has a value below zero: a branch-free fold per block, so that the scan vectorises
+/// and still stops at the first block with one.
+fn has_negative<T: Float>(v: &[T]) -> bool {
+    let zero = T::zero();
+    v.chunks(256).any(|b| b.iter().fold(false, |a, &v| a | (v < zero)))
 }
 
 /// Whether some channel of `on` has a value below zero in `x` ([n, c, plane] per sample).
@@ -562,12 +565,10 @@ fn any_negative_on<T: Float>(x: &[T], c: usize, plane: usize, on: &[usize]) -> b
     if per == 0 {
         return false;
     }
-    let zero = T::zero();
     let n = x.len() / per;
     (0..n * on.len()).into_par_iter().with_min_len((1 << 14) / plane.max(1) + 1).any(|q| {
-        let ch = on[q % on.len()];
-        let start = (q / on.len()) * per + ch * plane;
-        x[start..start + plane].chunks(256).any(|b| b.iter().fold(false, |a, &v| a | (v < zero)))
+        let start = (q / on.len()) * per + on[q % on.len()] * plane;
+        has_negative(&x[start..start + plane])
     })
 }
 
@@ -896,7 +897,7 @@ pub fn relevance_bf<T: Float>(
         }
         _ => {
             use rayon::prelude::*;
-            (x.par_chunks(1 << 14).any(|c| c.iter().fold(false, |n, v| n | (*v < T::zero()))), None)
+            (x.par_chunks(1 << 14).any(has_negative), None)
         }
     };
     let neg_on = neg_on.as_deref();
