@@ -68,7 +68,8 @@ impl ConvGeom {
     fn is_pointwise(&self) -> bool {
         self.kh == 1 && self.kw == 1 && self.stride == [1, 1] && self.pads == [0; 4]
     }
-    fn is_depthwise(&self) -> bool {
+    /// One input channel per group, in several groups: the depthwise kernels take it.
+    pub fn is_depthwise(&self) -> bool {
         self.cg() == 1 && self.group > 1
     }
 }

@@ -1040,8 +1040,7 @@ pub fn relevance_bf<T: Float>(
                 // plane as the forward writes it, and the multiply by x⁺ on each input plane as
                 // the VJP writes it, while they are in cache (two passes over memory before).
                 if let (false, None, LinearKind::Conv(geom)) = (has_neg, &from_output, &layer.kind)
-                    && geom.group > 1
-                    && geom.cg() == 1
+                    && geom.is_depthwise()
                     && bias.as_ref().is_none_or(|b| b.len() == geom.m)
                 {
                     let (oh, ow) = geom.out_hw().ok_or("a convolution whose kernel does not fit its input")?;
